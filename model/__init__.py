@@ -1,0 +1,1 @@
+"""The DIN model: data preparation, training, offline scoring and ONNX export."""

@@ -1,0 +1,204 @@
+"""Deep Interest Network (Zhou et al., KDD 2018, arXiv 1706.06978) in one module.
+
+Three forward passes over the same weights:
+- `forward`: the paper's form, read top to bottom. Each target q is scored against its own tiled
+  history through the local activation unit over [q, k, q-k, q*k]. `din score` uses it; it is the
+  reference every other path must match.
+- `forward_fast`: the same function for training, with the first attention layer split as
+  (Wq+Wd)q + (Wk-Wd)k + Wp(q*k), so the [B, T, 4E] concatenation is never built.
+- `serve`: the ONNX serving graph. A batch of users, each with many candidates; history terms are
+  computed once per user and shared by that user's candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+PAD = 0  # index 0 of every vocabulary is padding
+OOV = 1  # index 1 is the shared out-of-vocabulary entry
+
+
+@dataclass
+class DINConfig:
+    n_items: int  # item vocabulary size, padding and OOV included
+    n_categories: int  # category vocabulary size, padding and OOV included
+    item_dim: int = 64  # item embedding width
+    cate_dim: int = 64  # category embedding width; E = item_dim + cate_dim
+    max_history: int = 100  # T: behaviours kept per user, newest first
+    pooling: str = "attention"  # "attention" (DIN) or "sum" (the paper's BaseModel)
+    att_hidden: tuple[int, ...] = (80, 40)  # local activation unit MLP
+    att_softmax: bool = False  # paper §4.3: no softmax, so intensity of interest is kept
+    head_input: str = "u,q,u*q"  # "u,q,u*q" or the seed's "u,q"
+    head_hidden: tuple[int, ...] = (200, 80)
+    head_activation: str = "dice"  # "dice" or "prelu"
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in checkpoints
+
+    @property
+    def embed_dim(self) -> int:
+        return self.item_dim + self.cate_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["att_hidden"] = list(self.att_hidden)
+        d["head_hidden"] = list(self.head_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DINConfig:
+        d = dict(d)
+        d["att_hidden"] = tuple(d.get("att_hidden", (80, 40)))
+        d["head_hidden"] = tuple(d.get("head_hidden", (200, 80)))
+        return cls(**d)
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation (paper §4.3): p(x)·x + (1-p(x))·α·x with p = sigmoid(BN(x)).
+
+    In eval mode the batch norm uses running statistics, so p is a sigmoid of an affine map.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, eps=eps, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, D) -> (B, D)"""
+        p = torch.sigmoid(self.bn(x))
+        return p * x + (1 - p) * self.alpha * x
+
+
+class DIN(nn.Module):
+    def __init__(self, cfg: DINConfig, item_cate: Tensor) -> None:
+        """item_cate: (n_items,) int64, the category index of every item index."""
+        super().__init__()
+        if item_cate.shape != (cfg.n_items,):
+            raise ValueError(f"item_cate has shape {tuple(item_cate.shape)}, expected ({cfg.n_items},)")
+        self.cfg = cfg
+        E = cfg.embed_dim
+        self.register_buffer("item_cate", item_cate.to(torch.int64).clone())
+        self.item_emb = nn.Embedding(cfg.n_items, cfg.item_dim, padding_idx=PAD)
+        self.cate_emb = nn.Embedding(cfg.n_categories, cfg.cate_dim, padding_idx=PAD)
+
+        # Local activation unit: Linear(4E -> 80) -> sigmoid -> Linear(80 -> 40) -> sigmoid -> Linear(40 -> 1)
+        dims = [4 * E, *cfg.att_hidden]
+        self.att_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.att_out = nn.Linear(dims[-1], 1)
+
+        # Head: concat(u, q, u*q) -> 200 -> 80 (Dice or PReLU) -> 1
+        n_in = {"u,q,u*q": 3, "u,q": 2}[cfg.head_input] * E
+        hdims = [n_in, *cfg.head_hidden]
+        self.head_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hdims[:-1], hdims[1:], strict=True))
+        act = {"dice": Dice, "prelu": lambda d: nn.PReLU(d, init=0.25)}[cfg.head_activation]
+        self.head_acts = nn.ModuleList(act(d) for d in cfg.head_hidden)
+        self.head_out = nn.Linear(hdims[-1], 1)
+        if cfg.pooling not in ("attention", "sum"):
+            raise ValueError(f"pooling must be 'attention' or 'sum', got {cfg.pooling!r}")
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for emb in (self.item_emb, self.cate_emb):
+            nn.init.normal_(emb.weight, std=0.05)
+            with torch.no_grad():
+                emb.weight[PAD].zero_()
+                emb.weight[OOV].zero_()  # never seen in training: a neutral vector, not noise
+
+    # ---------------------------------------------------------------- embeddings
+
+    def embed(self, items: Tensor) -> Tensor:
+        """items: (...) int64 -> (..., E): concat(item embedding, category embedding)."""
+        return torch.cat([self.item_emb(items), self.cate_emb(self.item_cate[items])], dim=-1)
+
+    # ---------------------------------------------------------------- shared pieces
+
+    def _att_tail(self, h: Tensor) -> Tensor:
+        """h: (..., H1) output of the first attention layer, pre-activation -> (...) scores."""
+        h = torch.sigmoid(h)
+        for layer in self.att_layers[1:]:
+            h = torch.sigmoid(layer(h))
+        return self.att_out(h).squeeze(-1)
+
+    def _pool(self, scores: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """scores (B, T), keys (B, T, E), mask (B, T) bool -> interest vector u (B, E)."""
+        if self.cfg.att_softmax:
+            scores = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        scores = scores.masked_fill(~mask, 0.0)  # also clears softmax's NaN on empty histories
+        return torch.matmul(scores.unsqueeze(1), keys).squeeze(1)  # (B, 1, T) @ (B, T, E) -> (B, E)
+
+    def _head(self, u: Tensor, q: Tensor) -> Tensor:
+        """u (B, E), q (B, E) -> logits (B,)"""
+        parts = [u, q, u * q] if self.cfg.head_input == "u,q,u*q" else [u, q]
+        x = torch.cat(parts, dim=-1)  # (B, 3E)
+        for layer, act in zip(self.head_layers, self.head_acts, strict=True):
+            x = act(layer(x))
+        return self.head_out(x).squeeze(-1)
+
+    @staticmethod
+    def _mask(hist_len: Tensor, T: int) -> Tensor:
+        """hist_len (B,) -> (B, T) bool, True at real behaviours."""
+        return torch.arange(T, device=hist_len.device).unsqueeze(0) < hist_len.unsqueeze(1)
+
+    def _first_layer_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """W = [Wq | Wk | Wd | Wp] over [q, k, q-k, q*k] -> (Wq + Wd, Wk - Wd, Wp, bias)."""
+        first = self.att_layers[0]
+        Wq, Wk, Wd, Wp = first.weight.chunk(4, dim=1)  # each (H1, E)
+        return Wq + Wd, Wk - Wd, Wp, first.bias
+
+    # ---------------------------------------------------------------- the three passes
+
+    def forward(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
+        """The paper's form. target (B,), hist (B, T) newest first, hist_len (B,) -> logits (B,)."""
+        B, T = hist.shape
+        q = self.embed(target)  # (B, E)
+        k = self.embed(hist)  # (B, T, E)
+        mask = self._mask(hist_len, T)  # (B, T)
+        if self.cfg.pooling == "sum":
+            return self._head(self._pool(mask.to(k.dtype), k, mask), q)
+        qt = q.unsqueeze(1).expand(-1, T, -1)  # (B, T, E): the target tiled against its history
+        x = torch.cat([qt, k, qt - k, qt * k], dim=-1)  # (B, T, 4E)
+        scores = self._att_tail(self.att_layers[0](x))  # (B, T)
+        return self._head(self._pool(scores, k, mask), q)
+
+    def forward_fast(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
+        """Same result as `forward` (to float rounding), without the (B, T, 4E) tensor. Same shapes."""
+        if self.cfg.pooling == "sum":
+            return self.forward(target, hist, hist_len)
+        B, T = hist.shape
+        q = self.embed(target)  # (B, E)
+        k = self.embed(hist)  # (B, T, E)
+        Wq, Wk, Wp, b = self._first_layer_split()
+        h = (q @ Wq.T + b).unsqueeze(1) + k @ Wk.T + (q.unsqueeze(1) * k) @ Wp.T  # (B, T, H1)
+        scores = self._att_tail(h)  # (B, T)
+        return self._head(self._pool(scores, k, self._mask(hist_len, T)), q)
+
+    def serve(self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor) -> Tensor:
+        """The serving graph: N candidates of U users.
+
+        target_items (N,), target_user (N,) row of hist_items, hist_items (U, T), hist_len (U,)
+        -> ctr (N,) in (0, 1). Equal to sigmoid(forward(target, hist[target_user], ...)).
+        """
+        U, T = hist_items.shape
+        q = self.embed(target_items)  # (N, E)
+        k_user = self.embed(hist_items)  # (U, T, E): once per user
+        mask = self._mask(hist_len, T)[target_user]  # (N, T)
+        k = k_user[target_user]  # (N, T, E): a gather, the history is not recomputed
+        if self.cfg.pooling == "sum":
+            u = self._pool(mask.to(k.dtype), k, mask)
+        else:
+            Wq, Wk, Wp, b = self._first_layer_split()
+            h_user = k_user @ Wk.T + b  # (U, T, H1): the history term, once per user
+            h_cand = q @ Wq.T  # (N, H1): the target term, once per candidate
+            h = h_user[target_user] + h_cand.unsqueeze(1) + (q.unsqueeze(1) * k) @ Wp.T  # (N, T, H1)
+            u = self._pool(self._att_tail(h), k, mask)  # (N, E)
+        return torch.sigmoid(self._head(u, q))
+
+
+def build_model(cfg: DINConfig, item_cate: Tensor, seed: int = 0) -> DIN:
+    """A freshly initialised DIN, the same weights for the same seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return DIN(cfg, item_cate)

@@ -1,0 +1,1 @@
+"""The online ranking service: FastAPI over Redis and ONNX Runtime."""

@@ -1,0 +1,49 @@
+"""The `din` command. Each subcommand lives in its own module and is imported only when run,
+so `din serve` never imports torch and `din --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("model.synth", "generate a synthetic SNAP-format data set with known ground truth"),
+    "prepare": ("model.data", "turn SNAP reviews + meta into train / valid / test samples"),
+    "train": ("model.train", "train a DIN (or the sum-pooling BaseModel) and keep the best epoch"),
+    "score": ("model.score", "score rows offline with the PyTorch model (the reference)"),
+    "export": ("model.export", "write a parity-checked ONNX serving bundle"),
+    "seed": ("service.seed", "bulk-load users' behaviour histories into Redis"),
+    "serve": ("service.server", "run the ranking service"),
+    "demo": ("service.demo", "synth, prepare, train, export, seed and serve, end to end"),
+    "loadtest": ("service.loadtest", "open-loop load test against a running service"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: din COMMAND [options]   (din COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"din: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"din {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
