@@ -12,6 +12,7 @@ Three forward passes over the same weights:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,13 +87,13 @@ class DIN(nn.Module):
 
         # Local activation unit: Linear(4E -> 80) -> sigmoid -> Linear(80 -> 40) -> sigmoid -> Linear(40 -> 1)
         dims = [4 * E, *cfg.att_hidden]
-        self.att_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.att_layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         self.att_out = nn.Linear(dims[-1], 1)
 
         # Head: concat(u, q, u*q) -> 200 -> 80 (Dice or PReLU) -> 1
         n_in = {"u,q,u*q": 3, "u,q": 2}[cfg.head_input] * E
         hdims = [n_in, *cfg.head_hidden]
-        self.head_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(hdims[:-1], hdims[1:], strict=True))
+        self.head_layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(hdims))
         act = {"dice": Dice, "prelu": lambda d: nn.PReLU(d, init=0.25)}[cfg.head_activation]
         self.head_acts = nn.ModuleList(act(d) for d in cfg.head_hidden)
         self.head_out = nn.Linear(hdims[-1], 1)
@@ -152,7 +153,7 @@ class DIN(nn.Module):
 
     def forward(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
         """The paper's form. target (B,), hist (B, T) newest first, hist_len (B,) -> logits (B,)."""
-        B, T = hist.shape
+        T = hist.shape[1]
         q = self.embed(target)  # (B, E)
         k = self.embed(hist)  # (B, T, E)
         mask = self._mask(hist_len, T)  # (B, T)
@@ -167,7 +168,7 @@ class DIN(nn.Module):
         """Same result as `forward` (to float rounding), without the (B, T, 4E) tensor. Same shapes."""
         if self.cfg.pooling == "sum":
             return self.forward(target, hist, hist_len)
-        B, T = hist.shape
+        T = hist.shape[1]
         q = self.embed(target)  # (B, E)
         k = self.embed(hist)  # (B, T, E)
         Wq, Wk, Wp, b = self._first_layer_split()
@@ -175,13 +176,15 @@ class DIN(nn.Module):
         scores = self._att_tail(h)  # (B, T)
         return self._head(self._pool(scores, k, self._mask(hist_len, T)), q)
 
-    def serve(self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor) -> Tensor:
+    def serve(
+        self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
+    ) -> Tensor:
         """The serving graph: N candidates of U users.
 
         target_items (N,), target_user (N,) row of hist_items, hist_items (U, T), hist_len (U,)
         -> ctr (N,) in (0, 1). Equal to sigmoid(forward(target, hist[target_user], ...)).
         """
-        U, T = hist_items.shape
+        T = hist_items.shape[1]
         q = self.embed(target_items)  # (N, E)
         k_user = self.embed(hist_items)  # (U, T, E): once per user
         mask = self._mask(hist_len, T)[target_user]  # (N, T)

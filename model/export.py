@@ -1,0 +1,299 @@
+"""`din export`: write the ONNX serving bundle, and refuse to unless it matches PyTorch.
+
+The graph is `DIN.serve` (history terms once per user, no (N, T, 4E) tensor). Before anything is
+written, ONNX Runtime is compared with the PyTorch reference (`DIN.forward`, the tiled training form)
+on batches covering empty and full histories, unknown items, one and 1,000 candidates and several
+users at once; the largest absolute difference must be within 1e-5 and is kept in the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model.din import DIN, OOV, PAD
+
+FORMAT_VERSION = 1
+TOLERANCE = 1e-5
+INPUTS = {
+    "target_items": ["N"],
+    "target_user": ["N"],
+    "hist_items": ["U", "T"],
+    "hist_len": ["U"],
+}
+OUTPUTS = {"ctr": ["N"]}
+
+
+class ExportError(Exception):
+    """The bundle could not be written (parity failed, bad run directory...)."""
+
+
+class _Serving(nn.Module):
+    """Exposes DIN.serve as forward, which is what the exporter traces."""
+
+    def __init__(self, din: DIN) -> None:
+        super().__init__()
+        self.din = din
+
+    def forward(
+        self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
+    ) -> Tensor:
+        return self.din.serve(target_items, target_user, hist_items, hist_len)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _export_onnx(model: DIN, path: Path) -> None:
+    """Trace DIN.serve with dynamic N, U and T into a single self-contained ONNX file."""
+    n_items = model.cfg.n_items
+    g = torch.Generator().manual_seed(0)
+    # Example sizes all different and > 1, so the exporter keeps every dimension symbolic.
+    U, T, N = 3, 7, 11
+    args = (
+        torch.randint(1, n_items, (N,), generator=g),
+        torch.randint(0, U, (N,), generator=g),
+        torch.randint(0, n_items, (U, T), generator=g),
+        torch.tensor([0, 4, T]),
+    )
+    dims = {
+        "N": torch.export.Dim("N"),
+        "U": torch.export.Dim("U"),
+        "T": torch.export.Dim("T"),
+    }
+    dynamic_shapes = tuple({i: dims[d] for i, d in enumerate(shape)} for shape in INPUTS.values())
+    # The exporter is chatty on stdout/stderr and warns about its own internals; keep the CLI clean.
+    quiet = io.StringIO()
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),
+    ):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                _Serving(model).eval(),
+                args,
+                dynamo=True,
+                input_names=list(INPUTS),
+                output_names=list(OUTPUTS),
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+            if program is None:
+                raise ExportError("torch.onnx.export returned no program")
+            program.save(str(path), external_data=False)
+        except ExportError:
+            raise
+        except Exception as e:  # the exporter's own errors are long; keep the cause
+            raise ExportError(f"ONNX export failed: {e}\n{quiet.getvalue()[-2000:]}") from e
+        finally:
+            logging.getLogger("torch").setLevel(level)
+
+
+def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Serving-graph inputs covering the shapes the service will send."""
+    rng = np.random.default_rng(seed)
+    T = max_history
+    known = (2, max(n_items, 3))  # real item indices, excluding pad and OOV
+
+    def batch(name: str, hist_lens: list[int], n_cand: list[int], oov_share: float = 0.0) -> dict[str, Any]:
+        U = len(hist_lens)
+        width = max(hist_lens) if hist_lens else 0
+        hist = np.zeros((U, width), dtype=np.int64)
+        for u, L in enumerate(hist_lens):
+            hist[u, :L] = rng.integers(*known, size=L)
+            if oov_share:
+                hist[u, :L][rng.random(L) < oov_share] = OOV
+        target_user = np.repeat(np.arange(U, dtype=np.int64), n_cand)
+        target_items = rng.integers(*known, size=len(target_user)).astype(np.int64)
+        if oov_share:
+            target_items[rng.random(len(target_items)) < oov_share] = OOV
+        return {
+            "name": name,
+            "target_items": target_items,
+            "target_user": target_user,
+            "hist_items": hist,
+            "hist_len": np.asarray(hist_lens, dtype=np.int64),
+        }
+
+    return [
+        batch("one candidate, full history", [T], [1]),
+        batch("one candidate, empty history", [0], [1]),
+        batch("1000 candidates, full history", [T], [1000]),
+        batch("unknown items in history and candidates", [T // 2 + 1], [50], oov_share=0.3),
+        batch("several users: empty, short, full", [0, 1, 5, T], [3, 1, 20, 40]),
+        batch("several users, all empty", [0, 0], [2, 3]),
+        batch("random lengths", list(rng.integers(0, T + 1, size=8)), list(rng.integers(1, 30, size=8))),
+    ]
+
+
+def _reference(model: DIN, case: dict[str, Any]) -> np.ndarray:
+    """PyTorch training form: each candidate against its user's history, tiled."""
+    tu = torch.from_numpy(case["target_user"])
+    hist = torch.from_numpy(case["hist_items"])[tu]
+    hist_len = torch.from_numpy(case["hist_len"])[tu]
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.from_numpy(case["target_items"]), hist, hist_len)).numpy()
+
+
+def check_parity(model: DIN, onnx_path: Path, max_history: int) -> dict[str, Any]:
+    """Run every parity case through ONNX Runtime and the PyTorch reference."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    results = []
+    for case in parity_cases(model.cfg.n_items, max_history):
+        feeds = {name: case[name] for name in INPUTS}
+        (got,) = session.run(list(OUTPUTS), feeds)
+        want = _reference(model, case)
+        results.append(
+            {
+                "name": case["name"],
+                "users": len(case["hist_len"]),
+                "candidates": len(case["target_items"]),
+                "max_abs_diff": float(np.max(np.abs(got - want))),
+            }
+        )
+    return {
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "tolerance": TOLERANCE,
+        "reference": "PyTorch DIN.forward (tiled training form), float32, CPU",
+        "cases": results,
+    }
+
+
+def export_model(
+    model: DIN,
+    items: list[str],
+    out_dir: str | Path,
+    *,
+    model_version: str | None = None,
+    name: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export, check parity, and write the bundle atomically. Returns the manifest.
+
+    items: item id for every item index (index 0 "<pad>", 1 "<oov>"), len == n_items.
+    model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
+    """
+    model = model.eval()
+    cfg = model.cfg
+    if len(items) != cfg.n_items:
+        raise ExportError(f"{len(items)} item ids for a model with n_items={cfg.n_items}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
+    try:
+        onnx_path = staging / "model.onnx"
+        t0 = time.perf_counter()
+        _export_onnx(model, onnx_path)
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+        export_s = time.perf_counter() - t0
+        parity = check_parity(model, onnx_path, cfg.max_history)
+        if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN
+            worst = max(parity["cases"], key=lambda c: c["max_abs_diff"])
+            raise ExportError(
+                f"parity check failed: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "
+                f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
+            )
+        (staging / "items.txt").write_text("\n".join(items) + "\n", encoding="utf-8")
+        files = {name: sha256_file(staging / name) for name in ("model.onnx", "items.txt")}
+        if model_version is None:  # the content decides the version: a retrained model is a new one
+            model_version = f"{name or 'din-' + cfg.pooling}-{files['model.onnx'][:12]}"
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_version": model_version,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "config": cfg.to_dict(),
+            "max_history": cfg.max_history,
+            "pad_index": PAD,
+            "oov_index": OOV,
+            "inputs": INPUTS,
+            "outputs": OUTPUTS,
+            "input_dtype": "int64",
+            "output_dtype": "float32",
+            "vocab": {"items": cfg.n_items, "categories": cfg.n_categories},
+            "metrics": metrics or {},
+            "parity": parity,
+            "export_seconds": round(export_s, 2),
+            "source": source or {},
+            "files": files,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+        return manifest
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def export(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Rebuild the model from RUN_DIR's checkpoint alone and export it."""
+    from model.checkpoint import load_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ExportError(f"{run_dir / 'checkpoint.pt'}: no checkpoint (run `din train` first)")
+    model, ckpt = load_run(run_dir)
+    test = (ckpt.metrics or {}).get("test", {})
+    return export_model(
+        model,
+        list(ckpt.items),
+        out_dir,
+        name=run_dir.resolve().name,
+        metrics=test,
+        source={"run_dir": str(run_dir.resolve()), "best_epoch": ckpt.best_epoch},
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="a directory written by `din train`")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        manifest = export(args.run_dir, args.out)
+    except ExportError as e:
+        print(f"din export: {e}", file=sys.stderr)
+        return 2
+    print(f"{'case':<42} {'users':>5} {'cands':>6} {'max |onnx - torch|':>19}")
+    for c in manifest["parity"]["cases"]:
+        print(f"{c['name']:<42} {c['users']:>5} {c['candidates']:>6} {c['max_abs_diff']:>19.2e}")
+    print(
+        f"\nwrote {args.out}  model_version={manifest['model_version']}  "
+        f"max_abs_diff={manifest['parity']['max_abs_diff']:.2e} (tolerance {TOLERANCE:g})  "
+        f"export {manifest['export_seconds']}s"
+    )
+    return 0
