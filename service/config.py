@@ -1,0 +1,83 @@
+"""Service settings: the one place that reads the environment (prefix `DIN_`).
+
+`din serve` generates its flags from these fields (`redis_url` <-> `--redis-url` <-> `DIN_REDIS_URL`),
+so the CLI, the environment and the docs can never drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIN_", extra="ignore", frozen=True)
+
+    # ---------------------------------------------------------------- model
+    bundle: Path = Field(Path("runs/bundle"), description="bundle directory written by `din export`")
+    providers: str = Field(
+        "auto",
+        description="ONNX Runtime execution providers: 'auto' (CUDA when available, then CPU) "
+        "or a comma-separated list, e.g. 'CPUExecutionProvider'",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default)")
+    warmup_rounds: int = Field(
+        3, ge=0, description="warm-up passes over several shapes before /readyz is ready"
+    )
+
+    # ---------------------------------------------------------------- redis
+    redis_url: str | None = Field(
+        None, description="Redis URL; unset = start a private redis-server (data on disk, append-only)"
+    )
+    redis_data: Path | None = Field(
+        None, description="data directory of the private redis-server (unset = the default data dir)"
+    )
+    redis_prefix: str = Field("din:", description="key prefix; histories live at {prefix}hist:{user_id}")
+    redis_connect_timeout_ms: int = Field(200, gt=0, description="Redis connect timeout (ms)")
+    redis_timeout_ms: int = Field(100, gt=0, description="Redis command timeout (ms); slower = degraded")
+    redis_max_connections: int = Field(64, gt=0, description="Redis connection pool size")
+
+    # ---------------------------------------------------------------- http
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0 = any free port)")
+
+    # ---------------------------------------------------------------- request limits
+    max_candidates: int = Field(1000, ge=1, description="most candidates per /rank request")
+    max_id_length: int = Field(256, ge=1, description="longest user or item id (characters)")
+    max_request_history: int = Field(
+        1000, ge=1, description="longest explicit `history` in /rank (longer than the model's T is truncated)"
+    )
+    max_events: int = Field(1000, ge=1, description="most events per /events request")
+
+    # ---------------------------------------------------------------- batching
+    batch_max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="a batch closes when its first request has waited this long (ms) and an inference slot "
+        "is free; 0 = as soon as a slot is free (requests arriving during a computation join the next batch)",
+    )
+    batch_max_candidates: int = Field(
+        4096,
+        ge=1,
+        description="a batch closes when it holds this many candidates (a larger request runs alone)",
+    )
+    queue_max: int = Field(
+        1024, ge=1, description="requests waiting for a batch; beyond this /rank answers 503"
+    )
+    max_inflight_batches: int = Field(
+        1, ge=1, description="batches computing at once (the next batch is collected meanwhile)"
+    )
+
+    # ---------------------------------------------------------------- logging
+    log_json: bool = Field(False, description="log one JSON object per line")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @property
+    def provider_list(self) -> list[str] | None:
+        """Explicit providers, or None for 'auto'."""
+        if self.providers.strip().lower() == "auto":
+            return None
+        return [p.strip() for p in self.providers.split(",") if p.strip()]

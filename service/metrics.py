@@ -1,0 +1,75 @@
+"""Prometheus metrics, one CollectorRegistry per app (tests build several apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Latency buckets from 0.1 ms to 2.5 s: local Redis and small batches live well under 1 ms.
+_LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_REQUESTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BATCH_CANDIDATES = (1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000, 16000)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "din_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.request_latency = Histogram(
+            "din_request_latency_seconds",
+            "HTTP request latency, end to end",
+            ["route"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "din_redis_latency_seconds", "Redis round trip by operation", ["op"], buckets=_LATENCY, registry=r
+        )
+        self.queue_latency = Histogram(
+            "din_queue_wait_seconds",
+            "time a /rank request waited for its batch to start",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            "din_inference_latency_seconds", "ONNX Runtime call per batch", buckets=_LATENCY, registry=r
+        )
+        self.batch_requests = Histogram(
+            "din_batch_requests", "requests per ONNX Runtime call", buckets=_BATCH_REQUESTS, registry=r
+        )
+        self.batch_candidates = Histogram(
+            "din_batch_candidates", "candidates per ONNX Runtime call", buckets=_BATCH_CANDIDATES, registry=r
+        )
+        self.candidates_scored = Counter("din_candidates_scored", "candidates scored", registry=r)
+        self.degraded = Counter(
+            "din_degraded_responses",
+            "/rank answers served without Redis history, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_admitted = Counter("din_queue_admitted", "/rank requests taken into the queue", registry=r)
+        self.queue_depth = Gauge("din_queue_depth", "requests waiting for a batch", registry=r)
+        self.inflight_batches = Gauge("din_inflight_batches", "batches being computed", registry=r)
+        self.batch_failures = Counter(
+            "din_batch_failures", "batches that failed, by reason", ["reason"], registry=r
+        )
+        self.queue_rejections = Counter(
+            "din_queue_rejections",
+            "/rank requests refused before queueing, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "din_cancelled_requests", "requests dropped because the caller went away", registry=r
+        )
+        self.events_written = Counter("din_events_written", "behaviours appended through /events", registry=r)
+        self.model_info = Info("din_model", "the loaded bundle", registry=r)
+        self.ready = Gauge("din_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.warmup_seconds = Gauge("din_warmup_seconds", "time the warm-up took", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

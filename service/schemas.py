@@ -1,0 +1,170 @@
+"""Request and response models. Limits come from Settings, so request models are built per app
+(`request_models(settings)`) and the OpenAPI docs show the limits actually enforced."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+
+from service.config import Settings
+
+# ------------------------------------------------------------------ requests (base shapes)
+
+_RANK_EXAMPLE: dict[str, Any] = {
+    "user_id": "A1B2C3D4",
+    "candidates": ["B00ITEM001", "B00ITEM002", "B00ITEM003"],
+    "top_k": 2,
+}
+_EVENTS_EXAMPLE: dict[str, Any] = {
+    "events": [
+        {"user_id": "A1B2C3D4", "item_id": "B00ITEM002", "ts": 1700000000},
+        {"user_id": "A1B2C3D4", "item_id": "B00ITEM003", "ts": 1700000060},
+    ]
+}
+
+
+class RankRequest(BaseModel):
+    """Rank `candidates` for `user_id`. Duplicate candidates are scored once (first occurrence kept)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_RANK_EXAMPLE]})
+
+    user_id: str = Field(description="user whose behaviour history is read from Redis")
+    candidates: list[str] = Field(description="item ids to rank; unknown ids are scored as out-of-vocabulary")
+    top_k: int | None = Field(None, description="return only the best top_k items (after scoring all)")
+    history: list[str] | None = Field(
+        None,
+        description="the user's history, newest first; replaces the Redis read (truncated to the model's T)",
+    )
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str
+    item_id: str
+    ts: float | None = Field(
+        None,
+        strict=True,
+        allow_inf_nan=False,
+        description="event time (any monotonic unit, e.g. unix seconds)",
+    )
+
+
+class EventsRequest(BaseModel):
+    """Append behaviours. Sorted by `ts` (stable; events without `ts` count as newest) before writing."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVENTS_EXAMPLE]})
+
+    events: list[Event]
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    rank: type[RankRequest]
+    events: type[EventsRequest]
+
+
+def request_models(settings: Settings) -> RequestModels:
+    """Subclasses of the base shapes that enforce this app's limits (and document them)."""
+    Id = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=settings.max_id_length)]
+
+    # Same names as the base shapes, so the OpenAPI components read RankRequest, Event, EventsRequest.
+    rank = create_model(
+        "RankRequest",
+        __base__=RankRequest,
+        __doc__=RankRequest.__doc__,
+        user_id=(Id, Field(description="user whose behaviour history is read from Redis")),
+        candidates=(
+            list[Id],
+            Field(
+                min_length=1,
+                max_length=settings.max_candidates,
+                description="item ids to rank; unknown ids are scored as out-of-vocabulary",
+            ),
+        ),
+        top_k=(
+            int | None,
+            Field(
+                None,
+                ge=1,
+                le=settings.max_candidates,
+                strict=True,
+                description="return only the best top_k items (after scoring all)",
+            ),
+        ),
+        history=(
+            list[Id] | None,
+            Field(
+                None,
+                max_length=settings.max_request_history,
+                description="the user's history, newest first; replaces the Redis read "
+                "(truncated to the model's T)",
+            ),
+        ),
+    )
+    event = create_model("Event", __base__=Event, user_id=(Id, ...), item_id=(Id, ...))
+    events = create_model(
+        "EventsRequest",
+        __base__=EventsRequest,
+        __doc__=EventsRequest.__doc__,
+        events=(list[event], Field(min_length=1, max_length=settings.max_events)),  # type: ignore[valid-type]
+    )
+    return RequestModels(rank=rank, events=events)
+
+
+# ------------------------------------------------------------------ responses
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float = Field(description="predicted click-through rate in (0, 1)")
+
+
+class RankResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "A1B2C3D4",
+                    "model_version": "din-attention-3f2a9c1b7e0d",
+                    "items": [
+                        {"item_id": "B00ITEM002", "score": 0.0831},
+                        {"item_id": "B00ITEM001", "score": 0.0412},
+                    ],
+                    "history_length": 17,
+                    "degraded": False,
+                }
+            ]
+        }
+    )
+
+    user_id: str
+    model_version: str
+    items: list[ScoredItem] = Field(description="sorted by score, descending")
+    history_length: int = Field(description="behaviours the model saw (after truncation to T)")
+    degraded: bool = Field(description="true when Redis could not be read and an empty history was used")
+
+
+class EventsResponse(BaseModel):
+    written: int
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. validation_error, overloaded")
+    message: str
+    request_id: str | None = None
+    detail: list[FieldError] | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "invalid request; `detail` names each bad field"},
+    503: {"model": ErrorBody, "description": "overloaded (with Retry-After) or a dependency is down"},
+    500: {"model": ErrorBody, "description": "internal error (logged with the request id)"},
+}

@@ -1,0 +1,126 @@
+"""`din serve`: run the ranking service under uvicorn (one process: the batcher is per process).
+
+Flags are generated from `Settings`, so `--redis-url` is always `DIN_REDIS_URL`; a flag beats the
+environment. The bundle is loaded and verified before uvicorn starts, so a corrupt bundle is one
+clear line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import types
+import typing
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.config import Settings
+
+
+def _flag_type(annotation: Any) -> tuple[str, Any]:
+    """('bool' | 'value', argparse type) for a Settings field annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0] if len(args) == 1 else str
+    if annotation is bool:
+        return "bool", None
+    if typing.get_origin(annotation) is typing.Literal:
+        return "choice", typing.get_args(annotation)
+    return "value", str  # pydantic converts and validates, with the same rules as for the environment
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"DIN_{name.upper()}"
+        default = "unset" if info.default is None else str(info.default)
+        help_ = f"{info.description} [env {env}; default {default}]"
+        kind, extra = _flag_type(info.annotation)
+        if kind == "bool":
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_
+            )
+        elif kind == "choice":
+            parser.add_argument(flag, choices=extra, default=argparse.SUPPRESS, help=help_)
+        else:
+            metavar = name.upper()
+            parser.add_argument(flag, type=str, default=argparse.SUPPRESS, metavar=metavar, help=help_)
+
+
+def _settings_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        parts.append(f"--{field.replace('_', '-')} / DIN_{field.upper()}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def _ignore(signum: int, frame: types.FrameType | None) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        print(f"din serve: invalid settings: {_settings_error(e)}", file=sys.stderr)
+        return 2
+
+    # Imported here: `din serve --help` stays instant.
+    import uvicorn
+
+    from service.app import create_app
+    from service.errors import BundleError
+    from service.log import configure_logging
+    from service.ranker import Ranker, load_bundle
+    from service.redis_server import DEFAULT_REDIS_DATA, EmbeddedRedis, RedisServerError
+
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        bundle = load_bundle(settings.bundle)
+        ranker = Ranker(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads)
+    except BundleError as e:
+        print(f"din serve: {e}", file=sys.stderr)
+        return 2
+
+    with contextlib.ExitStack() as stack:
+        if settings.redis_url is None:
+            server = EmbeddedRedis(settings.redis_data or DEFAULT_REDIS_DATA)
+            try:
+                server.start()
+            except RedisServerError as e:
+                print(f"din serve: cannot start the private redis-server: {e}", file=sys.stderr)
+                return 2
+            stack.callback(server.stop)
+            print(
+                f"din serve: private redis-server at {server.url} (data in {server.data_dir})",
+                file=sys.stderr,
+            )
+            settings = settings.model_copy(update={"redis_url": server.url})
+        app = create_app(settings, ranker=ranker)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            workers=1,
+            lifespan="on",
+            log_config=None,  # our handlers (configure_logging) format uvicorn's records too
+            access_log=False,  # the app logs each request itself, with its request id
+            timeout_graceful_shutdown=10,
+        )
+        uv = uvicorn.Server(config)
+        # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal under the
+        # handlers it found. Found handlers that ignore it let us stop the private redis-server and
+        # exit 0 (a clean stop) instead of dying by the signal with a child left behind.
+        previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            uv.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0 if uv.started else 1
+    return 1

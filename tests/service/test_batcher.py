@@ -1,0 +1,193 @@
+"""The micro-batcher on its own: real ONNX Runtime, real redis-server (behind a gate for stalls)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, RankResult
+from service.errors import InferenceFailed, QueueFull, ShuttingDown
+from service.metrics import Metrics
+from service.ranker import Ranker, load_bundle
+from service.redis_server import free_port
+from service.store import HistoryStore, make_client
+from tests.service.conftest import BundleInfo, GatedProxy
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ranker(bundle: BundleInfo) -> Ranker:
+    return Ranker(load_bundle(bundle.path), providers=["CPUExecutionProvider"], intra_op_threads=1)
+
+
+@asynccontextmanager
+async def running(ranker: Ranker, url: str, **kw: Any) -> AsyncIterator[Batcher]:
+    client = make_client(url, connect_timeout=5, timeout=5, max_connections=8)
+    opts: dict[str, Any] = {"max_delay_s": 0.002, "max_candidates": 4096, "queue_max": 64, "max_inflight": 1}
+    batcher = Batcher(ranker, HistoryStore(client, "din:", ranker.max_history), Metrics(), **{**opts, **kw})
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop()
+        await client.aclose()
+
+
+def sample(batcher: Batcher, name: str, labels: dict[str, str] | None = None) -> float:
+    return batcher.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.002)
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(fn())  # type: ignore[arg-type]
+
+
+def test_concurrent_submits_share_one_call_and_keep_their_scores(ranker: Ranker, redis_url: str) -> None:
+    rows = [([f"i{k}", f"i{k + 1}", "unknown"], [f"i{k + 50}"] * (k % 5)) for k in range(2, 22)]
+    want = ranker.score_batch([(c, h) for c, h in rows])
+
+    async def go() -> None:
+        async with running(ranker, redis_url, max_delay_s=0.2) as b:
+            results = await asyncio.gather(*(b.submit("u", c, h) for c, h in rows))
+            assert b.batches == 1  # all 20 arrived within the first one's 200 ms
+            for got, expected, (_, h) in zip(results, want, rows, strict=True):
+                np.testing.assert_allclose(got.scores, expected, atol=TOL, rtol=0)
+                assert got.history_length == len(h) and got.degraded is None
+            assert sample(b, "din_batch_requests_sum") == 20
+
+    run(go)
+
+
+def test_candidate_budget_closes_batches(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        async with running(ranker, redis_url, max_delay_s=0.2, max_candidates=10) as b:
+            results = await asyncio.gather(*(b.submit("u", ["i2", "i3", "i4", "i5"], []) for _ in range(6)))
+            assert len(results) == 6
+            # 4 + 4 fit, the third would make 12: each batch holds at most 10 candidates
+            assert b.batches == 3
+            assert sample(b, "din_batch_candidates_bucket", {"le": "10.0"}) == 3
+            # a request larger than the budget still runs, alone
+            big = await b.submit("u", [f"i{k}" for k in range(2, 30)], [])
+            assert len(big.scores) == 28
+
+    run(go)
+
+
+def test_histories_come_from_redis_in_the_batch(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        async with running(ranker, redis_url, max_delay_s=0.1) as b:
+            await b.store.append_events([("a", "i7"), ("a", "i8"), ("b", "i9")])  # type: ignore[attr-defined]
+            ra, rb, rc = await asyncio.gather(
+                b.submit("a", ["i2"], None), b.submit("b", ["i2"], None), b.submit("a", ["i2"], ["i3"])
+            )
+            want = ranker.score_batch([(["i2"], ["i8", "i7"]), (["i2"], ["i9"]), (["i2"], ["i3"])])
+            for got, expected in zip((ra, rb, rc), want, strict=True):
+                np.testing.assert_allclose(got.scores, expected, atol=TOL, rtol=0)
+            assert (ra.history_length, rb.history_length, rc.history_length) == (2, 1, 1)
+            assert b.batches == 1
+            # one pipelined round trip for the two users without an explicit history
+            assert sample(b, "din_redis_latency_seconds_count", {"op": "get_histories"}) == 1
+
+    run(go)
+
+
+def test_redis_down_degrades_only_redis_reads(ranker: Ranker) -> None:
+    async def go() -> None:
+        url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        async with running(ranker, url, max_delay_s=0.05) as b:
+            cold, explicit = await asyncio.gather(b.submit("a", ["i2"], None), b.submit("a", ["i2"], ["i5"]))
+            assert cold.degraded == "redis_unavailable" and cold.history_length == 0
+            np.testing.assert_allclose(cold.scores, ranker.score_batch([(["i2"], [])])[0], atol=TOL, rtol=0)
+            assert explicit.degraded is None and explicit.history_length == 1
+            assert sample(b, "din_degraded_responses_total", {"reason": "redis_unavailable"}) == 1
+
+    run(go)
+
+
+def test_cancelled_callers_are_skipped(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        with GatedProxy(redis_url) as proxy:
+            async with running(ranker, proxy.url) as b:
+                proxy.hold()
+                first = asyncio.create_task(b.submit("a", ["i2"], None))  # stalls on Redis
+                await until(lambda: b._inflight == 1 and b.depth == 0)
+                gone = asyncio.create_task(b.submit("b", ["i3"], None))
+                await until(lambda: b.depth == 0 and sample(b, "din_queue_admitted_total") == 2)
+                gone.cancel()  # the caller goes away while its request waits for the next batch
+                proxy.release()
+                assert isinstance(await first, RankResult)
+                await until(lambda: sample(b, "din_cancelled_requests_total") == 1)
+                assert b.batches == 1  # the cancelled request never reached ONNX Runtime
+
+    run(go)
+
+
+def test_failed_batch_fails_every_request_of_that_batch(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        poisoned = Ranker(ranker.bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)
+        poisoned.index["poison"] = 10**6  # out of the embedding table: ONNX Runtime itself fails
+        async with running(poisoned, redis_url, max_delay_s=0.1) as b:
+            results = await asyncio.gather(
+                b.submit("a", ["i2", "poison"], []), b.submit("b", ["i3"], []), return_exceptions=True
+            )
+            assert all(isinstance(r, InferenceFailed) for r in results), results
+            assert "inference failed for a batch of 2 requests" in str(results[0])
+            assert sample(b, "din_batch_failures_total", {"reason": "inference_failed"}) == 1
+            ok = await b.submit("c", ["i2"], [])  # the batcher lives on
+            assert ok.scores.shape == (1,)
+
+    run(go)
+
+
+def test_full_queue_refuses_at_once(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        with GatedProxy(redis_url) as proxy:
+            async with running(ranker, proxy.url, queue_max=1, max_candidates=1) as b:
+                proxy.hold()
+                held = [asyncio.create_task(b.submit("a", ["i2"], None))]
+                await until(lambda: b._inflight == 1 and b.depth == 0)
+                held.append(asyncio.create_task(b.submit("b", ["i2"], None)))  # a batch waiting for the slot
+                await until(lambda: sample(b, "din_queue_admitted_total") == 2 and b.depth == 0)
+                held.append(asyncio.create_task(b.submit("c", ["i2"], None)))  # waits in the queue
+                await until(lambda: b.depth == 1)
+                with pytest.raises(QueueFull) as err:
+                    await b.submit("d", ["i2"], None)
+                assert err.value.headers == {"Retry-After": "1"}
+                proxy.release()
+                assert len(await asyncio.gather(*held)) == 3
+
+    run(go)
+
+
+def test_stop_fails_waiting_requests(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        with GatedProxy(redis_url) as proxy:
+            async with running(ranker, proxy.url, max_candidates=1) as b:
+                proxy.hold()
+                first = asyncio.create_task(b.submit("a", ["i2"], None))
+                await until(lambda: b._inflight == 1)
+                waiting = [asyncio.create_task(b.submit(u, ["i2"], None)) for u in "bc"]
+                await until(lambda: sample(b, "din_queue_admitted_total") == 3)
+                stopping = asyncio.create_task(b.stop())
+                await asyncio.sleep(0.05)
+                proxy.release()  # the running batch finishes; the others are refused
+                await stopping
+                assert isinstance(await first, RankResult)
+                for t in waiting:
+                    with pytest.raises(ShuttingDown):
+                        await t
+                with pytest.raises(ShuttingDown):
+                    await b.submit("d", ["i2"], None)
+
+    run(go)

@@ -1,0 +1,116 @@
+"""`din serve` as a user runs it: a subprocess, its flags, its exit codes, its private Redis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.redis_server import free_port
+from service.server import add_arguments
+from tests.service.conftest import BundleInfo
+
+
+def _din(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_every_setting_is_a_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in flags, name
+    args = parser.parse_args(["--redis-url", "redis://x:1/0", "--max-candidates", "7", "--log-json"])
+    assert vars(args) == {"redis_url": "redis://x:1/0", "max_candidates": "7", "log_json": True}
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "items.txt"])
+def test_corrupt_bundle_exits_non_zero_naming_the_file(bundle: BundleInfo, tmp_path: Path, name: str) -> None:
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle.path, path)
+    with open(path / name, "ab") as f:
+        f.write(b"tampered")
+    proc = _din("serve", "--bundle", str(path), "--redis-url", "redis://127.0.0.1:1/0", "--port", "0")
+    assert proc.returncode == 2, proc.stderr
+    assert name in proc.stderr and "checksum mismatch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_bundle_and_bad_flag_exit_2(tmp_path: Path) -> None:
+    proc = _din("serve", "--bundle", str(tmp_path / "none"), "--redis-url", "redis://127.0.0.1:1/0")
+    assert proc.returncode == 2 and "not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _din("serve", "--port", "eighty")
+    assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "redis-data"
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--bundle",
+        str(bundle.path),
+        "--redis-data",
+        str(data),
+    ]
+    cmd += ["--port", str(port), "--warmup-rounds", "1", "--log-json", "--max-candidates", "3"]
+    # the flag beats the environment; the environment fills in what no flag gives
+    env = {**os.environ, "DIN_MAX_CANDIDATES": "50", "DIN_PROVIDERS": "CPUExecutionProvider"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=url, timeout=10) as c:
+            while True:
+                assert proc.poll() is None, proc.communicate()[1]
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "din serve did not become ready"
+                time.sleep(0.05)
+            assert (data / "redis.url").exists()  # the private redis-server runs on the data dir
+            events = {"events": [{"user_id": "zoe", "item_id": "i4"}, {"user_id": "zoe", "item_id": "i5"}]}
+            assert c.post("/events", json=events).json() == {"written": 2}
+            resp = c.post(
+                "/rank", json={"user_id": "zoe", "candidates": ["i2", "i3"]}, headers={"X-Request-ID": "r-1"}
+            )
+            assert resp.status_code == 200 and resp.json()["history_length"] == 2
+            ref = dict(zip(["i2", "i3"], bundle.reference(["i2", "i3"], ["i5", "i4"]), strict=True))
+            for item in resp.json()["items"]:
+                assert abs(item["score"] - ref[item["item_id"]]) <= 1e-5
+            too_many = c.post("/rank", json={"user_id": "zoe", "candidates": ["i2", "i3", "i4", "i5"]})
+            assert too_many.status_code == 422 and too_many.json()["detail"][0]["field"] == "candidates"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert not (data / "redis.url").exists()  # the private redis-server was stopped
+    assert (data / "appendonlydir").exists() or any(data.glob("appendonly*"))  # persistence on disk
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(rec.get("request_id") == "r-1" and "/rank" in rec["message"] for rec in logs), stderr
+    assert "Traceback" not in stderr
