@@ -1,0 +1,140 @@
+"""`din score`: offline scoring with the PyTorch model in its reference form (`DIN.forward`).
+
+Input rows `{"history": [item ids, newest first], "candidates": [item ids]}`, one JSON object a
+line; output rows `{"scores": [ctr per candidate, in candidate order]}`. The service's ONNX path
+is checked against `score_rows`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import Checkpoint, load_run
+from model.din import DIN, OOV
+
+DEFAULT_BATCH_SIZE = 4096  # (candidate, history) pairs per forward call
+
+
+class RowError(ValueError):
+    """A malformed input row; the message names its line number."""
+
+
+def parse_row(line: str, lineno: int) -> dict[str, list[str]]:
+    """One JSONL line -> {"history": [...], "candidates": [...]} of item id strings."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RowError(f"line {lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise RowError(f"line {lineno}: expected a JSON object, got {type(row).__name__}")
+    out: dict[str, list[str]] = {}
+    for key in ("history", "candidates"):
+        if key not in row:
+            raise RowError(f"line {lineno}: missing {key!r}")
+        value = row[key]
+        if not isinstance(value, list):
+            raise RowError(f"line {lineno}: {key!r} must be a list of item ids")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, str | int):
+                raise RowError(f"line {lineno}: {key!r} holds {v!r}; item ids are strings")
+        out[key] = [str(v) for v in value]
+    return out
+
+
+def _pairs(
+    rows: list[dict[str, list[str]]], ckpt: Checkpoint
+) -> tuple[list[int], list[list[int]], list[int]]:
+    """Flatten rows into (candidate index, history indices) pairs: the tiled training form."""
+    index, T = ckpt.item_index, ckpt.max_history
+    targets: list[int] = []
+    hists: list[list[int]] = []
+    rows_of: list[int] = []
+    for r, row in enumerate(rows):
+        hist = [index.get(i, OOV) for i in row["history"][:T]]  # most recent T
+        for c in row["candidates"]:
+            targets.append(index.get(c, OOV))
+            hists.append(hist)
+            rows_of.append(r)
+    return targets, hists, rows_of
+
+
+@torch.no_grad()
+def score_rows(
+    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[float]]:
+    """CTR of every candidate of every row, by `model.forward` (the reference), in input order."""
+    model.eval()
+    rows = [
+        {"history": [str(i) for i in r["history"]], "candidates": [str(i) for i in r["candidates"]]}
+        for r in rows
+    ]
+    targets, hists, rows_of = _pairs(rows, ckpt)
+    scores: list[float] = []
+    for start in range(0, len(targets), batch_size):
+        chunk = hists[start : start + batch_size]
+        L = max(1, max(len(h) for h in chunk))
+        hist = torch.zeros(len(chunk), L, dtype=torch.int64)  # (B, L), padded with 0
+        for i, h in enumerate(chunk):
+            hist[i, : len(h)] = torch.tensor(h, dtype=torch.int64)
+        hist_len = torch.tensor([len(h) for h in chunk], dtype=torch.int64)  # (B,)
+        target = torch.tensor(targets[start : start + batch_size], dtype=torch.int64)  # (B,)
+        scores += torch.sigmoid(model(target, hist, hist_len)).tolist()
+    out: list[list[float]] = [[] for _ in rows]
+    for r, s in zip(rows_of, scores, strict=True):
+        out[r].append(s)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by din train")
+    parser.add_argument("--input", required=True, help="JSONL rows {history, candidates}")
+    parser.add_argument("--output", required=True, help="JSONL rows {scores}, in input order")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="(history, candidate) pairs per forward call",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        model, ckpt = load_run(args.run_dir)
+        rows = []
+        with open(args.input, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    rows.append(parse_row(line, lineno))
+    except (OSError, ValueError) as e:  # RowError is a ValueError
+        print(f"din score: {e}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("din score: --batch-size must be positive", file=sys.stderr)
+        return 2
+
+    # Score in groups of rows so the progress bar moves; each group is batched by candidate pairs.
+    group = max(1, args.batch_size // 8)
+    results: list[list[float]] = []
+    for start in tqdm(range(0, len(rows), group), desc="scoring", unit="group", file=sys.stderr):
+        results += score_rows(model, ckpt, rows[start : start + group], batch_size=args.batch_size)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for s in results:
+            f.write(json.dumps({"scores": s}) + "\n")
+    n_cand = sum(len(s) for s in results)
+    n_oov = sum(c not in ckpt.item_index for r in rows for c in r["candidates"])
+    print(
+        f"scored {len(rows):,} rows, {n_cand:,} candidates ({n_oov:,} unknown) in "
+        f"{time.perf_counter() - t0:.1f}s -> {out}"
+    )
+    return 0

@@ -1,0 +1,136 @@
+"""The DIN module: shapes, masking, and agreement of forward / forward_fast / serve."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from model.din import OOV, PAD, DINConfig, build_model
+
+N_ITEMS, N_CATES = 50, 8
+
+
+def make_model(seed: int = 0, **cfg_kwargs):
+    g = torch.Generator().manual_seed(123)
+    item_cate = torch.randint(2, N_CATES, (N_ITEMS,), generator=g)
+    item_cate[PAD], item_cate[OOV] = PAD, OOV
+    cfg = DINConfig(
+        n_items=N_ITEMS, n_categories=N_CATES, item_dim=8, cate_dim=8, max_history=12, **cfg_kwargs
+    )
+    model = build_model(cfg, item_cate, seed=seed)
+    # Give batch norm non-trivial running statistics, then freeze them: eval mode is what is compared.
+    model.train()
+    with torch.no_grad():
+        target, hist, hist_len = make_batch(64, 12, seed=99)
+        model.forward_fast(target, hist, hist_len)
+    return model.eval()
+
+
+def make_batch(B: int, T: int, seed: int = 0, min_len: int = 0):
+    """Random targets and histories; positions >= hist_len hold padding (0)."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(2, N_ITEMS, (B,), generator=g)  # (B,)
+    hist_len = torch.randint(min_len, T + 1, (B,), generator=g)  # (B,)
+    hist = torch.randint(2, N_ITEMS, (B, T), generator=g)  # (B, T)
+    hist[torch.arange(T).unsqueeze(0) >= hist_len.unsqueeze(1)] = PAD
+    return target, hist, hist_len
+
+
+VARIANTS = [
+    dict(pooling=p, att_softmax=s, head_activation=a, head_input=h)
+    for p, s, a, h in itertools.product(
+        ["attention", "sum"], [False, True], ["dice", "prelu"], ["u,q,u*q", "u,q"]
+    )
+    if not (p == "sum" and s)  # softmax only affects attention pooling
+]
+
+
+def _ids(v: dict) -> str:
+    return "-".join(str(x) for x in v.values())
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_shapes(variant):
+    model = make_model(**variant)
+    target, hist, hist_len = make_batch(7, 5)
+    assert model(target, hist, hist_len).shape == (7,)
+    assert model.forward_fast(target, hist, hist_len).shape == (7,)
+    assert model.embed(hist).shape == (7, 5, 16)
+    ctr = model.serve(target, torch.arange(7), hist, hist_len)
+    assert ctr.shape == (7,) and bool(((ctr > 0) & (ctr < 1)).all())
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_padding_never_changes_a_score(variant):
+    model = make_model(**variant)
+    target, hist, hist_len = make_batch(16, 6)
+    with torch.no_grad():
+        ref = model(target, hist, hist_len)
+        # other ids at padded positions
+        noisy = hist.clone()
+        pad = torch.arange(6).unsqueeze(0) >= hist_len.unsqueeze(1)
+        noisy[pad] = torch.randint(2, N_ITEMS, (int(pad.sum()),))
+        # a longer T, all padding
+        longer = torch.cat([hist, torch.zeros(16, 9, dtype=torch.int64)], dim=1)
+        for form in (model.forward, model.forward_fast):
+            torch.testing.assert_close(form(target, noisy, hist_len), ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(form(target, longer, hist_len), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_forward_fast_and_serve_match_forward(variant):
+    model = make_model(**variant)
+    target, hist, hist_len = make_batch(32, 10)
+    hist_len[:3] = 0  # empty histories
+    hist[:3] = PAD
+    with torch.no_grad():
+        ref = model(target, hist, hist_len)
+        torch.testing.assert_close(model.forward_fast(target, hist, hist_len), ref, rtol=0, atol=1e-6)
+        # serve: 4 users, each with 8 candidates, given as one row per user
+        users = torch.arange(4).repeat_interleave(8)  # (32,)
+        hist_u, len_u = hist[::8], hist_len[::8]  # (4, T), (4,)
+        ref_u = torch.sigmoid(model(target, hist_u[users], len_u[users]))
+        torch.testing.assert_close(model.serve(target, users, hist_u, len_u), ref_u, rtol=0, atol=1e-6)
+        # serve with the rows in the same order as forward's
+        ctr = model.serve(target, torch.arange(32), hist, hist_len)
+        torch.testing.assert_close(ctr, torch.sigmoid(ref), rtol=0, atol=1e-6)
+
+
+def test_all_empty_histories():
+    model = make_model()
+    target = torch.arange(2, 6)
+    hist = torch.zeros(4, 1, dtype=torch.int64)
+    hist_len = torch.zeros(4, dtype=torch.int64)
+    with torch.no_grad():
+        a = model(target, hist, hist_len)
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(model.forward_fast(target, hist, hist_len), a, rtol=0, atol=1e-6)
+        # an empty history scores like a history of padding of any length
+        b = model(target, torch.zeros(4, 7, dtype=torch.int64), hist_len)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_build_model_is_deterministic():
+    a, b, c = make_model(seed=5), make_model(seed=5), make_model(seed=6)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.item_emb.weight, c.item_emb.weight)
+    # building a model leaves the global RNG where it was
+    torch.manual_seed(0)
+    x = torch.rand(3)
+    torch.manual_seed(0)
+    make_model(seed=5)
+    assert torch.equal(torch.rand(3), x)
+
+
+def test_padding_and_oov_rows_are_zero():
+    model = make_model()
+    assert torch.count_nonzero(model.item_emb.weight[PAD]) == 0
+    assert torch.count_nonzero(model.item_emb.weight[OOV]) == 0
+
+
+def test_config_round_trip():
+    cfg = DINConfig(n_items=10, n_categories=4, pooling="sum", att_hidden=(16, 8), extra={"note": "x"})
+    assert DINConfig.from_dict(cfg.to_dict()) == cfg
