@@ -28,7 +28,7 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/inference.py
 
 demo: $(STAMP)
 	$(BIN)/din demo
