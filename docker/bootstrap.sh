@@ -11,6 +11,6 @@ workdir="${DIN_MODELS:-/models}"
 exec din demo --no-serve \
     --workdir "$workdir" \
     --redis-url "$DIN_REDIS_URL" \
-    --users "${DIN_SYNTH_USERS:-800}" \
-    --items "${DIN_SYNTH_ITEMS:-600}" \
+    --users "${DIN_SYNTH_USERS:-4000}" \
+    --items "${DIN_SYNTH_ITEMS:-3000}" \
     --epochs "${DIN_EPOCHS:-2}"

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_WORKDIR = ".din/demo"
-# Sized to finish in about two minutes on a 2-core machine, and still learn something.
-DEMO_USERS = 800
-DEMO_ITEMS = 600
+# The default `din synth` set (about 120k reviews, 220k training samples): two epochs train in
+# about a minute on a 2-core machine and reach a test AUC near 0.91 (README, Measured results).
+DEMO_USERS = 4000
+DEMO_ITEMS = 3000
 DEMO_EPOCHS = 2
-DEMO_BATCH_SIZE = 512
 SEED_MARKER = "seeded.json"
 
 
@@ -156,8 +156,6 @@ def build(demo: Demo, *, users: int, items: int, epochs: int, seed: int) -> None
                 str(epochs),
                 "--seed",
                 str(seed),
-                "--batch-size",
-                str(DEMO_BATCH_SIZE),
             ),
         ),
     )
