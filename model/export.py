@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import logging
@@ -27,17 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
 from model.din import DIN, OOV, PAD
 
-FORMAT_VERSION = 1
 TOLERANCE = 1e-5
-INPUTS = {
-    "target_items": ["N"],
-    "target_user": ["N"],
-    "hist_items": ["U", "T"],
-    "hist_len": ["U"],
-}
-OUTPUTS = {"ctr": ["N"]}
 
 
 class ExportError(Exception):
@@ -55,14 +47,6 @@ class _Serving(nn.Module):
         self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
     ) -> Tensor:
         return self.din.serve(target_items, target_user, hist_items, hist_len)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _export_onnx(model: DIN, path: Path) -> None:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -16,20 +15,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
 from service.errors import BundleError
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ("target_items", "target_user", "hist_items", "hist_len")
-OUTPUT_NAME = "ctr"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+INPUT_NAMES = tuple(INPUTS)
+(OUTPUT_NAME,) = OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -71,6 +63,11 @@ def load_bundle(path: str | Path) -> Bundle:
     for key in ("files", "model_version", "max_history"):
         if key not in manifest:
             raise BundleError(f"bundle {path}: manifest.json has no {key!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {path}: manifest.json has format_version {manifest.get('format_version')!r}; "
+            f"this service reads format {FORMAT_VERSION} (re-export with this version's `din export`)"
+        )
     files = manifest["files"]
     if not isinstance(files, dict):
         raise BundleError(f"bundle {path}: manifest.json 'files' is not an object")
@@ -81,7 +78,7 @@ def load_bundle(path: str | Path) -> Bundle:
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"bundle {path}: {name} is missing")
-        got = _sha256(fpath)
+        got = sha256_file(fpath)
         if got != want:
             raise BundleError(
                 f"bundle {path}: checksum mismatch for {name} (sha256 {got[:12]}..., "

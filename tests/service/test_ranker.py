@@ -69,6 +69,14 @@ def test_bad_manifest_is_refused(bundle: BundleInfo, tmp_path: Path) -> None:
         load_bundle(tmp_path / "nowhere")
 
 
+def test_unknown_bundle_format_is_refused(bundle: BundleInfo, tmp_path: Path) -> None:
+    path = _copy(bundle, tmp_path)
+    manifest = {**bundle.manifest, "format_version": 99}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version 99"):
+        load_bundle(path)
+
+
 def test_encode_maps_unknown_and_placeholders_to_oov(ranker: Ranker) -> None:
     got = ranker.encode(["i2", "i299", "nope", "<pad>", "<oov>", ""])
     assert got.tolist() == [2, 299, 1, 1, 1, 1]
