@@ -91,12 +91,24 @@ def _export_onnx(model: DIN, path: Path) -> None:
             if program is None:
                 raise ExportError("torch.onnx.export returned no program")
             program.save(str(path), external_data=False)
+            _strip_debug_metadata(path)
         except ExportError:
             raise
         except Exception as e:  # the exporter's own errors are long; keep the cause
             raise ExportError(f"ONNX export failed: {e}\n{quiet.getvalue()[-2000:]}") from e
         finally:
             logging.getLogger("torch").setLevel(level)
+
+
+def _strip_debug_metadata(path: Path) -> None:
+    """Drop the exporter's per-node debug notes (stack traces with source paths, FX node text), so
+    the same weights always give the same bytes, and so the same model_version, wherever exported."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    onnx.save(proto, str(path))
 
 
 def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str, Any]]:

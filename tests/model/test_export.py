@@ -96,6 +96,17 @@ def test_graph_never_builds_the_4e_tensor(bundle: tuple[DIN, Path, dict]) -> Non
             assert not (dims[-1].HasField("dim_value") and dims[-1].dim_value == four_e), vi.name
 
 
+def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_path: Path) -> None:
+    """The model version is content-addressed: it must not depend on where or when it was exported."""
+    model, out, manifest = bundle
+    proto = onnx.load(str(out / "model.onnx"))
+    assert not any(node.metadata_props for node in proto.graph.node)  # no stack traces, no source paths
+    _, items = make_model()
+    again = export_model(model, items, tmp_path / "again", name="unit")
+    assert again["files"] == manifest["files"]
+    assert again["model_version"] == manifest["model_version"]
+
+
 @pytest.mark.parametrize("kw", [{"pooling": "sum"}, {"att_softmax": True, "head_activation": "prelu"}])
 def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
     model, items = make_model(seed=3, **kw)
