@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
+from model.data import write_vocab
 from model.din import DIN, OOV, PAD
 
 TOLERANCE = 1e-5
@@ -221,7 +222,7 @@ def export_model(
                 f"parity check failed: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "
                 f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
             )
-        (staging / "items.txt").write_text("\n".join(items) + "\n", encoding="utf-8")
+        write_vocab(staging / "items.txt", items)
         files = {name: sha256_file(staging / name) for name in ("model.onnx", "items.txt")}
         if model_version is None:  # the content decides the version: a retrained model is a new one
             model_version = f"{name or 'din-' + cfg.pooling}-{files['model.onnx'][:12]}"

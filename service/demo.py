@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.data import read_vocab
+
 DEFAULT_WORKDIR = ".din/demo"
 # The default `din synth` set (about 120k reviews, 220k training samples): two epochs train in
 # about a minute on a 2-core machine and reach a test AUC near 0.91 (README, Measured results).
@@ -169,8 +171,8 @@ def build(demo: Demo, *, users: int, items: int, epochs: int, seed: int) -> None
 
 def example_request(demo: Demo, n_candidates: int = 5) -> dict[str, object]:
     """A /rank body with a real seeded user and real item ids of the bundle."""
-    users = (demo.data / "users.txt").read_text().split()
-    items = (demo.bundle / "items.txt").read_text().splitlines()[2:]  # no <pad>, <oov>
+    users = read_vocab(demo.data / "users.txt")
+    items = read_vocab(demo.bundle / "items.txt")[2:]  # no <pad>, <oov>
     step = max(1, len(items) // n_candidates)
     return {"user_id": users[0], "candidates": items[::step][:n_candidates], "top_k": 3}
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from model.data import read_vocab
+
 PERCENTILES = (50, 90, 95, 99)
 # Server histograms whose (sum, count) deltas give a mean per phase: (label, metric, label filter, unit).
 PHASES: tuple[tuple[str, str, dict[str, str], str], ...] = (
@@ -120,7 +122,7 @@ def ids_from_reviews(path: Path, limit: int = 200_000) -> tuple[list[str], list[
 
 def items_from_bundle(bundle: Path) -> list[str]:
     """The bundle's item ids (items.txt without the <pad> and <oov> lines)."""
-    return _read_lines(bundle / "items.txt")[2:]
+    return read_vocab(bundle / "items.txt")[2:]
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
+from model.data import read_vocab
 from service.errors import BundleError
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,7 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"bundle {path}: checksum mismatch for {name} (sha256 {got[:12]}..., "
                 f"manifest says {str(want)[:12]}...): the file is corrupt or was changed after export"
             )
-    items = (path / "items.txt").read_text(encoding="utf-8").split("\n")
-    if items and items[-1] == "":
-        items.pop()
+    items = read_vocab(path / "items.txt")
     n_items = manifest.get("vocab", {}).get("items")
     if n_items is not None and n_items != len(items):
         raise BundleError(f"bundle {path}: items.txt has {len(items)} ids, manifest says {n_items}")
