@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.vocab import FIRST_ID
+
 
 def run_measured(cmd: list[str]) -> dict[str, Any]:
     """Run cmd to completion; wall seconds and that child's own peak RSS (MiB)."""
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = Path(args.cache)
     raw, data = cache / "raw", cache / "prepared"
-    din = [sys.executable, "-m", "service.cli"]
+    din = [sys.executable, "-m", "cli"]
     synth_args = [
         "--users", str(args.users), "--items", str(args.items),
         "--events-per-user", str(args.events_per_user), "--seed", str(args.seed),
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     results["data"] = {
         "reviews": truth["reviews"],
         "users": prepared["n_users"],
-        "items": prepared["n_items"] - 2,
-        "categories": prepared["n_categories"] - 2,
+        "items": prepared["n_items"] - FIRST_ID,  # real ids: the vocabularies' reserved rows excluded
+        "categories": prepared["n_categories"] - FIRST_ID,
         "samples": prepared["samples"],
         "raw_mib": round(sum(f.stat().st_size for f in raw.iterdir()) / 2**20, 1),
         "prepared_mib": round(sum(f.stat().st_size for f in data.iterdir()) / 2**20, 1),

@@ -6,13 +6,15 @@ The payload holds only plain types and tensors, so `torch.load(weights_only=True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from model.din import DIN, DINConfig
+from model.vocab import Vocab
 
 FORMAT = "din-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -28,14 +30,11 @@ class Checkpoint:
     metrics: dict[str, Any]  # {"valid": {auc, gauc, logloss}, "test": {...}} of the best epoch
     train_args: dict[str, Any]  # the options `din train` ran with
     format: str = FORMAT
-    _item_index: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def item_index(self) -> dict[str, int]:
-        """item id -> item index (built once)."""
-        if self._item_index is None:
-            self._item_index = {item: i for i, item in enumerate(self.items)}
-        return self._item_index
+    @cached_property
+    def vocab(self) -> Vocab:
+        """item id -> item index, by the vocabulary contract (unknown ids -> OOV); built once."""
+        return Vocab(self.items)
 
 
 def save_run(

@@ -40,20 +40,17 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-PAD_TOKEN = "<pad>"
-OOV_TOKEN = "<oov>"
+# DataError stays importable as model.data.DataError: the service's seed imports it from here.
+from model.errors import DataError
+from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, known_ids, read_vocab, write_vocab
+
 UNKNOWN_CATEGORY = "<unknown>"
-PAD, OOV = 0, 1  # the same indices as model.din (not imported: prepare must not need torch)
 MIN_EVENTS = 3  # a user needs one train, one valid and one test step
 SPLITS = ("train", "valid", "test")
 _PROGRESS_EVERY = 1 << 16  # lines between progress bar updates: tqdm per line would cost more than parsing
 
 # asin at the start of a meta line, either quoting style; `\s*` because hand-written files vary
 _ASIN_RE = re.compile(rb"""["']asin["']\s*:\s*["']([^"']*)["']""")
-
-
-class DataError(Exception):
-    """Input data that cannot be prepared; the message names the file, line and reason."""
 
 
 # ---------------------------------------------------------------- reading
@@ -197,45 +194,6 @@ def read_meta_categories(path: str | Path, wanted: set[str], progress: bool = Fa
     return found
 
 
-# ---------------------------------------------------------------- vocabularies
-
-
-def read_vocab(path: str | Path) -> list[str]:
-    """A vocabulary file: one id per line, line i is index i."""
-    text = Path(path).read_text(encoding="utf-8")
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
-
-
-def write_vocab(path: Path, tokens: Sequence[str]) -> None:
-    for t in tokens:
-        if "\n" in t or "\r" in t:
-            raise DataError(f"{path.name}: id {t!r} contains a line break")
-    path.write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
-
-
-class ItemIndex:
-    """Item id string -> vocabulary index; unknown ids (and the pad / oov tokens) map to OOV."""
-
-    def __init__(self, items: Sequence[str]) -> None:
-        self.items = list(items)
-        self._index = {item: i for i, item in enumerate(self.items)}
-        # a client sending "<pad>" must not reach the padding row
-        self._index.pop(PAD_TOKEN, None)
-        self._index.pop(OOV_TOKEN, None)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ItemIndex:
-        return cls(read_vocab(path))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def lookup(self, ids: Sequence[str]) -> np.ndarray:
-        """ids -> int64 (len(ids),) indices, OOV for unknown ids."""
-        get = self._index.get
-        return np.fromiter((get(i, OOV) for i in ids), dtype=np.int64, count=len(ids))
-
-
 # ---------------------------------------------------------------- samples
 
 
@@ -305,7 +263,7 @@ def sample_negatives(
     seq_offsets: np.ndarray,
     n_items: int,
 ) -> np.ndarray:
-    """One item per entry of `user`, uniform over [2, n_items), never an item that user touched.
+    """One item per entry of `user`, uniform over the real ids [FIRST_ID, n_items), none that user touched.
 
     Collisions are found with one sorted (user, item) key array and redrawn, vectorised, until none are left.
     """
@@ -314,14 +272,14 @@ def sample_negatives(
     owner = np.repeat(np.arange(n_users, dtype=np.int64), counts)
     touched = np.unique(owner * n_items + seq_items.astype(np.int64))  # sorted keys
     distinct = np.bincount(touched // n_items, minlength=n_users)
-    n_real = n_items - 2
+    n_real = n_items - FIRST_ID
     full = np.flatnonzero(distinct[np.unique(user)] >= n_real) if len(user) else np.array([], dtype=np.int64)
     if len(full):
         raise DataError(
             f"{len(full)} user(s) touched every item: no negative can be drawn (vocabulary too small)"
         )
     user = np.asarray(user, dtype=np.int64)
-    neg = rng.integers(2, n_items, size=len(user), dtype=np.int64)
+    neg = rng.integers(FIRST_ID, n_items, size=len(user), dtype=np.int64)
     todo = np.arange(len(user))
     for _ in range(64):
         keys = user[todo] * n_items + neg[todo]
@@ -329,12 +287,12 @@ def sample_negatives(
         todo = todo[touched[at] == keys]
         if len(todo) == 0:
             return neg
-        neg[todo] = rng.integers(2, n_items, size=len(todo), dtype=np.int64)
+        neg[todo] = rng.integers(FIRST_ID, n_items, size=len(todo), dtype=np.int64)
     # Users who touched nearly all items: draw from each one's explicit complement (rare, tiny data only)
     for i in todo:
         u = user[i]
         own = touched[np.searchsorted(touched, u * n_items) : np.searchsorted(touched, (u + 1) * n_items)]
-        free = np.setdiff1d(np.arange(2, n_items), own - u * n_items, assume_unique=True)
+        free = np.setdiff1d(np.arange(FIRST_ID, n_items), own - u * n_items, assume_unique=True)
         neg[i] = free[rng.integers(len(free))]
     return neg
 
@@ -426,23 +384,23 @@ def prepare(
     present = np.flatnonzero(item_counts > 0)
     present = present[_frequency_order(item_counts[present], [r.item_ids[i] for i in present])]
     item_new = np.full(len(r.item_ids), -1, dtype=np.int64)
-    item_new[present] = np.arange(2, len(present) + 2)
+    item_new[present] = np.arange(FIRST_ID, len(present) + FIRST_ID)
     seq_items = item_new[ev_item].astype(np.int32)
     items = [PAD_TOKEN, OOV_TOKEN, *(r.item_ids[i] for i in present)]
     n_items = len(items)
-    if n_items < 3:
+    if n_items <= FIRST_ID:
         raise DataError(f"{reviews.name}: fewer than one distinct item")
 
     # categories
-    wanted = set(items[2:])
+    wanted = set(known_ids(items))
     cat_of = read_meta_categories(meta, wanted, progress)
-    item_cat_names = [cat_of.get(a, UNKNOWN_CATEGORY) for a in items[2:]]
+    item_cat_names = [cat_of.get(a, UNKNOWN_CATEGORY) for a in known_ids(items)]
     cat_names, cat_inv, cat_counts = np.unique(
         np.asarray(item_cat_names, dtype=object), return_inverse=True, return_counts=True
     )
     cat_order = _frequency_order(cat_counts, list(cat_names))
     cat_new = np.empty(len(cat_names), dtype=np.int64)
-    cat_new[cat_order] = np.arange(2, len(cat_names) + 2)
+    cat_new[cat_order] = np.arange(FIRST_ID, len(cat_names) + FIRST_ID)
     categories = [PAD_TOKEN, OOV_TOKEN, *(str(cat_names[i]) for i in cat_order)]
     item_cate = np.concatenate([[PAD, OOV], cat_new[cat_inv]]).astype(np.int64)
 

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-PAD = 0  # index 0 of every vocabulary is padding
-OOV = 1  # index 1 is the shared out-of-vocabulary entry
+from model.vocab import OOV, PAD
 
 
 @dataclass

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
-from model.data import write_vocab
-from model.din import DIN, OOV, PAD
+from model.din import DIN
+from model.vocab import FIRST_ID, OOV, PAD, write_vocab
 
 TOLERANCE = 1e-5
 
@@ -116,7 +116,7 @@ def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str
     """Serving-graph inputs covering the shapes the service will send."""
     rng = np.random.default_rng(seed)
     T = max_history
-    known = (2, max(n_items, 3))  # real item indices, excluding pad and OOV
+    known = (FIRST_ID, max(n_items, FIRST_ID + 1))  # real item indices, excluding pad and OOV
 
     def batch(name: str, hist_lens: list[int], n_cand: list[int], oov_share: float = 0.0) -> dict[str, Any]:
         U = len(hist_lens)

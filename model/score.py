@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, load_run
-from model.din import DIN, OOV
+from model.din import DIN
+from model.vocab import OOV
 
 DEFAULT_BATCH_SIZE = 4096  # (candidate, history) pairs per forward call
 
@@ -53,14 +54,14 @@ def _pairs(
     rows: list[dict[str, list[str]]], ckpt: Checkpoint
 ) -> tuple[list[int], list[list[int]], list[int]]:
     """Flatten rows into (candidate index, history indices) pairs: the tiled training form."""
-    index, T = ckpt.item_index, ckpt.max_history
+    vocab, T = ckpt.vocab, ckpt.max_history
     targets: list[int] = []
     hists: list[list[int]] = []
     rows_of: list[int] = []
     for r, row in enumerate(rows):
-        hist = [index.get(i, OOV) for i in row["history"][:T]]  # most recent T
+        hist = vocab.lookup(row["history"][:T]).tolist()  # most recent T
         for c in row["candidates"]:
-            targets.append(index.get(c, OOV))
+            targets.append(vocab.index(c))
             hists.append(hist)
             rows_of.append(r)
     return targets, hists, rows_of
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         for s in results:
             f.write(json.dumps({"scores": s}) + "\n")
     n_cand = sum(len(s) for s in results)
-    n_oov = sum(c not in ckpt.item_index for r in rows for c in r["candidates"])
+    n_oov = sum(ckpt.vocab.index(c) == OOV for r in rows for c in r["candidates"])
     print(
         f"scored {len(rows):,} rows, {n_cand:,} candidates ({n_oov:,} unknown) in "
         f"{time.perf_counter() - t0:.1f}s -> {out}"

@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from model.vocab import FIRST_ID
+
 DAY = 86_400
 _T0_DAY = 12_784  # 2005-01-01 in days since the epoch
 _SPAN_DAYS = 8 * 365  # users start within 8 years (the SNAP 2014 release spans ~1996-2014)
@@ -508,7 +510,7 @@ def oracle_auc(raw_dir: str | Path, data_dir: str | Path, split: str = "test", l
     data = load_prepared(data_dir)
     s = data.split(split)
     to_truth = t.item_index(data.items)
-    to_truth[:2] = -1  # pad, oov
+    to_truth[:FIRST_ID] = -1  # pad, oov
     scores = np.empty(len(s), dtype=np.float64)
     chunk = 65_536  # bounds the (chunk, max_history) history matrix on the train split
     for i in range(0, len(s), chunk):

@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli import main as din_main
 from model.data import (
-    OOV,
     DataError,
-    ItemIndex,
     gather_histories,
     load_prepared,
     prepare,
     read_vocab,
 )
-from service.cli import main as din_main
+from model.vocab import OOV, Vocab
 
 # A tiny hand-made data set. u1's b and c share a timestamp: file order decides (b first).
 # u3 has 2 events: skipped, and its item e (nobody else's) stays out of the vocabulary.
@@ -134,7 +133,7 @@ def test_item_index_and_vocab(tmp_path: Path) -> None:
     reviews, meta = write_dataset(tmp_path)
     prepare(reviews, meta, tmp_path / "out")
     assert read_vocab(tmp_path / "out" / "items.txt") == ITEMS
-    index = ItemIndex.from_file(tmp_path / "out" / "items.txt")
+    index = Vocab.from_file(tmp_path / "out" / "items.txt")
     got = index.lookup(["a", "x", "nope", "<pad>", "<oov>"])
     assert got.dtype == np.int64 and got.tolist() == [2, 8, OOV, OOV, OOV]
     assert index.lookup([]).shape == (0,)

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from model.din import OOV, PAD, DINConfig, build_model
+from model.din import DINConfig, build_model
+from model.vocab import OOV, PAD
 
 N_ITEMS, N_CATES = 50, 8
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import model.export as export_mod
-from model.din import DIN, OOV, DINConfig, build_model
+from model.din import DIN, DINConfig, build_model
 from model.export import ExportError, export_model, parity_cases, sha256_file
+from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD_TOKEN
 
 N_ITEMS, N_CATE = 300, 12
 
@@ -27,7 +28,7 @@ def make_model(seed: int = 0, **cfg_kw: object) -> tuple[DIN, list[str]]:
     with torch.no_grad():  # larger weights than at init, so scores spread and errors would show
         for p in model.parameters():
             p.mul_(3.0)
-    items = ["<pad>", "<oov>", *(f"item{i}" for i in range(2, N_ITEMS))]
+    items = [PAD_TOKEN, OOV_TOKEN, *(f"item{i}" for i in range(FIRST_ID, N_ITEMS))]
     return model.eval(), items
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli import main as din
 from model.checkpoint import load_run
-from model.din import OOV
 from model.score import score_rows
 from model.train import train
-from service.cli import main as din
+from model.vocab import known_ids
 
 
 def _flat(scores: list[list[float]]) -> list[float]:
@@ -34,7 +34,7 @@ def loaded(run_dir):
 
 
 def _rows(ckpt, n: int = 6) -> list[dict]:
-    items = ckpt.items[2:]
+    items = known_ids(ckpt.items)
     rows = [{"history": items[i : i + 3 + i], "candidates": items[10 + i : 14 + 2 * i]} for i in range(n)]
     rows.append({"history": [], "candidates": [items[0], "no-such-item"]})  # empty history, an OOV candidate
     rows.append({"history": ["no-such-item", items[5]], "candidates": []})  # no candidates
@@ -52,13 +52,13 @@ def test_score_rows_equals_forward(loaded):
     rows = _rows(ckpt)
     got = score_rows(model, ckpt, rows, batch_size=5)  # small batches: rows span several
     assert [len(s) for s in got] == [len(r["candidates"]) for r in rows]
-    index, T = ckpt.item_index, ckpt.max_history
+    vocab, T = ckpt.vocab, ckpt.max_history
     with torch.no_grad():
         for row, scores in zip(rows, got, strict=True):
             for c, s in zip(row["candidates"], scores, strict=True):
-                hist = [index.get(i, OOV) for i in row["history"][:T]]
+                hist = [vocab.index(i) for i in row["history"][:T]]
                 h = torch.tensor([hist or [0]], dtype=torch.int64)  # (1, L)
-                ref = torch.sigmoid(model(torch.tensor([index.get(c, OOV)]), h, torch.tensor([len(hist)])))
+                ref = torch.sigmoid(model(torch.tensor([vocab.index(c)]), h, torch.tensor([len(hist)])))
                 assert s == pytest.approx(float(ref), abs=1e-6)
     # batching never changes a score
     assert _flat(score_rows(model, ckpt, rows, batch_size=4096)) == pytest.approx(_flat(got), abs=1e-6)
@@ -66,7 +66,7 @@ def test_score_rows_equals_forward(loaded):
 
 def test_oov_and_truncation(loaded):
     model, ckpt = loaded
-    items, T = ckpt.items[2:], ckpt.max_history
+    items, T = known_ids(ckpt.items), ckpt.max_history
     long_hist = items[: T + 20]
     a, b = score_rows(
         model,
@@ -124,7 +124,7 @@ def test_cli_malformed_row(run_dir, tmp_path, capsys, line, message):
 
 def test_malformed_row_exit_code_without_traceback(run_dir, tmp_path):
     inp = _write(tmp_path / "rows.jsonl", ['{"history": [], "candidates": []}', "{oops"])
-    cmd = [sys.executable, "-m", "service.cli", "score", str(run_dir), "--input", str(inp), "--output", "o"]
+    cmd = [sys.executable, "-m", "cli", "score", str(run_dir), "--input", str(inp), "--output", "o"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert "line 2: not valid JSON" in p.stderr and "Traceback" not in p.stderr

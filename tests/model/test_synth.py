@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli import main as din_main
 from model.data import load_prepared
 from model.synth import SynthParams, Truth, generate, load_truth, oracle_auc, oracle_scores
-from service.cli import main as din_main
+from model.vocab import FIRST_ID, known_ids
 
 FILES = ("reviews.json.gz", "meta.json.gz", "truth.npz", "truth.json")
 
@@ -56,11 +57,11 @@ def test_prepare_reads_it(prepared_data: Path, synth_raw: Path) -> None:
     info = json.loads((synth_raw / "truth.json").read_text())
     assert p.meta["users_skipped"] == 0 and p.meta["items_without_meta"] == 0
     assert p.meta["n_events"] == info["reviews"]
-    assert len(p.categories) == info["params"]["categories"] + 2
+    assert len(p.categories) == info["params"]["categories"] + FIRST_ID
     # the prepared categories are the generator's
     truth = load_truth(synth_raw)
-    idx = truth.item_index(p.items[2:])
-    names = np.array(p.categories)[p.item_cate[2:]]
+    idx = truth.item_index(known_ids(p.items))
+    names = np.array(p.categories)[p.item_cate[FIRST_ID:]]
     assert (names == truth.category_names[truth.item_cat[idx]]).all()
 
 
@@ -107,7 +108,7 @@ def test_oracle_matches_the_generator(synth_raw: Path, prepared_data: Path) -> N
     keep = s.label == 1
     hist, hist_len = gather_histories(p.seq_items, p.seq_offsets, s.user[keep], s.pos[keep], p.max_history)
     to_truth = truth.item_index(p.items)
-    to_truth[:2] = -1
+    to_truth[:FIRST_ID] = -1
 
     def loglik(t: Truth) -> float:
         scores = _oracle_core(t, to_truth[hist], hist_len, to_truth[s.target[keep]], "item")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from cli import main as din
 from model.checkpoint import FORMAT, load_run
 from model.data import load_prepared
 from model.metrics import evaluate
 from model.train import Samples, bucketed_batches, predict, train
-from service.cli import main as din
 
 OPTS = dict(epochs=3, batch_size=128, seed=3, threads=1, progress=False, verbose=False)
 
