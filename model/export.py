@@ -28,13 +28,10 @@ from torch import Tensor, nn
 
 from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
 from model.din import DIN
+from model.errors import ExportError
 from model.vocab import FIRST_ID, OOV, PAD, write_vocab
 
 TOLERANCE = 1e-5
-
-
-class ExportError(Exception):
-    """The bundle could not be written (parity failed, bad run directory...)."""
 
 
 class _Serving(nn.Module):

@@ -19,13 +19,10 @@ from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, load_run
 from model.din import DIN
+from model.errors import RowError
 from model.vocab import OOV
 
 DEFAULT_BATCH_SIZE = 4096  # (candidate, history) pairs per forward call
-
-
-class RowError(ValueError):
-    """A malformed input row; the message names its line number."""
 
 
 def parse_row(line: str, lineno: int) -> dict[str, list[str]]:
@@ -115,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     rows.append(parse_row(line, lineno))
-    except (OSError, ValueError) as e:  # RowError is a ValueError
+    except (OSError, ValueError, RowError) as e:  # ValueError: a checkpoint of another format
         print(f"din score: {e}", file=sys.stderr)
         return 2
     if args.batch_size < 1:

@@ -9,14 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import model.data
 from cli import main as din_main
-from model.data import (
-    DataError,
-    gather_histories,
-    load_prepared,
-    prepare,
-    read_vocab,
-)
+from model.data import gather_histories, load_prepared, prepare, read_vocab
+from model.errors import DataError, DinError
 from model.vocab import OOV, Vocab
 
 # A tiny hand-made data set. u1's b and c share a timestamp: file order decides (b first).
@@ -187,6 +183,11 @@ def test_missing_file_and_cli_error(tmp_path: Path, capsys: pytest.CaptureFixtur
         ["prepare", "--reviews", str(reviews), "--meta", str(tmp_path / "nope.json"), "--out", "x"]
     )
     assert code == 2 and "nope.json" in capsys.readouterr().err
+
+
+def test_data_error_is_the_trees() -> None:
+    """The service imports DataError from model.data: it must be the one in model.errors."""
+    assert model.data.DataError is DataError and issubclass(DataError, DinError)
 
 
 def test_all_users_too_short(tmp_path: Path) -> None:

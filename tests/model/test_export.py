@@ -13,7 +13,8 @@ import torch
 
 import model.export as export_mod
 from model.din import DIN, DINConfig, build_model
-from model.export import ExportError, export_model, parity_cases, sha256_file
+from model.errors import ExportError
+from model.export import export_model, parity_cases, sha256_file
 from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD_TOKEN
 
 N_ITEMS, N_CATE = 300, 12

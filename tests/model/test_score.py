@@ -12,7 +12,8 @@ import torch
 
 from cli import main as din
 from model.checkpoint import load_run
-from model.score import score_rows
+from model.errors import DataError, RowError
+from model.score import parse_row, score_rows
 from model.train import train
 from model.vocab import known_ids
 
@@ -120,6 +121,12 @@ def test_cli_malformed_row(run_dir, tmp_path, capsys, line, message):
     assert din(["score", str(run_dir), "--input", str(inp), "--output", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_row_error_is_a_data_error() -> None:
+    with pytest.raises(RowError, match="line 7: not valid JSON") as e:
+        parse_row("{oops", 7)
+    assert isinstance(e.value, DataError) and str(e.value).startswith("line 7: not valid JSON")
 
 
 def test_malformed_row_exit_code_without_traceback(run_dir, tmp_path):
