@@ -7,6 +7,10 @@ mix is realistic: seeded user ids (plus a share of unknown ones), a lognormal nu
 drawn from the bundle's items (plus a share of unknown ones). /metrics is scraped before and after,
 and the deltas give the server-side mean Redis / queue / inference times and batch sizes.
 
+This module is the runner (one constant-rate step, the find-max ramp) and the `din loadtest`
+command (`add_arguments` / `run`, dispatched by `cli`); the request mix is `loadtest.sampling`, the
+/metrics deltas `loadtest.metrics`, the tables, report.json and plot `loadtest.report`.
+
     din loadtest --url http://127.0.0.1:8000 --rate 100 --duration 10 --reviews RAW/reviews.json.gz \
         --bundle BUNDLE --out runs/loadtest
     din loadtest ... --find-max --p99-ms 50     # highest rate whose p99 meets the objective
@@ -17,198 +21,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import gzip
-import json
 import math
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
-
-from model.data import read_vocab
-
-PERCENTILES = (50, 90, 95, 99)
-# Server histograms whose (sum, count) deltas give a mean per phase: (label, metric, label filter, unit).
-PHASES: tuple[tuple[str, str, dict[str, str], str], ...] = (
-    ("server /rank (end to end)", "din_request_latency_seconds", {"route": "/rank"}, "ms"),
-    ("redis history read", "din_redis_latency_seconds", {}, "ms"),
-    ("queue wait (per request)", "din_queue_wait_seconds", {}, "ms"),
-    ("inference (per batch)", "din_inference_latency_seconds", {}, "ms"),
-    ("batch size (requests)", "din_batch_requests", {}, "x"),
-    ("batch size (candidates)", "din_batch_candidates", {}, "x"),
+from loadtest.metrics import Samples, parse_metrics, server_phases
+from loadtest.report import (
+    StepResult,
+    fmt,
+    format_step,
+    percentiles,
+    step_header,
+    step_row,
+    write_plot,
+    write_report,
 )
-COUNTERS = ("din_degraded_responses", "din_queue_rejections", "din_batch_failures")
-
-
-# ---------------------------------------------------------------------------------------- request mix
-
-
-@dataclass
-class Mix:
-    """What the generated /rank requests look like."""
-
-    users: list[str]
-    items: list[str]
-    candidates: int = 100  # median candidates per request
-    candidates_sigma: float = 0.5  # lognormal spread (0 = always `candidates`)
-    max_candidates: int = 500
-    unknown_users: float = 0.05
-    unknown_items: float = 0.02
-    top_k: int | None = None
-
-    def payloads(self, n: int, seed: int) -> list[bytes]:
-        """n request bodies, generated up front so building them never delays a send."""
-        rng = random.Random(seed)
-        mu = math.log(max(1, self.candidates))
-        out = []
-        for i in range(n):
-            if not self.users or rng.random() < self.unknown_users:
-                user = f"loadtest-unknown-user-{seed}-{i}"
-            else:
-                user = rng.choice(self.users)
-            k = (
-                round(rng.lognormvariate(mu, self.candidates_sigma))
-                if self.candidates_sigma > 0
-                else self.candidates
-            )
-            k = max(1, min(self.max_candidates, k))
-            if len(self.items) >= k:
-                cands = rng.sample(self.items, k)
-            elif self.items:
-                cands = rng.choices(self.items, k=k)
-            else:
-                cands = [f"loadtest-unknown-item-{j}" for j in range(k)]
-            cands = [
-                f"loadtest-unknown-item-{rng.randrange(10**9)}" if rng.random() < self.unknown_items else c
-                for c in cands
-            ]
-            body: dict[str, Any] = {"user_id": user, "candidates": cands}
-            if self.top_k is not None:
-                body["top_k"] = self.top_k
-            out.append(orjson.dumps(body))
-        return out
-
-
-def _read_lines(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        return [line.strip() for line in fh if line.strip()]
-
-
-def ids_from_reviews(path: Path, limit: int = 200_000) -> tuple[list[str], list[str]]:
-    """Distinct (user ids, item ids) of a SNAP reviews file (JSON lines, .gz or plain)."""
-    users: dict[str, None] = {}
-    items: dict[str, None] = {}
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = orjson.loads(line)
-            if isinstance(row, dict):
-                if isinstance(row.get("reviewerID"), str):
-                    users[row["reviewerID"]] = None
-                if isinstance(row.get("asin"), str):
-                    items[row["asin"]] = None
-            if len(users) >= limit and len(items) >= limit:
-                break
-    return list(users), list(items)
-
-
-def items_from_bundle(bundle: Path) -> list[str]:
-    """The bundle's item ids (items.txt without the <pad> and <oov> lines)."""
-    return read_vocab(bundle / "items.txt")[2:]
-
-
-# ---------------------------------------------------------------------------------------- metrics
-
-
-def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Prometheus text -> {(sample name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-    return out
-
-
-def _total(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, match: dict[str, str]
-) -> float:
-    return sum(
-        v
-        for (n, labels), v in samples.items()
-        if n == name and all((k, x) in labels for k, x in match.items())
-    )
-
-
-def server_phases(
-    before: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-    after: dict[tuple[str, tuple[tuple[str, str], ...]], float],
-) -> dict[str, Any]:
-    """Means of the server's phase histograms over the run (delta of _sum / delta of _count)."""
-    phases = []
-    for label, metric, match, unit in PHASES:
-        count = _total(after, metric + "_count", match) - _total(before, metric + "_count", match)
-        total = _total(after, metric + "_sum", match) - _total(before, metric + "_sum", match)
-        mean = total / count if count > 0 else None
-        if mean is not None and unit == "ms":
-            mean *= 1000.0
-        phases.append({"phase": label, "metric": metric, "count": int(count), "mean": mean, "unit": unit})
-    counters = {}
-    for name in COUNTERS:
-        counters[name] = _total(after, name + "_total", {}) - _total(before, name + "_total", {})
-    return {"phases": phases, "counters": counters}
-
+from loadtest.sampling import DEFAULT_USER_RANGE, Mix, load_ids
 
 # ---------------------------------------------------------------------------------------- the generator
 
 
-@dataclass
-class StepResult:
-    """One constant-rate run."""
-
-    offered_rate: float
-    duration_s: float
-    requests: int
-    completed: int = 0
-    ok: int = 0
-    achieved_rate: float = 0.0  # successful responses per second over the whole step
-    errors: dict[str, int] = field(default_factory=dict)
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    send_lag_ms: dict[str, float] = field(default_factory=dict)  # actual - scheduled send (client health)
-    server: dict[str, Any] | None = None
-    # per request, for plots: scheduled offset (s), latency (ms), status ("200", "503", "timeout", ...)
-    samples: list[tuple[float, float, str]] = field(default_factory=list, repr=False)
-
-    @property
-    def error_rate(self) -> float:
-        return 1.0 - self.ok / self.requests if self.requests else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("samples")
-        d["error_rate"] = self.error_rate
-        return d
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    a = np.asarray(values, dtype=np.float64)
-    out = {f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}
-    out.update(min=float(a.min()), mean=float(a.mean()), max=float(a.max()))
-    return out
-
-
-async def _scrape(client: Any, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+async def _scrape(client: Any, url: str) -> Samples | None:
     try:
         r = await client.get(url + "/metrics", timeout=5.0)
         return parse_metrics(r.text) if r.status_code == 200 else None
@@ -278,8 +113,8 @@ async def run_step(
     result.completed = sum(1 for _, _, s in records if s.isdigit())
     result.ok = sum(1 for _, _, s in records if s == "200")
     result.achieved_rate = result.ok / max(wall, duration)
-    result.latency_ms = _percentiles(latencies)
-    result.send_lag_ms = _percentiles(lags)
+    result.latency_ms = percentiles(latencies)
+    result.send_lag_ms = percentiles(lags)
     if before is not None and after is not None:
         result.server = server_phases(before, after)
     return result
@@ -322,12 +157,12 @@ async def find_max(
         )
         steps.append(step)
         ok = passes(step, p99_ms, max_error_rate)
-        log(_step_row(step, ok))
+        log(step_row(step, ok))
         if ok and (best is None or r > best.offered_rate):
             best = step
         return ok
 
-    log(_step_header())
+    log(step_header())
     while rate <= max_rate:
         if await attempt(rate):
             lo = rate
@@ -358,100 +193,6 @@ async def find_max(
     return steps, best
 
 
-# ---------------------------------------------------------------------------------------- report
-
-
-def _fmt(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{v:,.{digits}f}"
-
-
-def _step_header() -> str:
-    return f"{'offered/s':>10} {'achieved/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7}  ok"
-
-
-def _step_row(s: StepResult, ok: bool) -> str:
-    lat = s.latency_ms
-    return (
-        f"{s.offered_rate:>10,.1f} {s.achieved_rate:>10,.1f} {_fmt(lat.get('p50')):>8} "
-        f"{_fmt(lat.get('p99')):>8} {_fmt(lat.get('max')):>8} {s.requests - s.ok:>7}  {'yes' if ok else 'NO'}"
-    )
-
-
-def format_step(s: StepResult) -> str:
-    lat = s.latency_ms
-    lines = [
-        f"requests   {s.requests:,} in {s.duration_s:.1f}s: offered {s.offered_rate:,.1f}/s, "
-        f"achieved {s.achieved_rate:,.1f}/s ({s.ok:,} ok)",
-        "latency ms (from the scheduled send time)",
-        "  " + "  ".join(f"{k} {_fmt(lat.get(k))}" for k in ("p50", "p90", "p95", "p99", "max")),
-    ]
-    if s.send_lag_ms.get("p99", 0.0) > 5.0:
-        lines.append(
-            f"  note: the generator itself sent late (p99 lag {s.send_lag_ms['p99']:.1f} ms): "
-            "client-bound, latencies include that"
-        )
-    if s.errors:
-        lines.append("errors     " + ", ".join(f"{k}: {v:,}" for k, v in sorted(s.errors.items())))
-    else:
-        lines.append("errors     none")
-    if s.server is None:
-        lines.append("server     /metrics not available")
-    else:
-        lines.append(f"{'server phase':<28} {'count':>8} {'mean':>10}")
-        for p in s.server["phases"]:
-            unit = " ms" if p["unit"] == "ms" else ""
-            lines.append(f"{p['phase']:<28} {p['count']:>8,} {_fmt(p['mean'], 2) + unit:>10}")
-        extra = {k: v for k, v in s.server["counters"].items() if v}
-        if extra:
-            lines.append("counters   " + ", ".join(f"{k} +{v:,.0f}" for k, v in extra.items()))
-    return "\n".join(lines)
-
-
-def write_plot(step: StepResult, path: Path, title: str) -> bool:
-    """Latency over time + CDF as a PNG. False (with a message) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(
-            "din loadtest: matplotlib is not installed (pip install 'din-rank[dev]'): no plot written",
-            file=sys.stderr,
-        )
-        return False
-    t = np.array([s[0] for s in step.samples])
-    lat = np.array([s[1] for s in step.samples])
-    ok = np.array([s[2] == "200" for s in step.samples], dtype=bool)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.scatter(t[ok], lat[ok], s=4, alpha=0.5, label="200")
-    if (~ok).any():
-        ax1.scatter(t[~ok], lat[~ok], s=6, color="red", label="error")
-    for p, style in ((50, ":"), (99, "--")):
-        v = step.latency_ms.get(f"p{p}")
-        if v is not None:
-            ax1.axhline(v, linestyle=style, color="gray", linewidth=1, label=f"p{p} {v:.1f} ms")
-    ax1.set_xlabel("scheduled send time (s)")
-    ax1.set_ylabel("latency (ms)")
-    ax1.set_yscale("log")
-    ax1.legend(loc="upper right", fontsize=8)
-    ax1.set_title("latency over time")
-    xs = np.sort(lat)
-    ys = np.arange(1, len(xs) + 1) / max(1, len(xs))
-    ax2.plot(xs, ys)
-    ax2.set_xscale("log")
-    ax2.set_xlabel("latency (ms)")
-    ax2.set_ylabel("fraction of requests")
-    ax2.set_title("CDF")
-    ax2.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 # ---------------------------------------------------------------------------------------- CLI
 
 
@@ -468,7 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mix = parser.add_argument_group("request mix")
     mix.add_argument("--reviews", type=Path, help="SNAP reviews file: user ids (and item ids) to use")
     mix.add_argument("--users-file", type=Path, help="user ids, one per line")
-    mix.add_argument("--user-range", type=int, default=1000, help="without a users source: ids 'user-0..N-1'")
+    mix.add_argument(
+        "--user-range", type=int, default=DEFAULT_USER_RANGE, help="without a users source: ids 'user-0..N-1'"
+    )
     mix.add_argument("--bundle", type=Path, help="bundle directory: candidate ids from its items.txt")
     mix.add_argument("--items-file", type=Path, help="candidate item ids, one per line")
     mix.add_argument("--candidates", type=int, default=100, help="median candidates per request")
@@ -491,26 +234,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_mix(args: argparse.Namespace) -> tuple[Mix, list[str]]:
     """The request mix from the flags, and notes on where the ids came from."""
-    notes = []
-    users: list[str] = []
-    items: list[str] = []
-    if args.reviews is not None:
-        users, items = ids_from_reviews(args.reviews)
-        notes.append(f"{len(users):,} users and {len(items):,} items from {args.reviews}")
-    if args.users_file is not None:
-        users = _read_lines(args.users_file)
-        notes.append(f"{len(users):,} users from {args.users_file}")
-    if args.bundle is not None:
-        items = items_from_bundle(args.bundle)
-        notes.append(f"{len(items):,} items from {args.bundle}/items.txt")
-    if args.items_file is not None:
-        items = _read_lines(args.items_file)
-        notes.append(f"{len(items):,} items from {args.items_file}")
-    if not users:
-        users = [f"user-{i}" for i in range(args.user_range)]
-        notes.append(f"no users source: ids user-0..{args.user_range - 1} (probably unknown to the server)")
-    if not items:
-        notes.append("no items source (--bundle / --items-file / --reviews): every candidate is unknown")
+    users, items, notes = load_ids(
+        reviews=args.reviews,
+        users_file=args.users_file,
+        bundle=args.bundle,
+        items_file=args.items_file,
+        user_range=args.user_range,
+    )
     mix = Mix(
         users=users,
         items=items,
@@ -599,10 +329,8 @@ def run(args: argparse.Namespace) -> int:
         report["result"] = shown.to_json()
     report["wall_s"] = time.perf_counter() - t0
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    report_path = args.out / "report.json"
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    title = f"{url}/rank at {shown.offered_rate:,.1f} req/s, p99 {_fmt(shown.latency_ms.get('p99'))} ms"
+    report_path = write_report(report, args.out)
+    title = f"{url}/rank at {shown.offered_rate:,.1f} req/s, p99 {fmt(shown.latency_ms.get('p99'))} ms"
     plotted = write_plot(shown, args.out / "latency.png", title)
     print(f"\nreport: {report_path}" + (f", plot: {args.out / 'latency.png'}" if plotted else ""))
     if shown.ok == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import py_compile
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.cli import main
-from service.loadtest import Mix, find_max, run_step
+from cli import main
+from loadtest.openloop import find_max, run_step
+from loadtest.sampling import Mix
 from tests.service.conftest import BundleInfo, LiveServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,11 +121,16 @@ def test_errors_are_counted_by_status(tiny_server: tuple[str, type[_Handler]]) -
     assert len(step.samples) == 20 and all(lat > 0 for _, lat, _ in step.samples)
 
 
-def test_connection_errors_are_counted() -> None:
-    from service.redis_server import free_port
+def _free_port() -> int:
+    """A TCP port nothing listens on (bound once by the OS, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
+
+def test_connection_errors_are_counted() -> None:
     step = asyncio.run(
-        run_step(f"http://127.0.0.1:{free_port()}", 50.0, 0.1, MIX.payloads(5, seed=2), timeout=2)
+        run_step(f"http://127.0.0.1:{_free_port()}", 50.0, 0.1, MIX.payloads(5, seed=2), timeout=2)
     )
     assert step.ok == 0 and step.errors == {"connect_error": 5}
 
