@@ -2,6 +2,8 @@
 
 Training uses `DIN.forward_fast` on length-bucketed batches whose histories are trimmed to their
 longest member, so little time goes into padding. Same seed + same data => identical numbers.
+`TrainConfig` holds every training option and its default, once: `train` takes one, and the
+`din train` flags take their defaults from it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +27,27 @@ from model.data import gather_histories, load_prepared
 from model.din import DIN, DINConfig, build_model
 from model.metrics import evaluate
 
-# Defaults: tuned on `din synth --users 4000 --items 3000` against DeepCTR-Torch (bench/deepctr_compare.py).
-DEFAULTS: dict[str, Any] = {
-    "epochs": 5,
-    "batch_size": 256,
-    "lr": 3e-3,
-    "pooling": "attention",
-    "seed": 0,
-    "softmax": False,
-    "head_activation": "dice",
-    "threads": 0,  # 0: every core
-    "patience": 2,  # stop after this many epochs without a better validation AUC
-    "eval_batch_size": 4096,
-    "bucket_batches": 50,  # sort by history length within chunks of this many batches
-}
+
+@dataclass
+class TrainConfig:
+    """How `din train` fits a model. The checkpoint keeps it as `train_args`, with the threads
+    actually used and the data directory added.
+
+    Defaults: tuned on `din synth --users 4000 --items 3000` against DeepCTR-Torch
+    (bench/deepctr_compare.py).
+    """
+
+    epochs: int = 5  # at most this many epochs
+    batch_size: int = 256  # samples per step; at least 2 (batch norm in Dice needs two)
+    lr: float = 3e-3  # Adam learning rate
+    pooling: str = "attention"  # "attention" (DIN) or "sum" (the paper's BaseModel)
+    seed: int = 0  # initial weights and batch order
+    softmax: bool = False  # softmax over attention scores (off in the paper, §4.3)
+    head_activation: str = "dice"  # "dice" or "prelu"
+    threads: int = 0  # torch threads; 0: every core
+    patience: int = 2  # stop after this many epochs without a better validation AUC
+    eval_batch_size: int = 4096  # samples per forward call when evaluating
+    bucket_batches: int = 50  # sort by history length within chunks of this many batches
 
 
 # ---------------------------------------------------------------- batching
@@ -122,23 +132,25 @@ def _evaluate(model: DIN, samples: Samples, batch_size: int) -> dict[str, float]
 # ---------------------------------------------------------------- the loop
 
 
-def train(data_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str, Any]:
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Train, keep the best epoch by validation AUC, write the run dir; returns metrics.json's content.
 
-    Options (see DEFAULTS): epochs, batch_size, lr, pooling, seed, softmax, head_activation, threads,
-    patience, eval_batch_size, bucket_batches, and progress (bool, tqdm bars) / verbose (bool, the table).
+    cfg: the training options (TrainConfig's defaults when None); progress: tqdm bars on stderr;
+    verbose: the summary line and the per-epoch table on stdout.
     """
-    progress = bool(options.pop("progress", True))
-    verbose = bool(options.pop("verbose", True))
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
-    opt = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    if opt["batch_size"] < 2:
+    opt = cfg if cfg is not None else TrainConfig()
+    if opt.batch_size < 2:
         raise ValueError("batch_size must be at least 2 (batch norm in Dice needs two samples)")
     say = print if verbose else (lambda *a, **k: None)
 
-    threads = int(opt["threads"]) or (os.cpu_count() or 1)
+    threads = int(opt.threads) or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
 
@@ -148,33 +160,35 @@ def train(data_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str
         Samples(getattr(data, name), data.seq_items, data.seq_offsets, T)
         for name in ("train", "valid", "test")
     )
-    cfg = DINConfig(
+    din_cfg = DINConfig(
         n_items=len(data.items),
         n_categories=len(data.categories),
         max_history=T,
-        pooling=opt["pooling"],
-        att_softmax=bool(opt["softmax"]),
-        head_activation=opt["head_activation"],
+        pooling=opt.pooling,
+        att_softmax=bool(opt.softmax),
+        head_activation=opt.head_activation,
     )
-    model = build_model(cfg, torch.as_tensor(np.asarray(data.item_cate), dtype=torch.int64), seed=opt["seed"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=opt["lr"])
+    item_cate = torch.as_tensor(np.asarray(data.item_cate), dtype=torch.int64)
+    model = build_model(din_cfg, item_cate, seed=opt.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr)
     loss_fn = nn.BCEWithLogitsLoss()
-    rng = np.random.default_rng(opt["seed"])
-    torch.manual_seed(opt["seed"])
+    rng = np.random.default_rng(opt.seed)
+    torch.manual_seed(opt.seed)
 
     say(
         f"train {len(train_s):,} / valid {len(valid_s):,} / test {len(test_s):,} samples, "
-        f"{cfg.n_items:,} items, {cfg.n_categories:,} categories, T={T}, pooling={cfg.pooling}, "
-        f"batch {opt['batch_size']}, lr {opt['lr']}, {threads} threads"
+        f"{din_cfg.n_items:,} items, {din_cfg.n_categories:,} categories, T={T}, "
+        f"pooling={din_cfg.pooling}, "
+        f"batch {opt.batch_size}, lr {opt.lr}, {threads} threads"
     )
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     train_seconds = 0.0
-    for epoch in range(1, opt["epochs"] + 1):
+    for epoch in range(1, opt.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        batches = bucketed_batches(train_s.lengths, opt["batch_size"], rng, opt["bucket_batches"])
+        batches = bucketed_batches(train_s.lengths, opt.batch_size, rng, opt.bucket_batches)
         total, seen = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, file=sys.stderr)
         for i, idx in enumerate(bar):
@@ -190,7 +204,7 @@ def train(data_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str
         bar.close()
         fit_seconds = time.perf_counter() - t0
         train_seconds += fit_seconds
-        valid = _evaluate(model, valid_s, opt["eval_batch_size"])
+        valid = _evaluate(model, valid_s, opt.eval_batch_size)
         row = {
             "epoch": epoch,
             "train_loss": total / max(seen, 1),
@@ -202,15 +216,16 @@ def train(data_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str
         if best is None or valid["auc"] > best["valid"]["auc"]:
             best = row
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif epoch - best["epoch"] >= opt["patience"]:
-            say(f"no better validation AUC for {opt['patience']} epochs: stopping after epoch {epoch}")
+        elif epoch - best["epoch"] >= opt.patience:
+            say(f"no better validation AUC for {opt.patience} epochs: stopping after epoch {epoch}")
             break
 
     assert best is not None and best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    test = _evaluate(model, test_s, opt["eval_batch_size"])
-    train_args = {k: opt[k] for k in DEFAULTS} | {"threads": threads, "data_dir": str(data_dir)}
+    test = _evaluate(model, test_s, opt.eval_batch_size)
+    # The options as run: the threads actually used (not 0) and where the data came from.
+    train_args = asdict(opt) | {"threads": threads, "data_dir": str(data_dir)}
     result: dict[str, Any] = {
         "epochs": history,
         "best_epoch": best["epoch"],
@@ -219,7 +234,7 @@ def train(data_dir: str | Path, out_dir: str | Path, **options: Any) -> dict[str
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - t_start,
         "samples": {"train": len(train_s), "valid": len(valid_s), "test": len(test_s)},
-        "config": cfg.to_dict(),
+        "config": din_cfg.to_dict(),
         "train_args": train_args,
     }
     out_dir = Path(out_dir)
@@ -261,28 +276,29 @@ def _table(history: list[dict[str, Any]], best_epoch: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DEFAULTS
+    d = TrainConfig()  # every default comes from TrainConfig, so it is written once
     parser.add_argument("--data", required=True, help="prepared data directory (din prepare)")
     parser.add_argument("--out", required=True, help="run directory to write (checkpoint.pt, metrics.json)")
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help="at most this many epochs")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-    parser.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate")
-    parser.add_argument("--pooling", choices=["attention", "sum"], default=d["pooling"])
-    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    parser.add_argument("--pooling", choices=["attention", "sum"], default=d.pooling)
+    parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
-        "--softmax", action="store_true", help="softmax over attention scores (off in the paper)"
+        "--softmax",
+        action="store_true",
+        default=d.softmax,
+        help="softmax over attention scores (off in the paper)",
     )
-    parser.add_argument("--head-activation", choices=["dice", "prelu"], default=d["head_activation"])
-    parser.add_argument("--threads", type=int, default=d["threads"], help="torch threads (0: every core)")
-    parser.add_argument("--patience", type=int, default=d["patience"], help="early-stopping patience, epochs")
+    parser.add_argument("--head-activation", choices=["dice", "prelu"], default=d.head_activation)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: every core)")
+    parser.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience, epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        train(
-            args.data,
-            args.out,
+        cfg = TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -292,8 +308,8 @@ def run(args: argparse.Namespace) -> int:
             head_activation=args.head_activation,
             threads=args.threads,
             patience=args.patience,
-            progress=not args.no_progress,
         )
+        train(args.data, args.out, cfg, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"din train: {e}", file=sys.stderr)
         return 2

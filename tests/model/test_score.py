@@ -14,7 +14,7 @@ from cli import main as din
 from model.checkpoint import load_run
 from model.errors import DataError, RowError
 from model.score import parse_row, score_rows
-from model.train import train
+from model.train import TrainConfig, train
 from model.vocab import known_ids
 
 
@@ -25,7 +25,8 @@ def _flat(scores: list[list[float]]) -> list[float]:
 @pytest.fixture(scope="module")
 def run_dir(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("score") / "run"
-    train(prepared_data, out, epochs=1, batch_size=256, seed=0, threads=1, progress=False, verbose=False)
+    cfg = TrainConfig(epochs=1, batch_size=256, seed=0, threads=1)
+    train(prepared_data, out, cfg, progress=False, verbose=False)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -13,15 +14,15 @@ from cli import main as din
 from model.checkpoint import FORMAT, load_run
 from model.data import load_prepared
 from model.metrics import evaluate
-from model.train import Samples, bucketed_batches, predict, train
+from model.train import Samples, TrainConfig, add_arguments, bucketed_batches, predict, train
 
-OPTS = dict(epochs=3, batch_size=128, seed=3, threads=1, progress=False, verbose=False)
+CFG = TrainConfig(epochs=3, batch_size=128, seed=3, threads=1)
 
 
 @pytest.fixture(scope="module")
 def run_a(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "a"
-    return out, train(prepared_data, out, **OPTS)
+    return out, train(prepared_data, out, CFG, progress=False, verbose=False)
 
 
 def test_learns(run_a):
@@ -33,7 +34,7 @@ def test_learns(run_a):
 
 def test_same_seed_same_numbers(run_a, prepared_data, tmp_path):
     _, a = run_a
-    b = train(prepared_data, tmp_path / "b", **OPTS)
+    b = train(prepared_data, tmp_path / "b", CFG, progress=False, verbose=False)
     for ra, rb in zip(a["epochs"], b["epochs"], strict=True):
         assert ra["train_loss"] == rb["train_loss"]
         assert ra["valid"] == rb["valid"]
@@ -63,6 +64,12 @@ def test_run_dir_and_restored_weights(run_a, prepared_data):
     assert ckpt.max_history == data.max_history == model.cfg.max_history
     assert ckpt.best_epoch == m["best_epoch"]
     assert ckpt.metrics["test"] == m["test"]
+    # train_args: every option as run, in this order, then the data directory (the file format)
+    assert list(ckpt.train_args.items()) == list(m["train_args"].items()) == [
+        ("epochs", 3), ("batch_size", 128), ("lr", 3e-3), ("pooling", "attention"), ("seed", 3),
+        ("softmax", False), ("head_activation", "dice"), ("threads", 1), ("patience", 2),
+        ("eval_batch_size", 4096), ("bucket_batches", 50), ("data_dir", str(prepared_data)),
+    ]  # fmt: skip
     # the saved weights are the best epoch's: they reproduce its test metrics
     test = Samples(data.test, data.seq_items, data.seq_offsets, data.max_history)
     got = evaluate(test.user, test.label, predict(model, test))
@@ -92,6 +99,20 @@ def test_cli_sum_pooling(prepared_data, tmp_path, capsys):
     assert "valid auc" in printed and "test (epoch 1)" in printed
     model, ckpt = load_run(out)
     assert model.cfg.pooling == "sum" and ckpt.train_args["batch_size"] == 200
+
+
+def test_cli_defaults_are_train_config_defaults():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = vars(parser.parse_args(["--data", "d", "--out", "o"]))
+    assert args == {
+        "data": "d", "out": "o", "epochs": 5, "batch_size": 256, "lr": 3e-3, "pooling": "attention",
+        "seed": 0, "softmax": False, "head_activation": "dice", "threads": 0, "patience": 2,
+        "no_progress": False,
+    }  # fmt: skip
+    flags = {k: v for k, v in args.items() if k not in ("data", "out", "no_progress")}
+    assert flags == {k: v for k, v in vars(TrainConfig()).items() if k in flags}
+    assert TrainConfig().eval_batch_size == 4096 and TrainConfig().bucket_batches == 50
 
 
 def test_cli_missing_data(tmp_path, capsys):
