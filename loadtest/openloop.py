@@ -24,6 +24,7 @@ import datetime as dt
 import math
 import sys
 import time
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,67 @@ async def run_step(
 
 
 def passes(step: StepResult, p99_ms: float, max_error_rate: float) -> bool:
+    """Whether a step met the objective: p99 and error rate within bounds, and the server kept up
+    (achieved >= 90% of offered; a p99 alone can look fine while responses fall behind)."""
     p99 = step.latency_ms.get("p99", math.inf)
     return (
         p99 <= p99_ms and step.error_rate <= max_error_rate and step.achieved_rate >= 0.9 * step.offered_rate
     )
+
+
+def ramp(start_rate: float, max_rate: float, bisect_steps: int) -> Generator[float, bool, float | None]:
+    """The find-max search, free of I/O: yields the next rate to try and is sent whether a step at that
+    rate met the objective; returns the highest passing rate (None when none did).
+
+    Double from `start_rate` until a step fails or the next rate passes `max_rate` (then try `max_rate`
+    itself); if the very first step fails, halve down to start_rate / 8 looking for any passing rate;
+    then bisect between the highest pass and the lowest fail, `bisect_steps` times at most, stopping
+    once they are within 10%. Drive it with `search` (a plain predicate) or `find_max` (real steps).
+    """
+    lo, hi = 0.0, math.inf  # highest passing rate so far (0: none), lowest failing rate (inf: none)
+    rate = start_rate
+    while rate <= max_rate:
+        if (yield rate):
+            lo = rate
+            rate *= 2
+        else:
+            hi = rate
+            break
+    # The first step failed: halve a few times to find a passing rate at all.
+    while lo == 0 and rate > start_rate / 8:
+        rate /= 2
+        if (yield rate):
+            lo = rate
+        else:
+            hi = rate
+    if math.isinf(hi) and 0 < lo < max_rate:
+        if (yield max_rate):
+            lo = max_rate
+        else:
+            hi = max_rate
+    for _ in range(bisect_steps):
+        if math.isinf(hi) or lo == 0 or (hi - lo) / lo < 0.1:
+            break
+        mid = (lo + hi) / 2
+        if (yield mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo if lo > 0 else None
+
+
+def search(
+    attempt: Callable[[float], bool], *, start_rate: float, max_rate: float, bisect_steps: int
+) -> float | None:
+    """Run `ramp` with a synchronous `attempt(rate) -> passed`; the highest passing rate or None."""
+    gen = ramp(start_rate, max_rate, bisect_steps)
+    try:
+        rate = next(gen)
+        while True:
+            rate = gen.send(attempt(rate))
+    except StopIteration as stop:
+        result: float | None = stop.value
+        return result
 
 
 async def find_max(
@@ -143,15 +201,15 @@ async def find_max(
     seed: int,
     log: Any = print,
 ) -> tuple[list[StepResult], StepResult | None]:
-    """Double the rate until the objective fails (or max_rate), then bisect. Returns (steps, best)."""
+    """Run `ramp` with real steps of about `step_duration` seconds each. Returns (steps, best): every
+    step in the order run, and the passing step with the highest rate (None when none passed)."""
     steps: list[StepResult] = []
     best: StepResult | None = None
-    lo, hi = 0.0, math.inf
-    rate = start_rate
 
     async def attempt(r: float) -> bool:
         nonlocal best
         n = max(1, min(max_requests, round(r * step_duration)))
+        # A new seed per step: each step sends fresh bodies, not a replay of the previous one.
         step = await run_step(
             url, r, n / r, mix.payloads(n, seed + len(steps)), connections=connections, timeout=timeout
         )
@@ -163,33 +221,14 @@ async def find_max(
         return ok
 
     log(step_header())
-    while rate <= max_rate:
-        if await attempt(rate):
-            lo = rate
-            rate *= 2
-        else:
-            hi = rate
-            break
-    # The first step failed: halve a few times to find a passing rate at all.
-    while lo == 0 and rate > start_rate / 8:
-        rate /= 2
-        if await attempt(rate):
-            lo = rate
-        else:
-            hi = rate
-    if math.isinf(hi) and 0 < lo < max_rate:
-        if await attempt(max_rate):
-            lo = max_rate
-        else:
-            hi = max_rate
-    for _ in range(bisect_steps):
-        if math.isinf(hi) or lo == 0 or (hi - lo) / lo < 0.1:
-            break
-        mid = (lo + hi) / 2
-        if await attempt(mid):
-            lo = mid
-        else:
-            hi = mid
+    # The same loop as `search`, with an await: a generator cannot await, so the driver does.
+    gen = ramp(start_rate, max_rate, bisect_steps)
+    try:
+        rate = next(gen)
+        while True:
+            rate = gen.send(await attempt(rate))
+    except StopIteration:
+        pass
     return steps, best
 
 

@@ -1,14 +1,15 @@
-"""`din loadtest` against real servers: the app (bundle + Redis) and a tiny stdlib HTTP server that
-answers 503 on purpose, so error counting and the find-max ramp are checked deterministically."""
+"""`din loadtest` (loadtest.openloop): a real run against the app (bundle + Redis), single steps against
+a tiny stdlib HTTP server that answers 503 on purpose, and the find-max search. The search is checked
+against deterministic predicates and, driven by real steps, with outcomes that no timing can change:
+wall-clock margins on a loaded machine decide nothing here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import py_compile
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import pytest
 import redis
 
 from cli import main
-from loadtest.openloop import find_max, run_step
+from loadtest import openloop
+from loadtest.metrics import COUNTERS, PHASES
+from loadtest.openloop import find_max, run_step, search
+from loadtest.report import StepResult
 from loadtest.sampling import Mix
 from tests.service.conftest import BundleInfo, LiveServer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -107,6 +109,18 @@ def test_loadtest_against_the_app(bundle: BundleInfo, redis_url: str, tmp_path: 
     assert phases["din_batch_requests"]["mean"] >= 1
     assert phases["din_redis_latency_seconds"]["mean"] > 0
     assert report["mix"]["users"] == 5 and report["mix"]["items"] == len(bundle.items) - 2
+    # Fields present and consistent with each other (nothing here depends on timing).
+    assert report["url"] == live.url and "steps" not in report and report["wall_s"] > 0
+    assert report["config"]["rate"] == 15 and report["config"]["bundle"] == str(bundle.path)
+    assert result["offered_rate"] == 15 and result["duration_s"] == 2 and result["completed"] == 30
+    assert result["error_rate"] == 0
+    assert set(lat) == {"p50", "p90", "p95", "p99", "min", "mean", "max"} and lat["min"] <= lat["mean"]
+    assert set(result["send_lag_ms"]) == set(lat)
+    # Every metric the report reads exists on the real server (the names are spelled out in
+    # loadtest.metrics, not imported from the service): each phase saw the requests.
+    assert [p["metric"] for p in result["server"]["phases"]] == [m for _, m, _, _ in PHASES]
+    assert all(p["count"] >= 1 and p["mean"] is not None for p in result["server"]["phases"])
+    assert set(result["server"]["counters"]) == set(COUNTERS)
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -135,30 +149,116 @@ def test_connection_errors_are_counted() -> None:
     assert step.ok == 0 and step.errors == {"connect_error": 5}
 
 
-def test_find_max_ramps_and_stops(tiny_server: tuple[str, type[_Handler]]) -> None:
-    url, _ = tiny_server
-    kw = dict(step_duration=0.4, max_error_rate=0.0, bisect_steps=2, max_requests=100, connections=4)
-    kw |= dict(timeout=2.0, seed=0, log=lambda *_: None)
-    steps, best = asyncio.run(find_max(url, MIX, start_rate=20, max_rate=50, p99_ms=500, **kw))  # type: ignore[arg-type]
-    assert [s.offered_rate for s in steps] == [20, 40, 50]
-    assert best is not None and best.offered_rate == 50
+def _tried(
+    passing: Callable[[float], bool], *, start_rate: float, max_rate: float, bisect_steps: int
+) -> tuple[list[float], float | None]:
+    """The rates `search` tries when a step at `rate` passes iff `passing(rate)`, and its answer."""
+    tried: list[float] = []
+
+    def attempt(rate: float) -> bool:
+        tried.append(rate)
+        return passing(rate)
+
+    best = search(attempt, start_rate=start_rate, max_rate=max_rate, bisect_steps=bisect_steps)
+    return tried, best
+
+
+def test_search_doubles_then_tries_the_max_rate() -> None:
+    tried, best = _tried(lambda r: True, start_rate=20, max_rate=50, bisect_steps=2)
+    assert tried == [20, 40, 50] and best == 50
+    # The doubling lands on max_rate exactly: not tried twice.
+    tried, best = _tried(lambda r: True, start_rate=25, max_rate=100, bisect_steps=3)
+    assert tried == [25, 50, 100] and best == 100
+
+
+def test_search_halves_when_the_first_step_fails() -> None:
     # An objective nothing meets: the first step fails, then it halves three times and gives up.
-    steps, best = asyncio.run(find_max(url, MIX, start_rate=20, max_rate=50, p99_ms=1e-6, **kw))  # type: ignore[arg-type]
-    assert [s.offered_rate for s in steps] == [20, 10, 5, 2.5] and best is None
+    tried, best = _tried(lambda r: False, start_rate=20, max_rate=50, bisect_steps=2)
+    assert tried == [20, 10, 5, 2.5] and best is None
+    # A pass while halving stops the halving, then bisects between it and the failure above.
+    tried, best = _tried(lambda r: r <= 6, start_rate=20, max_rate=50, bisect_steps=3)
+    assert tried == [20, 10, 5, 7.5, 6.25, 5.625] and best == 5.625
 
 
-def test_mix_shapes_requests() -> None:
-    mix = Mix(
-        users=["a"], items=[f"i{k}" for k in range(50)], candidates=8, max_candidates=12, unknown_users=0.5
+def test_search_bisects_between_the_last_pass_and_the_first_fail() -> None:
+    tried, best = _tried(lambda r: r <= 137, start_rate=25, max_rate=5000, bisect_steps=3)
+    assert tried == [25, 50, 100, 200, 150, 125, 137.5] and best == 125
+    # max_rate itself fails: bisect below it.
+    tried, best = _tried(lambda r: r <= 45, start_rate=20, max_rate=50, bisect_steps=2)
+    assert tried == [20, 40, 50, 45, 47.5] and best == 45
+    # Within 10%: no bisection at all.
+    tried, best = _tried(lambda r: r <= 105, start_rate=100, max_rate=108, bisect_steps=3)
+    assert tried == [100, 108] and best == 100
+    tried, best = _tried(lambda r: r <= 137, start_rate=25, max_rate=5000, bisect_steps=0)
+    assert tried == [25, 50, 100, 200] and best == 100
+
+
+def test_find_max_runs_the_search_with_real_steps(
+    tiny_server: tuple[str, type[_Handler]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """find_max drives `search`'s sequence with real steps, keeps every step and picks the best. The
+    verdict per step is a function of the rate alone here, so no latency or timing decides it."""
+    url, _ = tiny_server
+    monkeypatch.setattr(openloop, "passes", lambda step, p99_ms, max_error_rate: step.offered_rate <= 45)
+    lines: list[str] = []
+    steps, best = asyncio.run(
+        find_max(
+            url,
+            MIX,
+            start_rate=20,
+            max_rate=50,
+            step_duration=0.2,
+            p99_ms=50,
+            max_error_rate=0.0,
+            bisect_steps=2,
+            max_requests=9,
+            connections=4,
+            timeout=5.0,
+            seed=0,
+            log=lines.append,
+        )
     )
-    bodies = [json.loads(b) for b in mix.payloads(400, seed=3)]
-    sizes = [len(b["candidates"]) for b in bodies]
-    assert min(sizes) >= 1 and max(sizes) <= 12 and 6 <= sorted(sizes)[200] <= 10
-    unknown = sum(b["user_id"] != "a" for b in bodies)
-    assert 150 < unknown < 250
-    assert all(len(set(b["candidates"])) == len(b["candidates"]) for b in bodies)
-    assert mix.payloads(5, seed=3) == mix.payloads(5, seed=3)  # reproducible
+    assert [s.offered_rate for s in steps] == [20, 40, 50, 45, 47.5]
+    assert best is steps[3]
+    # round(rate * step_duration) requests, capped by max_requests; each answered 200 by the tiny server.
+    assert [s.requests for s in steps] == [4, 8, 9, 9, 9]
+    assert all(s.ok == s.requests and s.errors == {} for s in steps)
+    assert [line.split()[-1] for line in lines[1:]] == ["yes", "yes", "NO", "yes", "NO"]
+    assert lines[0].split()[0] == "offered/s" and len(lines) == 6
 
 
-def test_locustfile_compiles() -> None:
-    py_compile.compile(str(ROOT / "loadtest" / "locustfile.py"), doraise=True)
+def test_find_max_when_nothing_passes(tiny_server: tuple[str, type[_Handler]]) -> None:
+    """The real objective, with a p99 no HTTP round trip can meet: every step fails, whatever the timing."""
+    url, _ = tiny_server
+    steps, best = asyncio.run(
+        find_max(
+            url,
+            MIX,
+            start_rate=20,
+            max_rate=50,
+            step_duration=0.4,
+            p99_ms=1e-6,
+            max_error_rate=0.0,
+            bisect_steps=2,
+            max_requests=100,
+            connections=4,
+            timeout=2.0,
+            seed=0,
+            log=lambda *_: None,
+        )
+    )
+    assert [s.offered_rate for s in steps] == [20, 10, 5, 2.5] and best is None
+    assert [s.requests for s in steps] == [8, 4, 2, 1]
+
+
+def test_passes_needs_p99_errors_and_throughput() -> None:
+    step = StepResult(offered_rate=100, duration_s=1, requests=100, ok=100, achieved_rate=95.0)
+    step.latency_ms = {"p99": 40.0}
+    assert openloop.passes(step, p99_ms=50, max_error_rate=0.0)
+    assert not openloop.passes(step, p99_ms=30, max_error_rate=0.0)
+    step.achieved_rate = 89.0  # fell behind: less than 90% of the offered rate came back
+    assert not openloop.passes(step, p99_ms=50, max_error_rate=0.0)
+    step.achieved_rate, step.ok = 95.0, 98
+    assert not openloop.passes(step, p99_ms=50, max_error_rate=0.01)
+    assert openloop.passes(step, p99_ms=50, max_error_rate=0.05)
+    assert not openloop.passes(StepResult(offered_rate=1, duration_s=1, requests=0), 50, 1.0)  # no p99
