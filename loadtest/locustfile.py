@@ -4,57 +4,38 @@
     DIN_LT_REVIEWS=.din/demo/raw/reviews.json.gz DIN_LT_BUNDLE=.din/demo/bundle \
         locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --users 50 --spawn-rate 10
 
+The requests are the ones `din loadtest` sends: the ids and bodies come from `loadtest.sampling`
+(the same id sources, the same lognormal candidate count, the same shares of unknown ids). Locust
+loads this file by path, so that import resolves through the installed project: run it where din-rank
+is pip-installed (`pip install -e .`, as `make install` does), not from a bare checkout.
+
 Locust is closed-loop (each user waits for its answer), so under overload it measures less than the
 open-loop `din loadtest`, which keeps sending on schedule. Configuration, all optional, by env vars:
 DIN_LT_REVIEWS (user and item ids from a SNAP reviews file), DIN_LT_USERS_FILE / DIN_LT_ITEMS_FILE
 (one id per line), DIN_LT_BUNDLE (items from BUNDLE/items.txt), DIN_LT_CANDIDATES (median candidates,
-default 100), DIN_LT_MAX_CANDIDATES (500), DIN_LT_UNKNOWN_USERS (0.05), DIN_LT_PACING_S (seconds
-between a user's requests, default 1). Host and user count: locust's own --host / --users, or
-LOCUST_HOST / LOCUST_USERS.
+default 100), DIN_LT_CANDIDATES_SIGMA (0.5), DIN_LT_MAX_CANDIDATES (500), DIN_LT_UNKNOWN_USERS (0.05),
+DIN_LT_UNKNOWN_ITEMS (0.02), DIN_LT_TOP_K (none), DIN_LT_PACING_S (seconds between a user's requests,
+default 1). Host and user count: locust's own --host / --users, or LOCUST_HOST / LOCUST_USERS.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import math
+import itertools
 import os
 import random
-from pathlib import Path
+import sys
 
 from locust import HttpUser, constant_pacing, task
 
+from loadtest.sampling import mix_from_env
 
-def _lines(path: str) -> list[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        return [line.strip() for line in fh if line.strip()]
-
-
-def _load_ids() -> tuple[list[str], list[str]]:
-    users: list[str] = []
-    items: list[str] = []
-    if reviews := os.environ.get("DIN_LT_REVIEWS"):
-        seen_u: dict[str, None] = {}
-        seen_i: dict[str, None] = {}
-        for line in _lines(reviews):
-            row = json.loads(line)
-            seen_u[row["reviewerID"]] = None
-            seen_i[row["asin"]] = None
-        users, items = list(seen_u), list(seen_i)
-    if users_file := os.environ.get("DIN_LT_USERS_FILE"):
-        users = _lines(users_file)
-    if bundle := os.environ.get("DIN_LT_BUNDLE"):
-        items = _lines(str(Path(bundle) / "items.txt"))[2:]  # without <pad> and <oov>
-    if items_file := os.environ.get("DIN_LT_ITEMS_FILE"):
-        items = _lines(items_file)
-    return users or [f"user-{i}" for i in range(1000)], items or [f"item-{i}" for i in range(1000)]
-
-
-USERS, ITEMS = _load_ids()
-CANDIDATES = int(os.environ.get("DIN_LT_CANDIDATES", "100"))
-MAX_CANDIDATES = int(os.environ.get("DIN_LT_MAX_CANDIDATES", "500"))
-UNKNOWN_USERS = float(os.environ.get("DIN_LT_UNKNOWN_USERS", "0.05"))
+# Read once per locust process, when locust imports this file and before any user starts: the id
+# files are read here and not on the first request, whose time locust would measure.
+MIX, _NOTES = mix_from_env(os.environ)
+for _note in _NOTES:
+    print(f"locustfile: {_note}", file=sys.stderr)
+_RNG = random.Random()  # one per process: locust's users are greenlets of one thread
+_SEQ = itertools.count()  # unknown user ids: unique within the process
 
 
 class RankUser(HttpUser):
@@ -62,9 +43,5 @@ class RankUser(HttpUser):
 
     @task
     def rank(self) -> None:
-        k = max(1, min(MAX_CANDIDATES, round(random.lognormvariate(math.log(CANDIDATES), 0.5))))
-        user = (
-            f"unknown-{random.randrange(10**9)}" if random.random() < UNKNOWN_USERS else random.choice(USERS)
-        )
-        cands = random.sample(ITEMS, k) if k <= len(ITEMS) else random.choices(ITEMS, k=k)
-        self.client.post("/rank", json={"user_id": user, "candidates": cands}, name="/rank")
+        body = MIX.request(_RNG, f"locust-{os.getpid()}-{next(_SEQ)}")
+        self.client.post("/rank", json=body, name="/rank")
