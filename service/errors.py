@@ -1,64 +1,75 @@
-"""The service's exception tree. `routes.install_error_handlers` maps it to HTTP in one place.
+"""Where errors become HTTP responses, in one place. The tree itself is `model.errors`.
 
 Every error answers the same JSON body: {"error": code, "message": text, "request_id": id, ...}.
+A `DinError` answers its own status and code; a request that fails validation answers 422 naming
+each bad field; routing errors (404, 405) keep their status. Anything else is the middleware's
+JSON 500 (`service.middleware`), never a traceback.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-class DinError(Exception):
-    """Base of every error the service raises on purpose."""
+from model.errors import DinError, ServiceUnavailable
+from service.log import request_id
+from service.schemas import JSONResponse
 
-    status: int = 500
-    code: str = "internal_error"
-
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
-        self.extra = extra
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message, **self.extra}
+log = logging.getLogger(__name__)
 
 
-class BundleError(DinError):
-    """The model bundle is missing, corrupt or inconsistent: the service must not start."""
-
-    code = "bundle_error"
-
-
-class ServiceUnavailable(DinError):
-    status = 503
-    code = "unavailable"
+def error_response(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    body = {**body, "request_id": request_id.get()}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-class QueueFull(ServiceUnavailable):
-    """The batching queue is full: shed load at once, with Retry-After."""
-
-    code = "overloaded"
-
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
-
-
-class StoreDown(ServiceUnavailable):
-    """Redis did not answer (only for operations that cannot degrade, e.g. writes)."""
-
-    code = "store_unavailable"
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = list(loc)
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
 
 
-class NotReady(ServiceUnavailable):
-    code = "not_ready"
+def _validation_detail(exc: RequestValidationError) -> list[dict[str, str]]:
+    detail = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            detail.append({"field": "body", "message": f"invalid JSON: {ctx.get('error', err.get('msg'))}"})
+            continue
+        detail.append({"field": _field(err.get("loc", ())), "message": str(err.get("msg", "invalid"))})
+    return detail
 
 
-class ShuttingDown(ServiceUnavailable):
-    code = "shutting_down"
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_din_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, DinError)
+        if exc.status >= 500 and not isinstance(exc, ServiceUnavailable):
+            log.error("%s: %s", exc.code, exc.message)
+        return error_response(exc.status, exc.body(), exc.headers)
 
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        detail = _validation_detail(exc)
+        fields = ", ".join(dict.fromkeys(d["field"] for d in detail))
+        return error_response(
+            422, {"error": "validation_error", "message": f"invalid request: {fields}", "detail": detail}
+        )
 
-class InferenceFailed(DinError):
-    """ONNX Runtime failed on a batch; every request of that batch gets this error."""
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, {"error": code, "message": str(exc.detail)}, exc.headers)
 
-    code = "inference_failed"
+    app.add_exception_handler(DinError, on_din_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

@@ -1,0 +1,127 @@
+"""The project's one exception tree. Every error din-rank raises on purpose is a `DinError`.
+
+    DinError                      status 500, code internal_error
+    ├── DataError                 input data cannot be read: names the file, line and reason (prepare, seed)
+    │   └── RowError              a `din score` input row is malformed
+    ├── ExportError               `din export` refused (export failed, parity above tolerance, no checkpoint)
+    ├── BundleError               a bundle is missing, corrupt or inconsistent: the service must not serve it
+    ├── StoreUnavailable          Redis did not answer, or answered with an error (reads degrade, writes 503)
+    ├── RedisServerError          the private redis-server cannot be found, started or stopped
+    │   └── RedisDataDirInUse     another process runs a redis-server on that data directory
+    ├── StageFailed               a `din demo` stage (a `din` subcommand) failed
+    ├── ServiceUnavailable        503, the request may be retried
+    │   ├── QueueFull             503 overloaded, with Retry-After
+    │   ├── StoreDown             503 store_unavailable (operations that cannot degrade, e.g. writes)
+    │   ├── NotReady              503 not_ready
+    │   └── ShuttingDown          503 shutting_down
+    └── InferenceFailed           500 inference_failed: every request of the failed batch gets it
+
+`status` and `code` are what the service answers when one reaches HTTP (`service.errors` maps the tree
+in one handler); command-line tools print the message and exit 2 (bad input) or 1 (a failure).
+This module is torch-free and imports nothing of the project, so every package can raise from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class DinError(Exception):
+    """Base of every error raised on purpose. `body()` is the JSON the service answers with."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class DataError(DinError):
+    """Input data that cannot be read or prepared; the message names the file, line and reason."""
+
+    code = "data_error"
+
+
+class RowError(DataError):
+    """A `din score` input row is malformed; the message names the line."""
+
+
+class ExportError(DinError):
+    """`din export` refused to write a bundle."""
+
+    code = "export_error"
+
+
+class BundleError(DinError):
+    """The model bundle is missing, corrupt or inconsistent: the service must not serve it."""
+
+    code = "bundle_error"
+
+
+class StoreUnavailable(DinError):
+    """Redis did not answer (connection refused, timeout) or answered with an error."""
+
+    code = "store_unavailable"
+
+
+class RedisServerError(DinError):
+    """The private redis-server could not be found, started or stopped."""
+
+    code = "redis_server_error"
+
+
+class RedisDataDirInUse(RedisServerError):
+    """Another process already runs a redis-server on this data directory."""
+
+    def __init__(self, data_dir: Path, url: str | None) -> None:
+        self.data_dir = data_dir
+        self.url = url
+        where = f" at {url}" if url else ""
+        super().__init__(f"data directory {data_dir} is in use by another embedded redis-server{where}")
+
+
+class StageFailed(DinError):
+    """A `din demo` stage failed; its own output has already said why."""
+
+    code = "stage_failed"
+
+
+class ServiceUnavailable(DinError):
+    status = 503
+    code = "unavailable"
+
+
+class QueueFull(ServiceUnavailable):
+    """The batching queue is full: shed load at once, with Retry-After."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class StoreDown(ServiceUnavailable):
+    """Redis did not answer (only for operations that cannot degrade, e.g. writes)."""
+
+    code = "store_unavailable"
+
+
+class NotReady(ServiceUnavailable):
+    code = "not_ready"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class InferenceFailed(DinError):
+    """ONNX Runtime failed on a batch; every request of that batch gets this error."""
+
+    code = "inference_failed"
