@@ -21,16 +21,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# Dependencies only: the project with empty packages, then the project itself removed again.
+# Dependencies only: the project before its source is copied (no package found), then removed again.
 COPY pyproject.toml README.md ./
 # DL3013: the versions are the ranges of pyproject.toml, the project's one source of truth.
 # hadolint ignore=DL3013
-RUN mkdir -p model service \
- && touch model/__init__.py service/__init__.py service/py.typed \
- && pip install '.[serve]' \
+RUN pip install '.[serve]' \
  && pip uninstall --yes din-rank
 COPY model/ model/
 COPY service/ service/
+COPY cli/ cli/
+COPY demo/ demo/
+COPY loadtest/ loadtest/
 RUN pip install --no-deps . \
  && din --help > /dev/null
 
@@ -72,13 +73,14 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 # onnxruntime (from `serve`) and onnxruntime-gpu share one import name: keep only the GPU build.
 # hadolint ignore=DL3013
-RUN mkdir -p model service \
- && touch model/__init__.py service/__init__.py service/py.typed \
- && pip install '.[serve,gpu]' \
+RUN pip install '.[serve,gpu]' \
  && pip uninstall --yes din-rank onnxruntime onnxruntime-gpu \
  && pip install --no-deps 'onnxruntime-gpu>=1.18'
 COPY model/ model/
 COPY service/ service/
+COPY cli/ cli/
+COPY demo/ demo/
+COPY loadtest/ loadtest/
 RUN pip install --no-deps . \
  && din --help > /dev/null
 
@@ -121,12 +123,13 @@ RUN python -m venv /opt/venv \
  && pip install --index-url https://download.pytorch.org/whl/cpu 'torch==2.13.0'
 COPY pyproject.toml README.md ./
 # hadolint ignore=DL3013
-RUN mkdir -p model service \
- && touch model/__init__.py service/__init__.py service/py.typed \
- && pip install '.[train,serve]' \
+RUN pip install '.[train,serve]' \
  && pip uninstall --yes din-rank
 COPY model/ model/
 COPY service/ service/
+COPY cli/ cli/
+COPY demo/ demo/
+COPY loadtest/ loadtest/
 COPY docker/bootstrap.sh /usr/local/bin/din-bootstrap
 RUN pip install --no-deps . \
  && din --help > /dev/null \

@@ -1,5 +1,5 @@
-"""The `din` command. Each subcommand lives in its own module and is imported only when run,
-so `din serve` never imports torch and `din --help` stays instant."""
+"""The `din` command: a dispatcher. Each subcommand lives in the package that owns it and is imported
+only when run, so `din serve` never imports torch and `din --help` stays instant."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("model.train", "train a DIN (or the sum-pooling BaseModel) and keep the best epoch"),
     "score": ("model.score", "score rows offline with the PyTorch model (the reference)"),
     "export": ("model.export", "write a parity-checked ONNX serving bundle"),
-    "seed": ("service.seed", "bulk-load users' behaviour histories into Redis"),
+    "seed": ("service.store.seed", "bulk-load users' behaviour histories into Redis"),
     "serve": ("service.server", "run the ranking service"),
-    "demo": ("service.demo", "synth, prepare, train, export, seed and serve, end to end"),
-    "loadtest": ("service.loadtest", "open-loop load test against a running service"),
+    "demo": ("demo.pipeline", "synth, prepare, train, export, seed and serve, end to end"),
+    "loadtest": ("loadtest.openloop", "open-loop load test against a running service"),
 }
 
 

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.data import read_vocab
+from model.errors import StageFailed
+from model.vocab import Vocab, read_vocab
 
 DEFAULT_WORKDIR = ".din/demo"
 # The default `din synth` set (about 120k reviews, 220k training samples): two epochs train in
@@ -86,13 +87,9 @@ class Demo:
         return "\n".join(lines)
 
 
-class StageFailed(RuntimeError):
-    pass
-
-
 def _din(*argv: str) -> None:
     """Run one `din` subcommand in a child process (torch's memory goes away with it)."""
-    cmd = [sys.executable, "-m", "service.cli", *argv]
+    cmd = [sys.executable, "-m", "cli", *argv]
     if argv[0] in ("synth", "prepare", "train") and not sys.stderr.isatty():
         cmd.append("--no-progress")
     code = subprocess.call(cmd)
@@ -172,7 +169,7 @@ def build(demo: Demo, *, users: int, items: int, epochs: int, seed: int) -> None
 def example_request(demo: Demo, n_candidates: int = 5) -> dict[str, object]:
     """A /rank body with a real seeded user and real item ids of the bundle."""
     users = read_vocab(demo.data / "users.txt")
-    items = read_vocab(demo.bundle / "items.txt")[2:]  # no <pad>, <oov>
+    items = Vocab.from_file(demo.bundle / "items.txt").known()
     step = max(1, len(items) // n_candidates)
     return {"user_id": users[0], "candidates": items[::step][:n_candidates], "top_k": 3}
 
@@ -181,52 +178,37 @@ def seed(demo: Demo, redis_url: str | None, prefix: str) -> str | None:
     """Seed the users' histories into Redis (embedded in workdir/redis unless a URL is given).
 
     Returns the URL of a server that is still running (someone else's) or None."""
-    import redis
-
-    from service.redis_server import EmbeddedRedis, RedisDataDirInUse
-    from service.seed import seed_reviews
+    from service.store.client import RedisConfig, redis_endpoint, sync_client
+    from service.store.keys import history_key
 
     manifest = json.loads((demo.bundle / "manifest.json").read_text())
     max_history = int(manifest["max_history"])
     user = str(example_request(demo)["user_id"])
     marker = demo.workdir / SEED_MARKER
     reviews = demo.raw / "reviews.json.gz"
-    running: str | None = None
-    server: EmbeddedRedis | None = None
-    url = redis_url
-    if url is None:
-        server = EmbeddedRedis(demo.redis_data)
+    cfg = RedisConfig(url=redis_url, data_dir=demo.redis_data, prefix=prefix)
+    # A `din demo` / `din serve` already running on the data dir: use that server. A private one
+    # started here stops (its data flushed) before `din serve` starts its own on the same dir.
+    with redis_endpoint(cfg, share_running=True) as endpoint:
+        client = sync_client(endpoint.url, cfg)
         try:
-            server.start()
-            url = server.url
-        except RedisDataDirInUse as exc:  # a `din demo` / `din serve` is running on it: use that server
-            server = None
-            if exc.url is None:
-                raise
-            url = running = exc.url
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=60)
-        try:
-            seeded = marker.is_file() and bool(client.exists(f"{prefix}hist:{user}"))
+            seeded = marker.is_file() and bool(client.exists(history_key(prefix, user)))
         finally:
             client.close()
         demo.stage(
             "seed",
-            url if redis_url else demo.redis_data,
+            endpoint.url if redis_url else demo.redis_data,
             lambda: seeded,
-            lambda: _seed(reviews, url, max_history, prefix, marker, seed_reviews),
+            lambda: _seed(reviews, endpoint.url, max_history, prefix, marker),
         )
-    finally:
-        if server is not None:
-            server.stop()  # `din serve` starts its own on the same data dir (SHUTDOWN flushed the AOF)
-    return running
+    return None if endpoint.private else endpoint.url
 
 
-def _seed(
-    reviews: Path, url: str, max_history: int, prefix: str, marker: Path, fn: Callable[..., object]
-) -> None:
-    stats = fn(reviews, url, max_history, prefix)
-    print(f"din demo: {stats.summary()}", flush=True)  # type: ignore[attr-defined]
+def _seed(reviews: Path, url: str, max_history: int, prefix: str, marker: Path) -> None:
+    from service.store.seed import seed_reviews
+
+    stats = seed_reviews(reviews, url, max_history, prefix)
+    print(f"din demo: {stats.summary()}", flush=True)
     marker.write_text(
         json.dumps({"reviews": str(reviews), "prefix": prefix, "max_history": max_history}) + "\n"
     )

@@ -12,6 +12,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.store.client import RedisConfig
+from service.store.keys import DEFAULT_PREFIX
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIN_", extra="ignore", frozen=True)
@@ -35,7 +38,9 @@ class Settings(BaseSettings):
     redis_data: Path | None = Field(
         None, description="data directory of the private redis-server (unset = the default data dir)"
     )
-    redis_prefix: str = Field("din:", description="key prefix; histories live at {prefix}hist:{user_id}")
+    redis_prefix: str = Field(
+        DEFAULT_PREFIX, description="key prefix; histories live at {prefix}hist:{user_id}"
+    )
     redis_connect_timeout_ms: int = Field(200, gt=0, description="Redis connect timeout (ms)")
     redis_timeout_ms: int = Field(100, gt=0, description="Redis command timeout (ms); slower = degraded")
     redis_max_connections: int = Field(64, gt=0, description="Redis connection pool size")
@@ -81,3 +86,15 @@ class Settings(BaseSettings):
         if self.providers.strip().lower() == "auto":
             return None
         return [p.strip() for p in self.providers.split(",") if p.strip()]
+
+    @property
+    def redis(self) -> RedisConfig:
+        """Where and how to reach Redis (service.store.client)."""
+        return RedisConfig(
+            url=self.redis_url,
+            data_dir=self.redis_data,
+            prefix=self.redis_prefix,
+            connect_timeout_s=self.redis_connect_timeout_ms / 1000,
+            timeout_s=self.redis_timeout_ms / 1000,
+            max_connections=self.redis_max_connections,
+        )

@@ -1,95 +1,25 @@
-"""The ONNX Runtime side: load and verify a bundle, map ids to indices, score a batch of users.
+"""One loaded model: a verified bundle (`model.bundle`) in an ONNX Runtime session. Maps ids to
+indices through the bundle's vocabulary and scores a batch of users in one call.
 
-`Ranker.score_batch` is synchronous and runs in a worker thread (never on the event loop).
+`Ranker.score_batch` is synchronous and runs in a worker thread (never on the event loop). A Ranker
+never changes once built; the service reaches the one it serves through `service.live.LiveModel`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
-from model.data import read_vocab
-from service.errors import BundleError
+from model.bundle import INPUTS, OUTPUTS, Bundle
+from model.errors import BundleError
 
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = tuple(INPUTS)
 (OUTPUT_NAME,) = OUTPUTS
-
-
-@dataclass(frozen=True)
-class Bundle:
-    path: Path
-    manifest: dict[str, Any]
-    items: list[str]
-
-    @property
-    def model_version(self) -> str:
-        return str(self.manifest["model_version"])
-
-    @property
-    def max_history(self) -> int:
-        return int(self.manifest["max_history"])
-
-    @property
-    def oov_index(self) -> int:
-        return int(self.manifest.get("oov_index", 1))
-
-
-def load_bundle(path: str | Path) -> Bundle:
-    """Read manifest.json, verify the sha256 of every file it lists, read the item vocabulary.
-
-    Raises BundleError naming the file on anything missing, corrupt or inconsistent.
-    """
-    path = Path(path)
-    mpath = path / "manifest.json"
-    if not path.is_dir():
-        raise BundleError(f"bundle {path}: not a directory")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"bundle {path}: manifest.json is missing") from None
-    except (OSError, ValueError) as e:
-        raise BundleError(f"bundle {path}: manifest.json is unreadable ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"bundle {path}: manifest.json is not a JSON object")
-    for key in ("files", "model_version", "max_history"):
-        if key not in manifest:
-            raise BundleError(f"bundle {path}: manifest.json has no {key!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(
-            f"bundle {path}: manifest.json has format_version {manifest.get('format_version')!r}; "
-            f"this service reads format {FORMAT_VERSION} (re-export with this version's `din export`)"
-        )
-    files = manifest["files"]
-    if not isinstance(files, dict):
-        raise BundleError(f"bundle {path}: manifest.json 'files' is not an object")
-    for name in ("model.onnx", "items.txt"):
-        if name not in files:
-            raise BundleError(f"bundle {path}: manifest.json lists no checksum for {name}")
-    for name, want in files.items():
-        fpath = path / name
-        if not fpath.is_file():
-            raise BundleError(f"bundle {path}: {name} is missing")
-        got = sha256_file(fpath)
-        if got != want:
-            raise BundleError(
-                f"bundle {path}: checksum mismatch for {name} (sha256 {got[:12]}..., "
-                f"manifest says {str(want)[:12]}...): the file is corrupt or was changed after export"
-            )
-    items = read_vocab(path / "items.txt")
-    n_items = manifest.get("vocab", {}).get("items")
-    if n_items is not None and n_items != len(items):
-        raise BundleError(f"bundle {path}: items.txt has {len(items)} ids, manifest says {n_items}")
-    return Bundle(path=path, manifest=manifest, items=items)
 
 
 def choose_providers(requested: list[str] | None) -> list[str]:
@@ -111,10 +41,9 @@ class Ranker:
         self, bundle: Bundle, *, providers: list[str] | None = None, intra_op_threads: int = 0
     ) -> None:
         self.bundle = bundle
+        self.model_version = bundle.model_version
         self.max_history = bundle.max_history
-        self.oov = bundle.oov_index
-        # Line i is index i; pad / oov placeholders are not real ids a client may send.
-        self.index: dict[str, int] = {item: i for i, item in enumerate(bundle.items) if i > self.oov}
+        self.vocab = bundle.vocab
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
@@ -122,7 +51,7 @@ class Ranker:
         opts.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
         try:
             self.session = ort.InferenceSession(
-                str(bundle.path / "model.onnx"), sess_options=opts, providers=choose_providers(providers)
+                str(bundle.graph), sess_options=opts, providers=choose_providers(providers)
             )
         except BundleError:
             raise
@@ -140,8 +69,7 @@ class Ranker:
 
     def encode(self, ids: list[str]) -> np.ndarray:
         """Item ids -> int64 indices; unknown ids map to the OOV index."""
-        get, oov = self.index.get, self.oov
-        return np.fromiter((get(i, oov) for i in ids), dtype=np.int64, count=len(ids))
+        return self.vocab.lookup(ids)
 
     # ---------------------------------------------------------------- inference
 
@@ -180,7 +108,7 @@ class Ranker:
     def warmup(self, rounds: int) -> float:
         """Run the graph over several shapes so ORT's allocations and kernels are ready. Returns seconds."""
         t0 = time.perf_counter()
-        known = [item for i, item in enumerate(self.bundle.items) if i > self.oov][:64] or ["<unknown>"]
+        known = self.vocab.known()[:64] or ["<unknown>"]
         T = self.max_history
         shapes = [(1, 1, 0), (1, 10, T), (1, 100, T // 2), (4, 50, T), (16, 64, T), (1, 1000, T)]
         rng = np.random.default_rng(0)

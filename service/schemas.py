@@ -1,14 +1,28 @@
-"""Request and response models. Limits come from Settings, so request models are built per app
-(`request_models(settings)`) and the OpenAPI docs show the limits actually enforced."""
+"""The wire format: request and response models, and the JSON response class.
+
+Limits come from Settings, so request models are built per app (`request_models(settings)`) and the
+OpenAPI docs show the limits actually enforced."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import orjson
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from service.config import Settings
+
+
+class JSONResponse(Response):
+    """JSON rendered by orjson (numpy-free floats, compact)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
 
 # ------------------------------------------------------------------ requests (base shapes)
 

@@ -73,34 +73,29 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `din serve --help` stays instant.
     import uvicorn
 
+    from model.errors import BundleError, RedisServerError
     from service.app import create_app
-    from service.errors import BundleError
+    from service.live import load_ranker
     from service.log import configure_logging
-    from service.ranker import Ranker, load_bundle
-    from service.redis_server import DEFAULT_REDIS_DATA, EmbeddedRedis, RedisServerError
+    from service.store.client import redis_endpoint
 
     configure_logging(settings.log_level, settings.log_json)
     try:
-        bundle = load_bundle(settings.bundle)
-        ranker = Ranker(bundle, providers=settings.provider_list, intra_op_threads=settings.intra_op_threads)
+        ranker = load_ranker(settings)
     except BundleError as e:
         print(f"din serve: {e}", file=sys.stderr)
         return 2
 
     with contextlib.ExitStack() as stack:
-        if settings.redis_url is None:
-            server = EmbeddedRedis(settings.redis_data or DEFAULT_REDIS_DATA)
-            try:
-                server.start()
-            except RedisServerError as e:
-                print(f"din serve: cannot start the private redis-server: {e}", file=sys.stderr)
-                return 2
-            stack.callback(server.stop)
-            print(
-                f"din serve: private redis-server at {server.url} (data in {server.data_dir})",
-                file=sys.stderr,
-            )
-            settings = settings.model_copy(update={"redis_url": server.url})
+        try:
+            endpoint = stack.enter_context(redis_endpoint(settings.redis))
+        except RedisServerError as e:
+            print(f"din serve: cannot start the private redis-server: {e}", file=sys.stderr)
+            return 2
+        if endpoint.private:
+            where = settings.redis.private_data_dir.resolve()
+            print(f"din serve: private redis-server at {endpoint.url} (data in {where})", file=sys.stderr)
+            settings = settings.model_copy(update={"redis_url": endpoint.url})
         app = create_app(settings, ranker=ranker)
         config = uvicorn.Config(
             app,
@@ -123,4 +118,3 @@ def run(args: argparse.Namespace) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0 if uv.started else 1
-    return 1

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from service.redis_server import EmbeddedRedis
+from service.store.embedded import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

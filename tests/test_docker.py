@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.redis_server import free_port
+from service.store.embedded import free_port
 from tests.service.conftest import BundleInfo
 from tests.service.conftest import bundle as bundle  # the session bundle fixture (a random DIN, exported)
 
@@ -129,7 +129,9 @@ def test_dependencies_are_cached_before_the_source(stages: dict[str, Stage]) -> 
         order = [(i, a) for i, a in stages[name].instructions if i in ("COPY", "RUN")]
         first_deps = next(k for k, (i, a) in enumerate(order) if i == "RUN" and "pip install '." in a)
         first_source = next(
-            k for k, (i, a) in enumerate(order) if i == "COPY" and a.startswith(("model", "service"))
+            k
+            for k, (i, a) in enumerate(order)
+            if i == "COPY" and a.startswith(("model", "service", "cli", "demo", "loadtest"))
         )
         assert order[first_deps - 1] == ("COPY", "pyproject.toml README.md ./")
         assert first_deps < first_source, name

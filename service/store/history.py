@@ -1,7 +1,9 @@
-"""Users' behaviour histories in Redis: `{prefix}hist:{user_id}`, a list of item ids, newest first.
+"""Users' behaviour histories in Redis (key layout: `service.store.keys`), newest first.
 
-Reads for a batch of users are one pipelined round trip; appends are one MULTI/EXEC. Every Redis
-failure surfaces as `StoreUnavailable`, which the app maps to a degraded ranking or a 503.
+Reads for a batch of users are one pipelined round trip; appends are one MULTI/EXEC. T (how much of a
+history is read or kept) comes from the model that will use it, per call, so a model swap changes it
+in one place. Every Redis failure surfaces as `StoreUnavailable`, which the service maps to a
+degraded ranking (reads) or a 503 (writes).
 """
 
 from __future__ import annotations
@@ -12,62 +14,37 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from model.errors import StoreUnavailable
+from service.store.keys import DEFAULT_PREFIX, history_key
+
 T = TypeVar("T")
 
 
-class StoreUnavailable(Exception):
-    """Redis did not answer (connection refused, timeout) or answered with an error."""
-
-
-def make_client(
-    url: str,
-    *,
-    connect_timeout: float,
-    timeout: float,
-    max_connections: int,
-    health_check_interval: float = 30.0,
-) -> aioredis.Redis:
-    """One async client over one connection pool, for `redis://`, `rediss://` and `unix://` URLs.
-
-    Nothing connects here; the first command does. Close it with `await client.aclose()`.
-    """
-    pool = aioredis.ConnectionPool.from_url(
-        url,
-        socket_connect_timeout=connect_timeout,
-        socket_timeout=timeout,
-        max_connections=max_connections,
-        health_check_interval=health_check_interval,
-        decode_responses=True,
-    )
-    # auto_close_connection_pool: the client owns the pool, so aclose() closes both.
-    return aioredis.Redis.from_pool(pool)
-
-
 class HistoryStore:
-    """Reads and appends users' histories (item ids, newest first, at most `max_history`)."""
+    """Reads and appends users' histories (item ids, newest first)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "din:", max_history: int = 100) -> None:
-        if max_history < 1:
-            raise ValueError(f"max_history must be >= 1, got {max_history}")
+    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
-        self.max_history = max_history
 
     def key(self, user_id: str) -> str:
-        return f"{self.prefix}hist:{user_id}"
+        return history_key(self.prefix, user_id)
 
-    async def get_histories(self, user_ids: list[str]) -> list[list[str]]:
-        """Each user's history, newest first, in the order asked; an unknown user gets []."""
+    async def get_histories(self, user_ids: list[str], max_history: int) -> list[list[str]]:
+        """Each user's newest `max_history` items, in the order asked; an unknown user gets []."""
+        _check(max_history)
         if not user_ids:
             return []
         async with self.client.pipeline(transaction=False) as pipe:
             for user_id in user_ids:
-                pipe.lrange(self.key(user_id), 0, self.max_history - 1)
+                pipe.lrange(self.key(user_id), 0, max_history - 1)
             results = await _guard(pipe.execute)
         return [[_text(item) for item in items] for items in results]
 
-    async def append_events(self, events: list[tuple[str, str]]) -> int:
-        """Append (user_id, item_id) pairs given oldest first; all or nothing. Returns events written."""
+    async def append_events(self, events: list[tuple[str, str]], max_history: int) -> int:
+        """Append (user_id, item_id) pairs given oldest first, keeping each list to `max_history`;
+        all or nothing. Returns the number of events written."""
+        _check(max_history)
         if not events:
             return 0
         per_user: dict[str, list[str]] = {}
@@ -78,7 +55,7 @@ class HistoryStore:
                 key = self.key(user_id)
                 # LPUSH a b c leaves c b a: the newest event ends up first.
                 pipe.lpush(key, *items)
-                pipe.ltrim(key, 0, self.max_history - 1)
+                pipe.ltrim(key, 0, max_history - 1)
             await _guard(pipe.execute)
         return len(events)
 
@@ -88,6 +65,11 @@ class HistoryStore:
             return bool(await self.client.ping())
         except (RedisError, OSError):
             return False
+
+
+def _check(max_history: int) -> None:
+    if max_history < 1:
+        raise ValueError(f"max_history must be >= 1, got {max_history}")
 
 
 async def _guard(call: Callable[[], Awaitable[T]]) -> T:

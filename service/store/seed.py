@@ -1,8 +1,9 @@
 """`din seed`: bulk-load every user's most recent items from a SNAP reviews file into Redis.
 
-Each user's list `{prefix}hist:{user}` is replaced atomically (DEL + RPUSH, newest first, in one
-MULTI/EXEC per chunk of users), so running it twice leaves the same lists. The reviews are read by
-`model.data.read_reviews` (the reader `din prepare` uses, torch-free): this runs in the serving image.
+Each user's history list (key layout: `service.store.keys`) is replaced atomically (DEL + RPUSH,
+newest first, in one MULTI/EXEC per chunk of users), so running it twice leaves the same lists.
+The reviews are read by `model.data.read_reviews` (the reader `din prepare` uses, torch-free): this
+runs in the serving image.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
-from model.data import DataError as ReviewsFormatError
 from model.data import read_reviews
-from service.redis_server import DEFAULT_REDIS_DATA, EmbeddedRedis, RedisDataDirInUse, RedisServerError
+from model.errors import DataError, RedisServerError
+from service.store.client import RedisConfig, redis_endpoint, sync_client
+from service.store.embedded import DEFAULT_REDIS_DATA
+from service.store.keys import DEFAULT_PREFIX, history_key
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def latest_histories(
     """Each user's most recent `max_history` items, newest first, and the number of reviews read.
 
     The reader is `din prepare`'s (torch-free), and so is the order: unixReviewTime, ties in file
-    order. Raises ReviewsFormatError naming the file, line and reason.
+    order. Raises DataError naming the file, line and reason.
     """
     r = read_reviews(Path(reviews_path))
     n = len(r.user)
@@ -70,15 +73,15 @@ def seed_reviews(
     reviews_path: str | os.PathLike[str],
     client_or_url: redis.Redis | str,
     max_history: int = 100,
-    prefix: str = "din:",
+    prefix: str = DEFAULT_PREFIX,
     *,
     batch_users: int = 1000,
     progress: bool = False,
 ) -> SeedStats:
-    """Replace `{prefix}hist:{user}` for every user in the reviews file; returns what was written.
+    """Replace the history of every user in the reviews file; returns what was written.
 
     `client_or_url` is a synchronous redis.Redis or a URL (a client is made and closed here).
-    Raises ReviewsFormatError (model.data.DataError) on a bad file, before anything is written,
+    Raises DataError on a bad file, before anything is written,
     and redis errors as they are.
     """
     if max_history < 1:
@@ -90,7 +93,7 @@ def seed_reviews(
 
     own_client = isinstance(client_or_url, str)
     if isinstance(client_or_url, str):
-        client = redis.Redis.from_url(client_or_url, socket_connect_timeout=10, socket_timeout=60)
+        client = sync_client(client_or_url, RedisConfig())
     elif isinstance(client_or_url, redis.Redis):
         client = client_or_url
     else:
@@ -104,7 +107,7 @@ def seed_reviews(
                 # One MULTI/EXEC per chunk: no reader ever sees a user's list half written.
                 with client.pipeline(transaction=True) as pipe:
                     for user in chunk:
-                        key = f"{prefix}hist:{user}"
+                        key = history_key(prefix, user)
                         items = histories[user]
                         pipe.delete(key)
                         pipe.rpush(key, *items)
@@ -131,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the one `din serve` uses); a server already running there is used as is",
     )
     parser.add_argument("--max-history", type=int, default=100, help="items kept per user (T)")
-    parser.add_argument("--prefix", default="din:", help="key prefix: keys are PREFIX + hist:USER")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix: keys are PREFIX + hist:USER")
     parser.add_argument("--batch-users", type=int, default=1000, help="users per pipelined transaction")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -144,37 +147,25 @@ def run(args: argparse.Namespace) -> int:
         print("din seed: --max-history and --batch-users must be >= 1", file=sys.stderr)
         return 2
     progress = not args.no_progress and sys.stderr.isatty()
-    embedded: EmbeddedRedis | None = None
-    url: str | None = args.redis_url
     try:
-        if url is None:
-            embedded = EmbeddedRedis(args.redis_data)
-            try:
-                embedded.start()
-                url = embedded.url
-            except RedisDataDirInUse as exc:
-                # `din serve` is running on that data dir: seed its server.
-                embedded = None
-                if exc.url is None:
-                    raise
-                url = exc.url
-            print(f"din seed: redis at {url} (data {args.redis_data})", file=sys.stderr)
-        stats = seed_reviews(
-            args.reviews,
-            url,
-            args.max_history,
-            args.prefix,
-            batch_users=args.batch_users,
-            progress=progress,
-        )
-    except ReviewsFormatError as exc:
+        cfg = RedisConfig(url=args.redis_url, data_dir=args.redis_data)
+        # A `din serve` already running on that data dir: seed its server.
+        with redis_endpoint(cfg, share_running=True) as endpoint:
+            if args.redis_url is None:
+                print(f"din seed: redis at {endpoint.url} (data {args.redis_data})", file=sys.stderr)
+            stats = seed_reviews(
+                args.reviews,
+                endpoint.url,
+                args.max_history,
+                args.prefix,
+                batch_users=args.batch_users,
+                progress=progress,
+            )
+    except DataError as exc:
         print(f"din seed: {exc}", file=sys.stderr)
         return 2
     except (RedisServerError, redis.RedisError, OSError) as exc:
         print(f"din seed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if embedded is not None:
-            embedded.stop()  # SHUTDOWN flushes the append-only file
     print(stats.summary())
     return 0

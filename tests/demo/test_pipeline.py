@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.cli import main
-from service.redis_server import free_port
+from cli import main
+from service.store.embedded import free_port
 
 TINY = ["--users", "60", "--items", "100", "--epochs", "1"]
 
@@ -49,7 +49,7 @@ def test_demo_builds_once_then_reuses(
 @pytest.mark.slow
 def test_demo_serves_and_its_curl_works(tmp_path: Path) -> None:
     workdir, port = tmp_path / "demo", free_port()
-    cmd = [sys.executable, "-m", "service.cli", "demo", "--workdir", str(workdir), "--port", str(port), *TINY]
+    cmd = [sys.executable, "-m", "cli", "demo", "--workdir", str(workdir), "--port", str(port), *TINY]
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env()
     ) as proc:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import redis
 
-from service.redis_server import EmbeddedRedis
+from service.store.embedded import EmbeddedRedis
 from tests.service.conftest import BundleInfo, GatedProxy, LiveServer, make_settings, metric_value
 
 TOL = 1e-5
@@ -386,8 +386,8 @@ def test_concurrent_requests_share_batches(bundle: BundleInfo, redis_url: str) -
                 first = rank(ac, 0)
                 await asyncio.to_thread(_wait_batcher, c, 1, 0)
                 rest = [rank(ac, k) for k in range(1, n)]
-                # while the slot is busy, every later request joins the one batch being collected
-                await asyncio.to_thread(_wait_batcher, c, n, 0)
+                # while the slot is busy, every later request waits in the queue for the next batch
+                await asyncio.to_thread(_wait_batcher, c, n, n - 1)
                 proxy.release()
                 return [await first, *[await t for t in rest]]
 
@@ -407,7 +407,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(bundle: BundleInfo, red
         bundle.path,
         proxy.url,
         redis_timeout_ms=10_000,
-        queue_max=1,
+        queue_max=2,
         max_candidates=4,
         batch_max_candidates=4,  # one request per batch
         batch_max_delay_ms=0,
@@ -419,9 +419,9 @@ def test_full_queue_answers_503_with_retry_after_at_once(bundle: BundleInfo, red
 
         async def go() -> tuple[list[httpx.Response], httpx.Response, float]:
             async with server.async_client() as ac:
-                # 1st: computing (stuck on Redis); 2nd: a closed batch waiting for the slot; 3rd: queued
+                # 1st: computing (stuck on Redis); 2nd and 3rd: queued, the queue is full
                 held = []
-                for admitted, depth in ((1, 0), (2, 0), (3, 1)):
+                for admitted, depth in ((1, 0), (2, 1), (3, 2)):
                     held.append(asyncio.create_task(ac.post("/rank", json=body)))
                     await asyncio.to_thread(_wait_batcher, c, admitted, depth)
                 t0 = time.perf_counter()

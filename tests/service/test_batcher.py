@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,12 +12,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from model.bundle import load_bundle
+from model.errors import InferenceFailed, QueueFull, ShuttingDown
+from model.vocab import Vocab
 from service.batcher import Batcher, RankResult
-from service.errors import InferenceFailed, QueueFull, ShuttingDown
+from service.live import LiveModel
 from service.metrics import Metrics
-from service.ranker import Ranker, load_bundle
-from service.redis_server import free_port
-from service.store import HistoryStore, make_client
+from service.ranker import Ranker
+from service.store.client import RedisConfig, async_client
+from service.store.embedded import free_port
+from service.store.history import HistoryStore
 from tests.service.conftest import BundleInfo, GatedProxy
 
 TOL = 1e-5
@@ -28,9 +34,9 @@ def ranker(bundle: BundleInfo) -> Ranker:
 
 @asynccontextmanager
 async def running(ranker: Ranker, url: str, **kw: Any) -> AsyncIterator[Batcher]:
-    client = make_client(url, connect_timeout=5, timeout=5, max_connections=8)
+    client = async_client(url, RedisConfig(connect_timeout_s=5, timeout_s=5, max_connections=8))
     opts: dict[str, Any] = {"max_delay_s": 0.002, "max_candidates": 4096, "queue_max": 64, "max_inflight": 1}
-    batcher = Batcher(ranker, HistoryStore(client, "din:", ranker.max_history), Metrics(), **{**opts, **kw})
+    batcher = Batcher(LiveModel(ranker), HistoryStore(client, "din:"), Metrics(), **{**opts, **kw})
     batcher.start()
     try:
         yield batcher
@@ -69,6 +75,29 @@ def test_concurrent_submits_share_one_call_and_keep_their_scores(ranker: Ranker,
     run(go)
 
 
+def test_max_delay_holds_a_batch_open_for_late_arrivals(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        # The consumer sees the first request alone and waits up to max_delay for company.
+        async with running(ranker, redis_url, max_delay_s=1.0) as b:
+            t0 = time.perf_counter()
+            first = asyncio.create_task(b.submit("a", ["i2"], []))
+            await asyncio.sleep(0.05)  # the consumer has looked at the queue and is waiting
+            assert b.batches == 0 and b.depth == 1
+            second = await b.submit("b", ["i3"], [])
+            assert (await first).scores.shape == second.scores.shape == (1,)
+            assert b.batches == 1  # the late arrival joined the first request's batch
+            assert time.perf_counter() - t0 >= 1.0  # which closed when the delay ran out
+        # Without a delay, a request arriving after the consumer took the first one waits for the next.
+        async with running(ranker, redis_url, max_delay_s=0.0) as b:
+            first = asyncio.create_task(b.submit("a", ["i2"], []))
+            await until(lambda: b.depth == 0 and sample(b, "din_queue_admitted_total") == 1)
+            await b.submit("b", ["i3"], [])
+            await first
+            assert b.batches == 2
+
+    run(go)
+
+
 def test_candidate_budget_closes_batches(ranker: Ranker, redis_url: str) -> None:
     async def go() -> None:
         async with running(ranker, redis_url, max_delay_s=0.2, max_candidates=10) as b:
@@ -87,7 +116,7 @@ def test_candidate_budget_closes_batches(ranker: Ranker, redis_url: str) -> None
 def test_histories_come_from_redis_in_the_batch(ranker: Ranker, redis_url: str) -> None:
     async def go() -> None:
         async with running(ranker, redis_url, max_delay_s=0.1) as b:
-            await b.store.append_events([("a", "i7"), ("a", "i8"), ("b", "i9")])  # type: ignore[attr-defined]
+            await b.store.append_events([("a", "i7"), ("a", "i8"), ("b", "i9")], 100)  # type: ignore[attr-defined]
             ra, rb, rc = await asyncio.gather(
                 b.submit("a", ["i2"], None), b.submit("b", ["i2"], None), b.submit("a", ["i2"], ["i3"])
             )
@@ -123,7 +152,7 @@ def test_cancelled_callers_are_skipped(ranker: Ranker, redis_url: str) -> None:
                 first = asyncio.create_task(b.submit("a", ["i2"], None))  # stalls on Redis
                 await until(lambda: b._inflight == 1 and b.depth == 0)
                 gone = asyncio.create_task(b.submit("b", ["i3"], None))
-                await until(lambda: b.depth == 0 and sample(b, "din_queue_admitted_total") == 2)
+                await until(lambda: b.depth == 1 and sample(b, "din_queue_admitted_total") == 2)
                 gone.cancel()  # the caller goes away while its request waits for the next batch
                 proxy.release()
                 assert isinstance(await first, RankResult)
@@ -135,8 +164,10 @@ def test_cancelled_callers_are_skipped(ranker: Ranker, redis_url: str) -> None:
 
 def test_failed_batch_fails_every_request_of_that_batch(ranker: Ranker, redis_url: str) -> None:
     async def go() -> None:
-        poisoned = Ranker(ranker.bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)
-        poisoned.index["poison"] = 10**6  # out of the embedding table: ONNX Runtime itself fails
+        vocab = Vocab(ranker.vocab.ids)  # a copy: the module's ranker keeps its own
+        vocab._index["poison"] = 10**6  # out of the embedding table: ONNX Runtime itself fails
+        bundle = dataclasses.replace(ranker.bundle, vocab=vocab)
+        poisoned = Ranker(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)
         async with running(poisoned, redis_url, max_delay_s=0.1) as b:
             results = await asyncio.gather(
                 b.submit("a", ["i2", "poison"], []), b.submit("b", ["i3"], []), return_exceptions=True
@@ -153,14 +184,13 @@ def test_failed_batch_fails_every_request_of_that_batch(ranker: Ranker, redis_ur
 def test_full_queue_refuses_at_once(ranker: Ranker, redis_url: str) -> None:
     async def go() -> None:
         with GatedProxy(redis_url) as proxy:
-            async with running(ranker, proxy.url, queue_max=1, max_candidates=1) as b:
+            async with running(ranker, proxy.url, queue_max=2, max_candidates=1) as b:
                 proxy.hold()
                 held = [asyncio.create_task(b.submit("a", ["i2"], None))]
                 await until(lambda: b._inflight == 1 and b.depth == 0)
-                held.append(asyncio.create_task(b.submit("b", ["i2"], None)))  # a batch waiting for the slot
-                await until(lambda: sample(b, "din_queue_admitted_total") == 2 and b.depth == 0)
-                held.append(asyncio.create_task(b.submit("c", ["i2"], None)))  # waits in the queue
-                await until(lambda: b.depth == 1)
+                held.append(asyncio.create_task(b.submit("b", ["i2"], None)))  # waits for the slot
+                held.append(asyncio.create_task(b.submit("c", ["i2"], None)))  # waits behind it
+                await until(lambda: sample(b, "din_queue_admitted_total") == 3 and b.depth == 2)
                 with pytest.raises(QueueFull) as err:
                     await b.submit("d", ["i2"], None)
                 assert err.value.headers == {"Retry-After": "1"}

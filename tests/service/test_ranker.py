@@ -10,8 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.errors import BundleError
-from service.ranker import Ranker, choose_providers, load_bundle
+from model.bundle import load_bundle
+from model.errors import BundleError
+from service.ranker import Ranker, choose_providers
 from tests.service.conftest import BundleInfo
 
 TOL = 1e-5
@@ -31,8 +32,8 @@ def ranker(bundle: BundleInfo) -> Ranker:
 def test_load_bundle_reads_manifest_and_items(bundle: BundleInfo) -> None:
     b = load_bundle(bundle.path)
     assert b.manifest == bundle.manifest
-    assert b.items == bundle.items
-    assert b.model_version == "test-v1" and b.max_history == 20 and b.oov_index == 1
+    assert b.vocab.ids == bundle.items
+    assert b.model_version == "test-v1" and b.max_history == 20 and b.manifest["oov_index"] == 1
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "items.txt"])

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from service.config import Settings
-from service.redis_server import free_port
 from service.server import add_arguments
+from service.store.embedded import free_port
 from tests.service.conftest import BundleInfo
 
 
@@ -25,7 +25,7 @@ def _din(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -69,7 +69,7 @@ def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path)
     cmd = [
         sys.executable,
         "-m",
-        "service.cli",
+        "cli",
         "serve",
         "--bundle",
         str(bundle.path),

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from service import redis_server
-from service.redis_server import EmbeddedRedis, RedisDataDirInUse, RedisServerError, running_url
+from model.errors import RedisDataDirInUse, RedisServerError
+from service.store import embedded as redis_server
+from service.store.embedded import EmbeddedRedis, running_url
 
 
 def _alive(pid: int) -> bool:
@@ -132,7 +133,7 @@ def test_stop_is_idempotent_and_orphans_are_stopped(tmp_path: Path) -> None:
 def test_parent_exit_without_stop_takes_server_down(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "from service.redis_server import EmbeddedRedis\n"
+        "from service.store.embedded import EmbeddedRedis\n"
         f"s = EmbeddedRedis({str(tmp_path)!r}).start()\n"
         "print(s.pid)\n"
         "del s\n"

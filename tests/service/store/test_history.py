@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from service.redis_server import EmbeddedRedis, free_port
-from service.store import HistoryStore, StoreUnavailable, make_client
+from model.errors import StoreUnavailable
+from service.store.client import RedisConfig, async_client
+from service.store.embedded import EmbeddedRedis, free_port
+from service.store.history import HistoryStore
 
 
 def _client(url: str, timeout: float = 2.0):
-    return make_client(url, connect_timeout=timeout, timeout=timeout, max_connections=8)
+    return async_client(url, RedisConfig(connect_timeout_s=timeout, timeout_s=timeout, max_connections=8))
 
 
 def _run(coro):
@@ -35,13 +37,13 @@ def test_key_uses_prefix(redis_url: str) -> None:
 def test_append_then_read_newest_first(redis_url: str) -> None:
     async def go() -> None:
         client = _client(redis_url)
-        store = HistoryStore(client, max_history=100)
+        store = HistoryStore(client)
         try:
-            written = await store.append_events([("u1", "a"), ("u2", "x"), ("u1", "b"), ("u1", "c")])
+            written = await store.append_events([("u1", "a"), ("u2", "x"), ("u1", "b"), ("u1", "c")], 100)
             assert written == 4
-            assert await store.get_histories(["u1", "u2"]) == [["c", "b", "a"], ["x"]]
-            await store.append_events([("u1", "d")])
-            assert await store.get_histories(["u1"]) == [["d", "c", "b", "a"]]
+            assert await store.get_histories(["u1", "u2"], 100) == [["c", "b", "a"], ["x"]]
+            await store.append_events([("u1", "d")], 100)
+            assert await store.get_histories(["u1"], 100) == [["d", "c", "b", "a"]]
             # the same list the contract describes: LPUSH order, visible to any Redis client
             assert await client.lrange("din:hist:u1", 0, -1) == ["d", "c", "b", "a"]
         finally:
@@ -53,13 +55,13 @@ def test_append_then_read_newest_first(redis_url: str) -> None:
 def test_trims_to_max_history(redis_url: str) -> None:
     async def go() -> None:
         client = _client(redis_url)
-        store = HistoryStore(client, max_history=3)
+        store = HistoryStore(client)
         try:
-            await store.append_events([("u", str(i)) for i in range(10)])
-            assert await store.get_histories(["u"]) == [["9", "8", "7"]]
+            await store.append_events([("u", str(i)) for i in range(10)], 3)
+            assert await store.get_histories(["u"], 3) == [["9", "8", "7"]]
             assert await client.llen("din:hist:u") == 3
-            await store.append_events([("u", "10")])
-            assert await store.get_histories(["u"]) == [["10", "9", "8"]]
+            await store.append_events([("u", "10")], 3)
+            assert await store.get_histories(["u"], 3) == [["10", "9", "8"]]
         finally:
             await client.aclose()
 
@@ -71,7 +73,7 @@ def test_read_limits_to_max_history_even_if_list_is_longer(redis_url: str) -> No
         client = _client(redis_url)
         try:
             await client.rpush("din:hist:u", *[str(i) for i in range(10)])
-            assert await HistoryStore(client, max_history=4).get_histories(["u"]) == [["0", "1", "2", "3"]]
+            assert await HistoryStore(client).get_histories(["u"], 4) == [["0", "1", "2", "3"]]
         finally:
             await client.aclose()
 
@@ -83,10 +85,10 @@ def test_unknown_users_and_empty_inputs(redis_url: str) -> None:
         client = _client(redis_url)
         store = HistoryStore(client)
         try:
-            assert await store.get_histories([]) == []
-            assert await store.append_events([]) == 0
-            await store.append_events([("known", "i1")])
-            assert await store.get_histories(["nobody", "known", "nobody"]) == [[], ["i1"], []]
+            assert await store.get_histories([], 100) == []
+            assert await store.append_events([], 100) == 0
+            await store.append_events([("known", "i1")], 100)
+            assert await store.get_histories(["nobody", "known", "nobody"], 100) == [[], ["i1"], []]
         finally:
             await client.aclose()
 
@@ -96,12 +98,12 @@ def test_unknown_users_and_empty_inputs(redis_url: str) -> None:
 def test_many_users_in_one_pipeline(redis_url: str) -> None:
     async def go() -> None:
         client = _client(redis_url)
-        store = HistoryStore(client, prefix="t:", max_history=5)
+        store = HistoryStore(client, prefix="t:")
         try:
             events = [(f"user{u}", f"item{u}-{i}") for i in range(7) for u in range(500)]
-            assert await store.append_events(events) == len(events)
+            assert await store.append_events(events, 5) == len(events)
             users = [f"user{u}" for u in range(500)] + ["missing"]
-            histories = await store.get_histories(users)
+            histories = await store.get_histories(users, 5)
             assert len(histories) == 501
             for u in range(500):
                 assert histories[u] == [f"item{u}-{i}" for i in (6, 5, 4, 3, 2)]
@@ -118,8 +120,8 @@ def test_unix_socket_url(tmp_path: Path) -> None:
         store = HistoryStore(client)
         try:
             assert await store.ping()
-            await store.append_events([("u", "a"), ("u", "b")])
-            assert await store.get_histories(["u"]) == [["b", "a"]]
+            await store.append_events([("u", "a"), ("u", "b")], 100)
+            assert await store.get_histories(["u"], 100) == [["b", "a"]]
         finally:
             await client.aclose()
 
@@ -145,9 +147,9 @@ def test_unavailable_when_server_stopped(stopped_server: str) -> None:
         try:
             assert await store.ping() is False
             with pytest.raises(StoreUnavailable):
-                await store.get_histories(["u"])
+                await store.get_histories(["u"], 100)
             with pytest.raises(StoreUnavailable):
-                await store.append_events([("u", "a")])
+                await store.append_events([("u", "a")], 100)
         finally:
             await client.aclose()
 
@@ -163,11 +165,11 @@ def test_unavailable_when_server_dies_under_a_live_client(tmp_path: Path) -> Non
             client = _client(server.url, timeout=0.5)
             store = HistoryStore(client)
             try:
-                await store.append_events([("u", "a")])
-                assert await store.get_histories(["u"]) == [["a"]]
+                await store.append_events([("u", "a")], 100)
+                assert await store.get_histories(["u"], 100) == [["a"]]
                 server.stop()
                 with pytest.raises(StoreUnavailable):
-                    await store.get_histories(["u"])
+                    await store.get_histories(["u"], 100)
                 assert await store.ping() is False
             finally:
                 await client.aclose()
@@ -182,7 +184,7 @@ def test_unavailable_on_closed_port() -> None:
         client = _client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
         try:
             with pytest.raises(StoreUnavailable):
-                await HistoryStore(client).get_histories(["u"])
+                await HistoryStore(client).get_histories(["u"], 100)
         finally:
             await client.aclose()
 
@@ -196,7 +198,7 @@ def test_redis_error_reply_is_store_unavailable(redis_url: str) -> None:
         try:
             await client.set("din:hist:bad", "not a list")
             with pytest.raises(StoreUnavailable):
-                await store.append_events([("bad", "x")])
+                await store.append_events([("bad", "x")], 100)
         finally:
             await client.aclose()
 

@@ -11,8 +11,9 @@ import orjson
 import pytest
 import redis
 
-from service import cli
-from service.seed import ReviewsFormatError, seed_reviews
+import cli
+from model.errors import DataError
+from service.store.seed import seed_reviews
 
 # (user, item, time) in file order. u1 has a time tie (i2, i3 at 20): file order decides.
 REVIEWS = [
@@ -95,7 +96,7 @@ def test_seed_gz(redis_url: str, tmp_path: Path) -> None:
 
 def test_malformed_line_raises_with_line_number(redis_url: str, tmp_path: Path) -> None:
     path = _write(tmp_path / "reviews.json", extra=b'{"reviewerID": "u9", "asin": \n')
-    with pytest.raises(ReviewsFormatError, match=r"reviews\.json:8:"):
+    with pytest.raises(DataError, match=r"reviews\.json:8:"):
         seed_reviews(path, redis_url)
     assert _lists(redis_url) == {}  # nothing written from a bad file
 
@@ -137,7 +138,7 @@ def test_cli_missing_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_cli_embedded_data_dir_persists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Without --redis-url, seed starts an embedded server on --redis-data; the data survives a restart."""
-    from service.redis_server import EmbeddedRedis
+    from service.store.embedded import EmbeddedRedis
 
     data = tmp_path / "redis"
     path = _write(tmp_path / "reviews.json")
@@ -153,5 +154,6 @@ def test_cli_embedded_data_dir_persists(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_seed_does_not_import_torch() -> None:
-    code = "import sys, service.seed, service.store; assert 'torch' not in sys.modules, 'torch imported'"
+    modules = "service.store.seed, service.store.history"
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,1 @@
+"""`din demo`: the whole system end to end on a private Redis (`demo.pipeline`)."""

@@ -1,0 +1,46 @@
+"""Operations: liveness, readiness, Prometheus metrics, and the served bundle's manifest."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from model.errors import NotReady
+from service.api.deps import LiveDep, StateDep
+from service.metrics import CONTENT_TYPE
+from service.schemas import JSONResponse
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz", summary="Process is alive")
+async def healthz() -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", summary="Model warmed up and Redis answering")
+async def readyz(state: StateDep) -> Response:
+    if not state.ready or state.store is None or not state.live.loaded:
+        raise NotReady(f"not ready: {state.not_ready_reason}", reason=state.not_ready_reason)
+    try:
+        async with asyncio.timeout(state.settings.redis_timeout_ms / 1000 + 0.5):
+            ok = await state.store.ping()
+    except TimeoutError:
+        ok = False
+    if not ok:
+        raise NotReady("not ready: redis is not answering", reason="redis_unavailable")
+    return JSONResponse({"status": "ready", "model_version": state.live.current.model_version})
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(state: StateDep) -> Response:
+    if state.batcher is not None:
+        state.metrics.queue_depth.set(state.batcher.depth)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/model", summary="The bundle's manifest")
+async def model_info(live: LiveDep) -> Response:
+    return JSONResponse(live.current.bundle.manifest)
