@@ -4,16 +4,24 @@ The graph is `DIN.serve` (history terms once per user, no (N, T, 4E) tensor). Be
 written, ONNX Runtime is compared with the PyTorch reference (`DIN.forward`, the tiled training form)
 on batches covering empty and full histories, unknown items, one and 1,000 candidates and several
 users at once; the largest absolute difference must be within 1e-5 and is kept in the manifest.
+
+The bundle is written into a staging directory beside OUT and swapped into place only once complete:
+OUT holds a whole bundle, the old one or the new one, at every instant where the two directories
+can be exchanged in one step (Linux renameat2), and is otherwise missing only between two renames.
+A refused or failed export leaves the old bundle as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
+import errno
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -109,6 +117,75 @@ def _strip_debug_metadata(path: Path) -> None:
     onnx.save(proto, str(path))
 
 
+_AT_FDCWD = -100  # renameat2: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # renameat2: swap the two paths in one step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE).
+
+    False where the platform, the C library or the file system cannot, so the caller falls back.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no renameat2 in this C library (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system cannot swap
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    """Delete what an old bundle path held: a directory tree, or a file or link in its place."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk, so a renamed bundle is whole after a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the complete directory `new` to `dest`, replacing whatever is there.
+
+    Where renameat2 can, the two are exchanged in one step, so `dest` is at every instant the old or
+    the new bundle. Elsewhere the old one is renamed aside (`.<name>.old-<pid>`), `new` renamed into
+    place, and the old one put back if that fails; `dest` is then missing only between two renames.
+    The old bundle is deleted last, once the new one is in place. Both must be in the same directory.
+    """
+    for f in new.iterdir():
+        _fsync(f)
+    _fsync(new)
+    if not dest.exists() and not dest.is_symlink():
+        new.rename(dest)
+    elif _exchange(new, dest):
+        _remove(new)  # `new` now names the old bundle
+    else:
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(old)
+        try:
+            new.rename(dest)
+        except BaseException:
+            old.rename(dest)  # the old bundle goes back: never leave `dest` without one
+            raise
+        _remove(old)
+    _fsync(dest.parent)
+
+
 def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str, Any]]:
     """Serving-graph inputs covering the shapes the service will send."""
     rng = np.random.default_rng(seed)
@@ -191,7 +268,7 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Export, check parity, and write the bundle atomically. Returns the manifest.
+    """Export, check parity, and write the bundle, replacing any at out_dir atomically. Returns the manifest.
 
     items: item id for every item index (index 0 "<pad>", 1 "<oov>"), len == n_items.
     model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
@@ -243,12 +320,10 @@ def export_model(
             "files": files,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_dir(staging, out_dir)
         return manifest
     finally:
-        if staging.exists():
+        if staging.exists():  # a refused or failed export, or the swapped-out old bundle left over
             shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,68 @@ def test_vocab_size_mismatch_is_refused(tmp_path: Path) -> None:
     model, items = make_model()
     with pytest.raises(ExportError, match="item ids"):
         export_model(model, items[:-1], tmp_path / "b")
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    """Every file of a bundle directory, by name, byte for byte."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("swap", ["exchange", "rename aside"])
+def test_export_replaces_an_existing_bundle(
+    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    _, first, first_manifest = bundle
+    out = tmp_path / "bundle"
+    shutil.copytree(first, out)
+    swapped: list[bool] = []
+    real = export_mod._exchange
+
+    def exchange(a: Path, b: Path) -> bool:
+        swapped.append(real(a, b) if swap == "exchange" else False)
+        return swapped[-1]
+
+    monkeypatch.setattr(export_mod, "_exchange", exchange)
+    model, items = make_model(seed=1)
+    manifest = export_model(model, items, out, name="unit")
+    if swap == "exchange" and swapped != [True]:
+        pytest.skip("renameat2 RENAME_EXCHANGE is not available here")
+    assert swapped == [swap == "exchange"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or old directory left
+    assert sorted(p.name for p in out.iterdir()) == ["items.txt", "manifest.json", "model.onnx"]
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert manifest["files"] == {name: sha256_file(out / name) for name in ("model.onnx", "items.txt")}
+    assert manifest["model_version"] != first_manifest["model_version"]
+
+
+@pytest.mark.parametrize("failure", ["parity", "swap"])
+def test_failed_export_leaves_the_old_bundle_untouched(
+    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Refused by the parity gate, or failing at the very swap (no renameat2, the new bundle cannot be
+    renamed into place after the old one was moved aside): the old bundle stays, byte for byte."""
+    _, first, _ = bundle
+    out = tmp_path / "bundle"
+    shutil.copytree(first, out)
+    before = _snapshot(out)
+    if failure == "parity":
+        real = export_mod._reference
+        monkeypatch.setattr(export_mod, "_reference", lambda m, case: real(m, case) + 1e-4)
+        expected: tuple[type[Exception], str] = (ExportError, "parity check failed")
+    else:
+        monkeypatch.setattr(export_mod, "_exchange", lambda a, b: False)
+        real_rename = Path.rename
+
+        def rename(self: Path, target: str | Path) -> Path:
+            staging = self.name.startswith(".bundle.") and ".old-" not in self.name
+            if staging and Path(target) == out:
+                raise OSError("disk on fire")
+            return real_rename(self, target)
+
+        monkeypatch.setattr(Path, "rename", rename)
+        expected = (OSError, "disk on fire")
+    model, items = make_model(seed=1)
+    with pytest.raises(expected[0], match=expected[1]):
+        export_model(model, items, out)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or old directory left
