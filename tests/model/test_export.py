@@ -16,7 +16,7 @@ import model.export as export_mod
 from model.din import DIN, DINConfig, build_model
 from model.errors import ExportError
 from model.export import export_model, parity_cases, sha256_file
-from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD_TOKEN
+from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, Vocab
 
 N_ITEMS, N_CATE = 300, 12
 
@@ -69,34 +69,122 @@ def test_parity_recorded_for_every_case(bundle: tuple[DIN, Path, dict]) -> None:
     assert parity["max_abs_diff"] == max(c["max_abs_diff"] for c in parity["cases"])
 
 
-def test_onnx_matches_torch_on_fresh_inputs(bundle: tuple[DIN, Path, dict]) -> None:
-    """Independent of the exporter's own check: other shapes, other seed, T below max_history."""
+def torch_reference(model: DIN, case: dict[str, np.ndarray]) -> np.ndarray:
+    """The PyTorch reference computed here, not by the exporter: `DIN.forward`, the tiled training
+    form (each candidate against its own copy of its user's history), then a sigmoid."""
+    tu = torch.from_numpy(case["target_user"])
+    with torch.no_grad():
+        logits = model(
+            torch.from_numpy(case["target_items"]),
+            torch.from_numpy(case["hist_items"])[tu],
+            torch.from_numpy(case["hist_len"])[tu],
+        )
+    return torch.sigmoid(logits).numpy()
+
+
+def onnx_output(onnx_path: Path, case: dict[str, np.ndarray]) -> np.ndarray:
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["ctr"], {k: case[k] for k in export_mod.INPUTS})
+    return got
+
+
+def serving_case(
+    hists: list[list[str]], candidates: list[list[str]], items: list[str]
+) -> dict[str, np.ndarray]:
+    """Serving-graph inputs built from item ids, through the vocabulary contract (unknown ids -> OOV)."""
+    vocab = Vocab(items)
+    width = max((len(h) for h in hists), default=0)
+    hist = np.full((len(hists), width), PAD, dtype=np.int64)
+    for u, h in enumerate(hists):
+        hist[u, : len(h)] = vocab.lookup(h)
+    return {
+        "target_items": vocab.lookup([c for cands in candidates for c in cands]),
+        "target_user": np.repeat(np.arange(len(hists), dtype=np.int64), [len(c) for c in candidates]),
+        "hist_items": hist,
+        "hist_len": np.array([len(h) for h in hists], dtype=np.int64),
+    }
+
+
+def own_cases(items: list[str], T: int, seed: int = 11) -> dict[str, dict[str, np.ndarray]]:
+    """Cases written in this test, independent of the exporter's parity_cases."""
+    rng = np.random.default_rng(seed)
+    known = items[FIRST_ID:]
+
+    def draw(n: int) -> list[str]:
+        return [known[i] for i in rng.integers(0, len(known), size=n)]
+
+    unknown = ["no-such-item", PAD_TOKEN, OOV_TOKEN]  # every one of them is OOV for a client
+    return {
+        "empty history": serving_case([[]], [draw(5)], items),
+        "full history": serving_case([draw(T)], [draw(7)], items),
+        "unknown items": serving_case([[*draw(3), *unknown, *draw(T - 6)]], [[*unknown, *draw(4)]], items),
+        "several users: empty, short, full, one": serving_case(
+            [[], draw(2), draw(T), draw(1)], [draw(3), draw(1), draw(40), draw(2)], items
+        ),
+        "one user, 500 candidates": serving_case([draw(T // 2)], [draw(500)], items),
+    }
+
+
+def check_parity_here(model: DIN, items: list[str], onnx_path: Path) -> None:
+    cases = own_cases(items, model.cfg.max_history)
+    assert (cases["unknown items"]["target_items"][:3] == OOV).all()  # the contract did its part
+    for name, case in cases.items():
+        got, want = onnx_output(onnx_path, case), torch_reference(model, case)
+        assert got.shape == want.shape == case["target_items"].shape and got.dtype == np.float32, name
+        assert np.all((got > 0) & (got < 1)), name
+        assert float(np.max(np.abs(got - want))) <= 1e-5, name
+
+
+def test_onnx_matches_torch_computed_here(bundle: tuple[DIN, Path, dict]) -> None:
     model, out, _ = bundle
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    _, items = make_model()
+    check_parity_here(model, items, out / "model.onnx")
+
+
+def test_onnx_matches_torch_on_fresh_inputs(bundle: tuple[DIN, Path, dict]) -> None:
+    """Other shapes, other seed, T below max_history, the reference again computed here."""
+    model, out, _ = bundle
     for case in parity_cases(N_ITEMS, 13, seed=7):
-        (got,) = sess.run(["ctr"], {k: case[k] for k in export_mod.INPUTS})
-        tu = torch.from_numpy(case["target_user"])
-        with torch.no_grad():
-            want = torch.sigmoid(
-                model(
-                    torch.from_numpy(case["target_items"]),
-                    torch.from_numpy(case["hist_items"])[tu],
-                    torch.from_numpy(case["hist_len"])[tu],
-                )
-            ).numpy()
+        got, want = onnx_output(out / "model.onnx", case), torch_reference(model, case)
         assert got.shape == want.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
         assert np.all((got > 0) & (got < 1))
 
 
-def test_graph_never_builds_the_4e_tensor(bundle: tuple[DIN, Path, dict]) -> None:
-    model, out, _ = bundle
-    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(out / "model.onnx")))
-    four_e = 4 * model.cfg.embed_dim
+def activation_widths(onnx_path: Path) -> list[int]:
+    """Last dimension of every 3-D tensor of the graph (an (N, T, x) or (U, T, x) activation), after
+    ONNX shape inference; symbolic last dimensions are left out."""
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    widths = []
     for vi in [*inferred.graph.value_info, *inferred.graph.output]:
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 3:  # an (N, T, x) or (U, T, x) activation
-            assert not (dims[-1].HasField("dim_value") and dims[-1].dim_value == four_e), vi.name
+        if len(dims) == 3 and dims[-1].HasField("dim_value"):
+            widths.append(dims[-1].dim_value)
+    return widths
+
+
+def test_graph_never_builds_the_4e_tensor(bundle: tuple[DIN, Path, dict]) -> None:
+    model, out, _ = bundle
+    widths = activation_widths(out / "model.onnx")
+    E = model.cfg.embed_dim
+    assert E in widths  # shapes were inferred: the history embeddings (U, T, E) are there
+    assert 4 * E not in widths
+
+
+def test_the_4e_check_catches_a_tiled_graph(
+    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check above is not vacuous: the tiled form, exported as the serving graph, fails it."""
+    model, _, _ = bundle
+
+    def tiled_serve(
+        self: DIN, ti: torch.Tensor, tu: torch.Tensor, hi: torch.Tensor, hl: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.sigmoid(DIN.forward(self, ti, hi[tu], hl[tu]))
+
+    monkeypatch.setattr(DIN, "serve", tiled_serve)
+    export_mod._export_onnx(model, tmp_path / "tiled.onnx")
+    assert 4 * model.cfg.embed_dim in activation_widths(tmp_path / "tiled.onnx")
 
 
 def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_path: Path) -> None:
@@ -115,6 +203,7 @@ def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
     model, items = make_model(seed=3, **kw)
     manifest = export_model(model, items, tmp_path / "b")
     assert manifest["parity"]["max_abs_diff"] <= 1e-5
+    check_parity_here(model, items, tmp_path / "b" / "model.onnx")
 
 
 def test_refuses_to_write_when_parity_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
