@@ -6,7 +6,9 @@ STAMP   := $(VENV)/.installed
 # torch first, pinned: a bare `torch` would pull the multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install test lint typecheck bench demo results clean
+PACKAGES := model service cli demo loadtest
+
+.PHONY: install test test-fast lint bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,12 +22,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check model service tests loadtest bench
-	$(BIN)/ruff format --check model service tests loadtest bench
-	$(BIN)/mypy service
+	$(BIN)/ruff check $(PACKAGES) tests bench
+	$(BIN)/ruff format --check $(PACKAGES) tests bench
+	$(BIN)/mypy $(PACKAGES)
 
 test: lint
 	$(BIN)/pytest -q
+
+# The edit-test loop: everything but the tests marked slow (end to end, the demo, the image replay).
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/inference.py

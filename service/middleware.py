@@ -25,6 +25,18 @@ class RequestContext:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._paths: frozenset[str] | None = None
+
+    def _route_label(self, scope: Scope) -> str:
+        """Every route the app declares is its own label (no list here to keep in step); paths that
+        match no route share "other", so arbitrary URLs cannot grow the metric's cardinality."""
+        matched = scope.get("route")  # set by the router for API routes (path templates included)
+        if matched is not None:
+            return str(matched.path)
+        if self._paths is None:  # plain routes (/docs, /openapi.json) do not set it
+            self._paths = frozenset(str(getattr(r, "path", "")) for r in scope["app"].routes)
+        path: str = scope["path"]
+        return path if path in self._paths else "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,10 +73,7 @@ class RequestContext:
         finally:
             elapsed = time.perf_counter() - t0
             path = scope["path"]
-            # The route the router matched (set on the scope): every declared endpoint gets its own
-            # label without a list to keep in step; unmatched paths share one.
-            matched = scope.get("route")
-            route = getattr(matched, "path", None) or "other"
+            route = self._route_label(scope)
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.request_latency.labels(route=route).observe(elapsed)
             ms = round(elapsed * 1000, 3)

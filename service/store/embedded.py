@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import importlib.util
 import os
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -99,6 +101,19 @@ def _resp(command: bytes, *, unix_path: str | None, port: int | None, timeout: f
         sock.connect(address)
         sock.sendall(command + b"\r\n")
         return sock.recv(256)
+
+
+# prctl(PR_SET_PDEATHSIG, SIGTERM), resolved in the parent: the child may only call it between fork
+# and exec. A parent killed outright (SIGKILL, a killed test run) then takes its server with it, and
+# SIGTERM makes redis-server shut down cleanly, flushing its data. The signal fires when the thread
+# that started the server ends, so start it from a thread that outlives it (every caller does).
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -316,6 +331,7 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
             # Ctrl-C in a terminal goes to the parent, which stops the server gracefully.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + self.startup_timeout
         last_error = ""

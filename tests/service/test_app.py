@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ import redis
 from service.store.embedded import EmbeddedRedis
 from tests.service.conftest import BundleInfo, GatedProxy, LiveServer, make_settings, metric_value
 
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 
@@ -204,6 +207,22 @@ def test_metrics_series(live: LiveServer) -> None:
     assert metric_value(text, "din_requests_total", {"route": "/rank", "status": "422"}) == 1
     assert metric_value(text, "din_candidates_scored_total") >= 2
     assert 'model_version="test-v1"' in text
+    # Every metric the README names is one the service exports (and /docs gets its own label).
+    exported = set(re.findall(r"^# TYPE (\w+) ", text, flags=re.M))
+    exported |= {f"{n}_total" for n in exported} | {f"{n}_info" for n in exported}
+    named = set(re.findall(r"`(din_\w+)", (ROOT / "README.md").read_text()))
+    assert named and named <= exported, sorted(named - exported)
+
+
+def test_request_metrics_are_labelled_by_the_matched_route(shared: LiveServer) -> None:
+    with shared.client() as c:
+        assert c.get("/docs").status_code == 200
+        assert c.get("/no/such/path").status_code == 404
+        text = c.get("/metrics").text
+    # any declared route is its own label (no list to keep in step); unmatched paths share "other"
+    assert metric_value(text, "din_requests_total", {"route": "/docs", "status": "200"}) >= 1
+    assert metric_value(text, "din_requests_total", {"route": "other", "status": "404"}) >= 1
+    assert 'route="/no/such/path"' not in text
 
 
 # ------------------------------------------------------------------ validation: 422 naming the field

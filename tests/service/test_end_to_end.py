@@ -22,11 +22,12 @@ T = 20  # below the longest histories, so truncation in seed, score and serving 
 
 
 def din(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"din {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+pytestmark = pytest.mark.slow  # trains a model: a minute on 2 cores
 
 
 @pytest.fixture(scope="module")

