@@ -13,6 +13,7 @@ Three forward passes over the same weights:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -73,6 +74,8 @@ class Dice(nn.Module):
 
 
 class DIN(nn.Module):
+    item_cate: Tensor  # a registered buffer: declared so type checkers know it is not a submodule
+
     def __init__(self, cfg: DINConfig, item_cate: Tensor) -> None:
         """item_cate: (n_items,) int64, the category index of every item index."""
         super().__init__()
@@ -93,7 +96,11 @@ class DIN(nn.Module):
         n_in = {"u,q,u*q": 3, "u,q": 2}[cfg.head_input] * E
         hdims = [n_in, *cfg.head_hidden]
         self.head_layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(hdims))
-        act = {"dice": Dice, "prelu": lambda d: nn.PReLU(d, init=0.25)}[cfg.head_activation]
+        acts: dict[str, Callable[[int], nn.Module]] = {
+            "dice": Dice,
+            "prelu": lambda d: nn.PReLU(d, init=0.25),
+        }
+        act = acts[cfg.head_activation]
         self.head_acts = nn.ModuleList(act(d) for d in cfg.head_hidden)
         self.head_out = nn.Linear(hdims[-1], 1)
         if cfg.pooling not in ("attention", "sum"):
@@ -145,6 +152,7 @@ class DIN(nn.Module):
     def _first_layer_split(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """W = [Wq | Wk | Wd | Wp] over [q, k, q-k, q*k] -> (Wq + Wd, Wk - Wd, Wp, bias)."""
         first = self.att_layers[0]
+        assert isinstance(first, nn.Linear)  # ModuleList items are typed as any Module
         Wq, Wk, Wd, Wp = first.weight.chunk(4, dim=1)  # each (H1, E)
         return Wq + Wd, Wk - Wd, Wp, first.bias
 

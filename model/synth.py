@@ -115,7 +115,9 @@ class Truth:
             k: np.asarray(getattr(self, k)) for k in ("explore", "recency", "ring_decay", "seed_events")
         }
         arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
-        np.savez(path, **arrays, **scalars)
+        # Any: numpy types savez's **kwds against its own allow_pickle: bool keyword too
+        payload: dict[str, Any] = {**arrays, **scalars}
+        np.savez(path, **payload)
 
 
 def load_truth(raw_dir: str | Path) -> Truth:
