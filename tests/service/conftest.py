@@ -19,8 +19,9 @@ import pytest
 import torch
 import uvicorn
 
-from model.din import DIN, OOV, DINConfig, build_model
+from model.din import DIN, DINConfig, build_model
 from model.export import export_model
+from model.vocab import Vocab
 from service.app import create_app
 from service.config import Settings
 
@@ -36,10 +37,10 @@ class BundleInfo:
 
     def reference(self, candidates: list[str], history: list[str]) -> list[float]:
         """PyTorch reference CTRs (the paper's tiled `forward`): history newest first, cut to T."""
-        index = {item: i for i, item in enumerate(self.items) if i > OOV}
-        hist = [index.get(h, OOV) for h in history[:MAX_HISTORY]]
+        vocab = Vocab(self.items)
+        hist = vocab.lookup(history[:MAX_HISTORY]).tolist()
         n = len(candidates)
-        target = torch.tensor([index.get(c, OOV) for c in candidates], dtype=torch.int64)
+        target = torch.from_numpy(vocab.lookup(candidates))
         width = max(1, len(hist))
         h = torch.zeros((n, width), dtype=torch.int64)
         if hist:

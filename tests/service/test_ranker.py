@@ -12,6 +12,7 @@ import pytest
 
 from model.bundle import load_bundle
 from model.errors import BundleError
+from model.vocab import known_ids
 from service.ranker import Ranker, choose_providers
 from tests.service.conftest import BundleInfo
 
@@ -86,7 +87,7 @@ def test_encode_maps_unknown_and_placeholders_to_oov(ranker: Ranker) -> None:
 
 def test_score_batch_equals_pytorch(ranker: Ranker, bundle: BundleInfo) -> None:
     rng = np.random.default_rng(3)
-    known = bundle.items[2:]
+    known = known_ids(bundle.items)
     rows = []
     for hlen, ncand in [(0, 5), (1, 1), (7, 40), (20, 100), (35, 3)]:  # 35 > T: truncated
         cands = [*rng.choice(known, size=ncand).tolist(), "unknown"]
@@ -149,7 +150,7 @@ def test_cuda_scores_equal_cpu(bundle: BundleInfo, ranker: Ranker) -> None:
     gpu = Ranker(load_bundle(bundle.path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert gpu.providers[0] == "CUDAExecutionProvider"
     rng = np.random.default_rng(5)
-    known = bundle.items[2:]
+    known = known_ids(bundle.items)
     rows = [
         (rng.choice(known, size=n).tolist(), rng.choice(known, size=h).tolist())
         for n, h in [(1, 0), (50, 5), (1000, 20), (30, 13)]
