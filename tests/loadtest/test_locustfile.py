@@ -68,5 +68,7 @@ def test_locust_user_posts_the_shared_mix(items_bundle: Path, monkeypatch: pytes
         body = kw["json"]
         assert set(body) == {"user_id", "candidates"} and isinstance(body["user_id"], str)
         cands = body["candidates"]
-        assert 1 <= len(cands) <= 500 and len(set(cands)) == len(cands)
+        assert 1 <= len(cands) <= 500
+        # distinct unless the draw asked for more candidates than the bundle has items
+        assert len(set(cands)) == len(cands) or len(cands) > len(known)
         assert set(cands) <= known and not set(cands) & set(RESERVED)
