@@ -56,6 +56,48 @@ class Settings(BaseSettings):
         1000, ge=1, description="longest explicit `history` in /rank (longer than the model's T is truncated)"
     )
     max_events: int = Field(1000, ge=1, description="most events per /events request")
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, description="largest request body; larger answers 413 before it is read"
+    )
+    request_read_timeout_s: float = Field(
+        10.0, gt=0, description="a request whose headers and body take longer to arrive answers 408"
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this")
+
+    # ---------------------------------------------------------------- overload and deadlines
+    request_timeout_ms: float = Field(
+        250.0,
+        gt=0,
+        description="the whole budget of a /rank, from arrival to answer: a request that cannot be answered "
+        "in it is shed at once (503 overloaded), one whose deadline passed is never computed",
+    )
+
+    # ---------------------------------------------------------------- events
+    events_dedup_ttl_s: int = Field(
+        86400, ge=1, description="how long an event_id is remembered: a retry within it is not written twice"
+    )
+
+    # ---------------------------------------------------------------- security
+    api_keys: str | None = Field(
+        None,
+        description="comma-separated API keys; when set (or api_keys_file), every route but /healthz, "
+        "/readyz (and /metrics unless metrics_auth) needs `Authorization: Bearer <key>`",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file with one API key per line (added to api_keys)"
+    )
+    metrics_auth: bool = Field(False, description="/metrics needs an API key too (when keys are set)")
+    cors_origins: str | None = Field(
+        None, description="comma-separated origins allowed by CORS (unset: no CORS headers at all)"
+    )
+
+    # ---------------------------------------------------------------- lifecycle
+    shutdown_drain_s: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM, /readyz answers 503 shutting_down at once and the service keeps answering "
+        "this long (for load balancers to notice) before it stops taking requests",
+    )
 
     # ---------------------------------------------------------------- batching
     batch_max_delay_ms: float = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,3 +115,10 @@ def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path)
     logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(rec.get("request_id") == "r-1" and "/rank" in rec["message"] for rec in logs), stderr
     assert "Traceback" not in stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"`DIN_([A-Z0-9_]+)`", readme))
+    missing = [name for name in Settings.model_fields if name.upper() not in documented]
+    assert not missing, f"README's configuration table lacks {missing}"
