@@ -9,9 +9,13 @@
     ├── RedisServerError          the private redis-server cannot be found, started or stopped
     │   └── RedisDataDirInUse     another process runs a redis-server on that data directory
     ├── StageFailed               a `din demo` stage (a `din` subcommand) failed
+    ├── ReloadInProgress          409 reload_in_progress: one hot reload at a time
+    ├── ReloadRejected            422 bundle_rejected: the new bundle failed verification; the old one serves
+    ├── ReloadFailed              500 reload_failed: the new bundle loaded but could not be warmed up
     ├── ServiceUnavailable        503, the request may be retried
     │   ├── QueueFull             503 overloaded, with Retry-After
     │   ├── StoreDown             503 store_unavailable (operations that cannot degrade, e.g. writes)
+    │   ├── StoreTimeout          503 store_timeout: a write was sent, no answer came; outcome unknown
     │   ├── NotReady              503 not_ready
     │   └── ShuttingDown          503 shutting_down
     └── InferenceFailed           500 inference_failed: every request of the failed batch gets it
@@ -93,6 +97,26 @@ class StageFailed(DinError):
     code = "stage_failed"
 
 
+class ReloadInProgress(DinError):
+    """Another hot reload is running; this one was not started."""
+
+    status = 409
+    code = "reload_in_progress"
+
+
+class ReloadRejected(DinError):
+    """A hot reload's bundle failed verification or could not be loaded; the live model keeps serving."""
+
+    status = 422
+    code = "bundle_rejected"
+
+
+class ReloadFailed(DinError):
+    """A hot reload's model loaded but failed its warm-up; the live model keeps serving."""
+
+    code = "reload_failed"
+
+
 class ServiceUnavailable(DinError):
     status = 503
     code = "unavailable"
@@ -111,6 +135,13 @@ class StoreDown(ServiceUnavailable):
     """Redis did not answer (only for operations that cannot degrade, e.g. writes)."""
 
     code = "store_unavailable"
+
+
+class StoreTimeout(ServiceUnavailable):
+    """A write reached Redis but its answer did not come back (timeout, connection lost): it may or
+    may not have been applied. Retrying with the same idempotency keys (event ids) is safe."""
+
+    code = "store_timeout"
 
 
 class NotReady(ServiceUnavailable):

@@ -8,17 +8,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from model.errors import DinError
 from service.api import api_router
 from service.api.deps import AppState
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.live import LiveModel, load_ranker
+from service.live import LiveModel, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import RequestContext
 from service.ranker import Ranker
@@ -48,21 +50,29 @@ async def _warm_up(state: AppState, ranker: Ranker, gate: threading.Event | None
     log.info("model warmed up in %.2fs (%d rounds); ready", seconds, state.settings.warmup_rounds)
 
 
-def _describe(metrics: Metrics, ranker: Ranker) -> None:
-    metrics.model_info.info(
-        {
-            "model_version": ranker.model_version,
-            "format_version": str(ranker.bundle.manifest.get("format_version", "")),
-            "max_history": str(ranker.max_history),
-            "providers": ",".join(ranker.providers),
-        }
-    )
-    log.info(
-        "loaded bundle %s model_version=%s providers=%s",
-        ranker.bundle.path,
-        ranker.model_version,
-        ",".join(ranker.providers),
-    )
+def _reload_on_sighup(state: AppState, stack: contextlib.AsyncExitStack) -> None:
+    """SIGHUP reloads the configured bundle (outcome in the log and `din_reloads_total`). Only the main
+    thread's event loop can take signals: an app run elsewhere (tests, embedding) goes without."""
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            await state.live.reload(state.settings, state.metrics)
+        except DinError as e:
+            log.error("SIGHUP reload refused: %s", e.message)
+
+    def on_signal() -> None:
+        task = loop.create_task(reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_signal)
+    except (ValueError, RuntimeError, NotImplementedError):
+        log.debug("not the main thread's event loop: SIGHUP does not reload here")
+        return
+    stack.callback(loop.remove_signal_handler, signal.SIGHUP)
 
 
 def create_app(
@@ -98,7 +108,8 @@ def create_app(
             )
             state.batcher.start()
             stack.push_async_callback(state.batcher.stop)
-            _describe(state.metrics, r)
+            describe(state.metrics, r)
+            _reload_on_sighup(state, stack)
             warm = asyncio.create_task(_warm_up(state, r, warmup_gate))
             try:
                 yield
@@ -106,9 +117,7 @@ def create_app(
                 warm.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await warm
-                state.ready = False
-                state.not_ready_reason = "shutting_down"
-                state.metrics.ready.set(0)
+                state.begin_shutdown()
 
     app = FastAPI(
         title="din-rank",

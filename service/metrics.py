@@ -67,7 +67,10 @@ class Metrics:
             "din_cancelled_requests", "requests dropped because the caller went away", registry=r
         )
         self.events_written = Counter("din_events_written", "behaviours appended through /events", registry=r)
-        self.model_info = Info("din_model", "the loaded bundle", registry=r)
+        self.model_info = Info("din_model", "the live bundle", registry=r)
+        self.reloads = Counter(
+            "din_reloads", "hot reloads, by outcome (ok, rejected, failed, busy)", ["outcome"], registry=r
+        )
         self.ready = Gauge("din_ready", "1 when the model is loaded and warmed up", registry=r)
         self.warmup_seconds = Gauge("din_warmup_seconds", "time the warm-up took", registry=r)
 

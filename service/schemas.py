@@ -182,3 +182,25 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "overloaded (with Retry-After) or a dependency is down"},
     500: {"model": ErrorBody, "description": "internal error (logged with the request id)"},
 }
+
+
+# ------------------------------------------------------------------ admin
+
+
+class ReloadRequest(BaseModel):
+    """Reload a bundle: load and verify it beside the live model, warm it up, then switch."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"bundle": "/models/bundle-v2"}]}
+    )
+
+    bundle: str | None = Field(
+        None, min_length=1, max_length=4096, description="bundle directory (default: DIN_BUNDLE)"
+    )
+
+
+class ReloadResponse(BaseModel):
+    model_version: str = Field(description="the model serving now")
+    previous_version: str | None = Field(description="the model it replaced")
+    bundle: str
+    seconds: float = Field(description="load, verify and warm-up time")

@@ -3,6 +3,11 @@
 Flags are generated from `Settings`, so `--redis-url` is always `DIN_REDIS_URL`; a flag beats the
 environment. The bundle is loaded and verified before uvicorn starts, so a corrupt bundle is one
 clear line on stderr and exit code 2, never a traceback.
+
+Shutdown (SIGTERM): /readyz answers 503 shutting_down at once while requests are still served for
+DIN_SHUTDOWN_DRAIN_S (load balancers notice and stop sending), then uvicorn stops listening and
+finishes the requests in flight, the lifespan stops the batcher, the private redis-server (if any)
+shuts down with its data flushed, and the process exits 0. A second signal, or SIGINT, skips the drain.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 import types
 import typing
 from typing import Any
@@ -62,6 +68,32 @@ def _ignore(signum: int, frame: types.FrameType | None) -> None:
     pass
 
 
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with a drain before its graceful shutdown on the first SIGTERM."""
+
+        def __init__(self, config: uvicorn.Config, *, drain_s: float, on_drain: Any) -> None:
+            super().__init__(config)
+            self.drain_s = drain_s
+            self.on_drain = on_drain
+            self._drain: threading.Timer | None = None
+
+        def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+            if sig == signal.SIGTERM and self._drain is None and self.drain_s > 0 and self.started:
+                self.on_drain()  # not ready from now on; still serving
+                self._drain = threading.Timer(self.drain_s, super().handle_exit, (sig, frame))
+                self._drain.daemon = True
+                self._drain.start()
+                return
+            if self._drain is not None:
+                self._drain.cancel()  # a second signal: stop now
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     try:
@@ -107,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
             access_log=False,  # the app logs each request itself, with its request id
             timeout_graceful_shutdown=10,
         )
-        uv = uvicorn.Server(config)
+        server_class = _draining_server_class()
+        uv = server_class(config, drain_s=settings.shutdown_drain_s, on_drain=app.state.din.begin_shutdown)
         # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal under the
         # handlers it found. Found handlers that ignore it let us stop the private redis-server and
         # exit 0 (a clean stop) instead of dying by the signal with a child left behind.

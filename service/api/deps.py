@@ -30,6 +30,12 @@ class AppState:
     ready: bool = False  # model loaded and warmed up
     not_ready_reason: str = "starting"
 
+    def begin_shutdown(self) -> None:
+        """From now on /readyz answers 503 shutting_down (requests are still served while draining)."""
+        self.ready = False
+        self.not_ready_reason = "shutting_down"
+        self.metrics.ready.set(0)
+
 
 async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.din

@@ -38,7 +38,7 @@ class BundleInfo:
     def reference(self, candidates: list[str], history: list[str]) -> list[float]:
         """PyTorch reference CTRs (the paper's tiled `forward`): history newest first, cut to T."""
         vocab = Vocab(self.items)
-        hist = vocab.lookup(history[:MAX_HISTORY]).tolist()
+        hist = vocab.lookup(history[: self.model.cfg.max_history]).tolist()
         n = len(candidates)
         target = torch.from_numpy(vocab.lookup(candidates))
         width = max(1, len(hist))
@@ -50,21 +50,32 @@ class BundleInfo:
             return torch.sigmoid(self.model(target, h, hist_len)).tolist()
 
 
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_HISTORY) -> BundleInfo:
+    """Export a random DIN (weights scaled so scores spread) as a bundle at `path`."""
     g = torch.Generator().manual_seed(7)
     item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
     item_cate[0], item_cate[1] = 0, 1
-    cfg = DINConfig(n_items=N_ITEMS, n_categories=N_CATE, max_history=MAX_HISTORY)
-    model = build_model(cfg, item_cate, seed=7)
+    cfg = DINConfig(n_items=N_ITEMS, n_categories=N_CATE, max_history=max_history)
+    model = build_model(cfg, item_cate, seed=seed)
     with torch.no_grad():  # random init gives scores near 0.5; scaled weights make them spread
         for p in model.parameters():
             p.mul_(3.0)
     model.eval()
     items = ["<pad>", "<oov>", *(f"i{k}" for k in range(2, N_ITEMS))]
-    path = tmp_path_factory.mktemp("bundle") / "bundle"
-    manifest = export_model(model, items, path, model_version="test-v1", metrics={"auc": 0.5})
+    manifest = export_model(model, items, path, model_version=version, metrics={"auc": 0.5})
     return BundleInfo(model, items, path, manifest)
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle", seed=7, version="test-v1")
+
+
+@pytest.fixture(scope="session")
+def bundle_v2(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+    """Another model (other weights, a shorter T) for hot reloads."""
+    path = tmp_path_factory.mktemp("bundle") / "bundle"
+    return make_bundle(path, seed=11, version="test-v2", max_history=10)
 
 
 def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -64,36 +65,43 @@ def test_missing_bundle_and_bad_flag_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path) -> None:
+def _serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start `din serve ARGS` on a free port and wait until /readyz answers 200. Returns (process, URL)."""
     port = free_port()
+    cmd = [sys.executable, "-m", "cli", "serve", *args, "--port", str(port), "--warmup-rounds", "1"]
+    env = {**os.environ, "DIN_PROVIDERS": "CPUExecutionProvider", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    with httpx.Client(base_url=url, timeout=10) as c:
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if c.get("/readyz").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "din serve did not become ready"
+            time.sleep(0.05)
+
+
+def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path) -> None:
     data = tmp_path / "redis-data"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli",
-        "serve",
+    # the flag beats the environment; the environment fills in what no flag gives
+    proc, url = _serve(
         "--bundle",
         str(bundle.path),
         "--redis-data",
         str(data),
-    ]
-    cmd += ["--port", str(port), "--warmup-rounds", "1", "--log-json", "--max-candidates", "3"]
-    # the flag beats the environment; the environment fills in what no flag gives
-    env = {**os.environ, "DIN_MAX_CANDIDATES": "50", "DIN_PROVIDERS": "CPUExecutionProvider"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        "--log-json",
+        "--max-candidates",
+        "3",
+        "--shutdown-drain-s",
+        "0",
+        env={"DIN_MAX_CANDIDATES": "50"},
+    )
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
         with httpx.Client(base_url=url, timeout=10) as c:
-            while True:
-                assert proc.poll() is None, proc.communicate()[1]
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "din serve did not become ready"
-                time.sleep(0.05)
             assert (data / "redis.url").exists()  # the private redis-server runs on the data dir
             events = {"events": [{"user_id": "zoe", "item_id": "i4"}, {"user_id": "zoe", "item_id": "i5"}]}
             assert c.post("/events", json=events).json() == {"written": 2}
@@ -122,3 +130,80 @@ def test_readme_documents_every_setting() -> None:
     documented = set(re.findall(r"`DIN_([A-Z0-9_]+)`", readme))
     missing = [name for name in Settings.model_fields if name.upper() not in documented]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_sigterm_drains_then_exits_cleanly_under_load(bundle: BundleInfo, tmp_path: Path) -> None:
+    data = tmp_path / "redis-data"
+    drain = 1.5
+    proc, url = _serve(
+        "--bundle", str(bundle.path), "--redis-data", str(data), "--shutdown-drain-s", str(drain)
+    )
+    body = {"user_id": "u", "candidates": ["i2", "i3", "i4"], "history": ["i5", "i6"]}
+
+    async def go() -> tuple[list[int], float, float]:
+        statuses: list[int] = []
+        not_ready = asyncio.Event()
+        async with httpx.AsyncClient(base_url=url, timeout=10) as ac:
+
+            async def client() -> None:  # stops sending once readiness says so, as a load balancer does
+                while not not_ready.is_set():
+                    statuses.append((await ac.post("/rank", json=body)).status_code)
+
+            async def probe() -> None:
+                while (await ac.get("/readyz")).status_code == 200:
+                    await asyncio.sleep(0.01)
+                not_ready.set()
+
+            clients = [asyncio.create_task(client()) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            await probe()
+            seen_not_ready = time.monotonic() - t0
+            ready = await ac.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["reason"] == "shutting_down"
+            await asyncio.gather(*clients)
+            during = await ac.post("/rank", json=body)  # still served while draining
+            statuses.append(during.status_code)
+        exited = await asyncio.to_thread(proc.wait, 30)
+        assert exited == 0
+        return statuses, seen_not_ready, time.monotonic() - t0
+
+    statuses, seen_not_ready, total = asyncio.run(go())
+    _, stderr = proc.communicate(timeout=10)
+    assert len(statuses) > 10 and set(statuses) == {200}, statuses
+    assert seen_not_ready < 1.0  # readiness fails at once, not after the drain
+    assert total >= drain  # and the process kept serving through the drain
+    assert not (data / "redis.url").exists()  # the private redis-server was stopped cleanly
+    assert "Traceback" not in stderr
+
+
+def test_sighup_reloads_the_configured_bundle(
+    bundle: BundleInfo, bundle_v2: BundleInfo, tmp_path: Path
+) -> None:
+    live = tmp_path / "live-bundle"
+    shutil.copytree(bundle.path, live)
+    proc, url = _serve("--bundle", str(live), "--redis-data", str(tmp_path / "r"), "--shutdown-drain-s", "0")
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/model").json()["model_version"] == "test-v1"
+            shutil.rmtree(live)
+            shutil.copytree(bundle_v2.path, live)  # a deploy puts the new bundle in place, then signals
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while c.get("/model").json()["model_version"] != "test-v2":
+                assert time.monotonic() < deadline, "SIGHUP did not reload"
+                time.sleep(0.05)
+            r = c.post("/rank", json={"user_id": "u", "candidates": ["i2"], "history": ["i3"]})
+            assert r.status_code == 200 and r.json()["model_version"] == "test-v2"
+            # a broken bundle on SIGHUP is refused: the running model serves on
+            (live / "model.onnx").write_bytes(b"broken")
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            assert c.get("/model").json()["model_version"] == "test-v2"
+            assert c.get("/readyz").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "SIGHUP reload refused" in stderr and "checksum mismatch for model.onnx" in stderr
