@@ -38,7 +38,9 @@ _SHUTTING_DOWN = "the service is shutting down; retry on another replica"
 
 
 class HistorySource(Protocol):
-    async def get_histories(self, user_ids: list[str], max_history: int) -> list[list[str]]: ...
+    async def get_histories(
+        self, user_ids: list[str], max_history: int
+    ) -> list[list[str] | StoreUnavailable]: ...  # per user: the history, or why it could not be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,16 +204,15 @@ class Batcher:
             if not jobs:
                 return
             histories = [histories[i] for i in jobs]
+            degraded = [degraded[i] for i in jobs]
             live = [batch[i] for i in jobs]
             scores = await self._infer(ranker, live, histories)
         except Exception as e:
             self._fail(batch, e)
             return
         T = ranker.max_history
-        for job, hist, s in zip(live, histories, scores, strict=True):
+        for job, hist, s, why in zip(live, histories, scores, degraded, strict=True):
             if not job.future.done():
-                # an explicit history never touched Redis, so it is never degraded
-                why = degraded if job.history is None else None
                 job.future.set_result(RankResult(s, min(len(hist), T), why, ranker.model_version))
 
     def _still_waiting(self, batch: list[_Job]) -> list[int]:
@@ -220,24 +221,36 @@ class Batcher:
             self.metrics.cancelled.inc(len(batch) - len(keep))
         return keep
 
-    async def _read_histories(self, jobs: list[_Job], max_history: int) -> tuple[list[list[str]], str | None]:
-        """Explicit histories as given; the others from Redis in one pipelined round trip."""
+    async def _read_histories(
+        self, jobs: list[_Job], max_history: int
+    ) -> tuple[list[list[str]], list[str | None]]:
+        """Explicit histories as given (never degraded: they do not touch Redis); the others from
+        Redis in one pipelined round trip. Per job: its history, and why it is degraded (or None).
+        Redis down degrades every job that needed it; a key that cannot be read degrades its job alone."""
         histories: list[list[str]] = [job.history or [] for job in jobs]
+        degraded: list[str | None] = [None] * len(jobs)
         need = [i for i, job in enumerate(jobs) if job.history is None]
         if not need:
-            return histories, None
+            return histories, degraded
         t0 = time.perf_counter()
         try:
             got = await self.store.get_histories([jobs[i].user_id for i in need], max_history)
         except StoreUnavailable as e:
             self.metrics.degraded.labels(reason="redis_unavailable").inc(len(need))
             log.warning("redis unavailable, ranking %d requests with empty histories: %s", len(need), e)
-            return histories, "redis_unavailable"
+            for i in need:
+                degraded[i] = "redis_unavailable"
+            return histories, degraded
         finally:
             self.metrics.redis_latency.labels(op="get_histories").observe(time.perf_counter() - t0)
         for i, hist in zip(need, got, strict=True):
-            histories[i] = hist
-        return histories, None
+            if isinstance(hist, StoreUnavailable):
+                self.metrics.degraded.labels(reason="history_unreadable").inc()
+                log.warning("history of %r unreadable, ranking with an empty one: %s", jobs[i].user_id, hist)
+                degraded[i] = "history_unreadable"
+            else:
+                histories[i] = hist
+        return histories, degraded
 
     async def _infer(self, ranker: Ranker, jobs: list[_Job], histories: list[list[str]]) -> list[np.ndarray]:
         """One ONNX Runtime call for the whole batch, in the worker thread."""

@@ -203,3 +203,22 @@ def test_redis_error_reply_is_store_unavailable(redis_url: str) -> None:
             await client.aclose()
 
     _run(go())
+
+
+# ------------------------------------------------------------------ reads, per user
+
+
+def test_a_wrong_typed_key_fails_its_user_alone(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client)
+        try:
+            await store.append_events([("a", "i1"), ("c", "i3")], 100)
+            await client.set("din:hist:b", "not a list")
+            got = await store.get_histories(["a", "b", "c", "nobody"], 100)
+            assert got[0] == ["i1"] and got[2] == ["i3"] and got[3] == []
+            assert isinstance(got[1], StoreUnavailable) and "din:hist:b" in str(got[1])
+        finally:
+            await client.aclose()
+
+    _run(go())
