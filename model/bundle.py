@@ -1,13 +1,15 @@
 """The bundle contract shared by `din export` (writes it) and the service (reads it): the format
 version, the serving graph's inputs and output, the checksums, and `load_bundle`, which verifies a
-bundle before anything serves it. No torch here: the serving image imports this module."""
+bundle before anything serves it. No torch and no onnx here: the serving image imports this module,
+so model.onnx is checked with a small protobuf reader of its own (the end of this module)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from model.errors import BundleError
@@ -55,9 +57,14 @@ class Bundle:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read manifest.json, verify the sha256 of every file it lists, read the item vocabulary.
+    """Read manifest.json, verify the sha256 of every file it lists, check model.onnx, read the
+    item vocabulary.
 
-    Raises BundleError naming the file on anything missing, corrupt or inconsistent.
+    Every file the manifest lists must lie inside the bundle directory (checked before any is read).
+    model.onnx must be self-contained (no external data), use only operators ONNX Runtime has built
+    in (or functions defined in the model itself) and have the contract's inputs and output.
+    Raises BundleError naming the file and the reason on anything missing, corrupt, inconsistent
+    or refused.
     """
     path = Path(path)
     mpath = path / "manifest.json"
@@ -90,18 +97,355 @@ def load_bundle(path: str | Path) -> Bundle:
     for name in ("model.onnx", "items.txt"):
         if name not in files:
             raise BundleError(f"bundle {path}: manifest.json lists no checksum for {name}")
+    for name in files:  # before anything is read: a name must not reach outside the bundle
+        why = _outside(path, name)
+        if why:
+            raise BundleError(
+                f"bundle {path}: manifest.json lists {name!r}, which {why}; "
+                "a bundle's files must lie inside its directory"
+            )
+    graph = b""
     for name, want in files.items():
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"bundle {path}: {name} is missing")
-        got = sha256_file(fpath)
+        if name == "model.onnx":  # hashed and checked from the same bytes
+            if fpath.stat().st_size > _MAX_PROTOBUF:
+                raise BundleError(f"bundle {path}: model.onnx is over 2 GiB, more than protobuf can hold")
+            graph = fpath.read_bytes()
+            got = hashlib.sha256(graph).hexdigest()
+        else:
+            got = sha256_file(fpath)
         if got != want:
             raise BundleError(
                 f"bundle {path}: checksum mismatch for {name} (sha256 {got[:12]}..., "
                 f"manifest says {str(want)[:12]}...): the file is corrupt or was changed after export"
             )
+    try:
+        check_model(graph)
+    except BundleError as e:
+        raise BundleError(f"bundle {path}: {e}") from None
     items = read_vocab(path / "items.txt")
     n_items = manifest.get("vocab", {}).get("items")
     if n_items is not None and n_items != len(items):
         raise BundleError(f"bundle {path}: items.txt has {len(items)} ids, manifest says {n_items}")
     return Bundle(path=path, manifest=manifest, vocab=Vocab(items))
+
+
+def _outside(root: Path, name: object) -> str | None:
+    """Why a manifest file name would leave the bundle directory `root`, or None when it stays in."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return "is not a file name"
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute():
+        return "is an absolute path"
+    if ".." in parts:
+        return "has a '..' part"
+    if not parts:
+        return "is not a file name"
+    try:  # symlinks followed, the bundle directory's own included
+        base, resolved = root.resolve(), (root / name).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        return f"cannot be resolved ({e})"
+    if resolved == base or not resolved.is_relative_to(base):
+        return f"resolves to {resolved}, outside the bundle directory"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- model.onnx
+#
+# The serving image has no `onnx` package, so model.onnx is read here at the protobuf wire level:
+# only the fields of onnx.proto the checks need, everything else skipped. Length-delimited fields
+# are memoryview slices of the file, so tensor payloads (raw_data) are stepped over, never copied.
+
+# Operator domains ONNX Runtime runs with no custom-op library: ONNX ("" and its alias "ai.onnx"),
+# ONNX-ML ("ai.onnx.ml") and Microsoft's contrib ops ("com.microsoft"), the domains every standard
+# ONNX Runtime build registers kernels for. Not "ai.onnx.preview.training" (kernels only in training
+# builds), nor ORT's internal layout domains ("com.microsoft.nchwc", "com.ms.internal.nhwc"), which
+# ORT's own optimizer inserts into a graph after loading it. Anything else needs code from outside
+# ONNX Runtime (a custom-op library), which the service never loads.
+BUILTIN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+_MAX_PROTOBUF = 2**31 - 1  # bytes: the most one protobuf message (so one model.onnx) can hold
+_MAX_NESTING = 32  # subgraphs in subgraphs (If/Loop/Scan bodies): far more than a real model has
+
+
+# onnx.proto field numbers (published numbers never change), per message.
+class _Model:
+    GRAPH, OPSET_IMPORT, TRAINING_INFO, FUNCTIONS = 7, 8, 20, 25
+
+
+class _OpsetId:
+    DOMAIN = 1
+
+
+class _TrainingInfo:
+    INITIALIZATION, ALGORITHM = 1, 2
+
+
+class _Function:
+    NAME, NODE, OPSET_IMPORT, DOMAIN, ATTRIBUTE_PROTO, OVERLOAD = 1, 7, 9, 10, 11, 13
+
+
+class _Graph:
+    NODE, INITIALIZER, INPUT, OUTPUT, SPARSE_INITIALIZER = 1, 5, 11, 12, 15
+
+
+class _Node:
+    NAME, OP_TYPE, ATTRIBUTE, DOMAIN, OVERLOAD = 3, 4, 5, 7, 8
+
+
+class _Attribute:
+    NAME, T, G, TENSORS, GRAPHS, SPARSE_TENSOR, SPARSE_TENSORS = 1, 5, 6, 10, 11, 22, 23
+
+
+class _Tensor:
+    NAME, EXTERNAL_DATA, DATA_LOCATION = 8, 13, 14
+    DEFAULT = 0  # DataLocation: the data is in the tensor itself (EXTERNAL = 1: in another file)
+
+
+class _SparseTensor:
+    VALUES, INDICES = 1, 2
+
+
+class _ValueInfo:
+    NAME, TYPE = 1, 2
+
+
+class _Type:
+    TENSOR_TYPE = 1  # TypeProto.tensor_type; Tensor: elem_type 1, shape 2; TensorShapeProto: dim 1
+    ELEM_TYPE, SHAPE, DIM = 1, 2, 1
+    FLOAT, INT64 = 1, 7  # TensorProto.DataType
+
+
+_DTYPE_NAMES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 8: "string", 9: "bool"}
+_DTYPE_NAMES |= {10: "float16", 11: "float64", 16: "bfloat16"}
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # protobuf wire types (3 and 4, groups, are not used by ONNX)
+
+
+class _Malformed(Exception):
+    """The bytes are not a protobuf ModelProto."""
+
+
+class _Refused(Exception):
+    """A well-formed model that breaks a rule; the message completes "model.onnx ..."."""
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """The base-128 varint at buf[pos:] and the position after it."""
+    value = shift = 0
+    while shift < 70:
+        if pos >= len(buf):
+            raise _Malformed("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _Malformed("varint longer than 10 bytes")
+
+
+def _wire_fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) of each field of one message: an int for a varint, a slice for a
+    length-delimited field; fixed-width values (floats, doubles) are skipped, as 0."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _Malformed("field number 0")
+        value: int | memoryview
+        if wire == _VARINT:
+            value, pos = _varint(buf, pos)
+        elif wire == _LEN:
+            size, pos = _varint(buf, pos)
+            if size > end - pos:
+                raise _Malformed(f"field {number} runs past the end of its message")
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire in (_I64, _I32):
+            value, pos = 0, pos + (8 if wire == _I64 else 4)
+            if pos > end:
+                raise _Malformed(f"field {number} runs past the end of its message")
+        else:
+            raise _Malformed(f"wire type {wire} (field {number})")
+        yield number, value
+
+
+class _Message:
+    """One protobuf message, its fields decoded one level deep. Several chunks are merged as protobuf
+    merges a singular message field that occurs more than once: repeated fields add up, the last
+    scalar wins."""
+
+    def __init__(self, *chunks: memoryview) -> None:
+        self.fields: dict[int, list[int | memoryview]] = {}
+        for chunk in chunks:
+            for number, value in _wire_fields(chunk):
+                self.fields.setdefault(number, []).append(value)
+
+    def has(self, number: int) -> bool:
+        return number in self.fields
+
+    def _chunks(self, number: int) -> list[memoryview]:
+        values = self.fields.get(number, [])
+        if not all(isinstance(v, memoryview) for v in values):
+            raise _Malformed(f"field {number} should be length-delimited")
+        return values  # type: ignore[return-value]
+
+    def messages(self, number: int) -> list[_Message]:
+        """A repeated message field."""
+        return [_Message(chunk) for chunk in self._chunks(number)]
+
+    def message(self, number: int) -> _Message:
+        """A singular message field (empty when absent)."""
+        return _Message(*self._chunks(number))
+
+    def string(self, number: int) -> str:
+        chunks = self._chunks(number)
+        try:
+            return str(chunks[-1], "utf-8") if chunks else ""
+        except UnicodeDecodeError:
+            raise _Malformed(f"field {number} is not UTF-8") from None
+
+    def integer(self, number: int) -> int:
+        values = self.fields.get(number, [0])
+        if not isinstance(values[-1], int):
+            raise _Malformed(f"field {number} should be a varint")
+        return values[-1]
+
+
+def check_model(data: bytes) -> None:
+    """Check the bytes of model.onnx: self-contained, built-in operators only, the contract's inputs
+    and output. Raises BundleError("model.onnx ...") saying why not."""
+    try:
+        _check_model(data)
+    except _Malformed as e:
+        raise BundleError(f"model.onnx cannot be loaded: not a valid ONNX model ({e})") from None
+    except _Refused as e:
+        raise BundleError(f"model.onnx {e}") from None
+
+
+def _check_model(data: bytes) -> None:
+    model = _Message(memoryview(data))
+    if not model.has(_Model.GRAPH):
+        raise _Refused("has no graph")
+    functions = model.messages(_Model.FUNCTIONS)
+    local = {
+        (f.string(_Function.DOMAIN), f.string(_Function.NAME), f.string(_Function.OVERLOAD))
+        for f in functions
+    }
+    _check_opsets(model.messages(_Model.OPSET_IMPORT), local, "")
+    graph = model.message(_Model.GRAPH)
+    _check_interface(graph)
+    _check_graph(graph, local, "", 0)
+    for f in functions:
+        where = f" in function {f.string(_Function.DOMAIN)}::{f.string(_Function.NAME)}"
+        _check_opsets(f.messages(_Function.OPSET_IMPORT), local, where)
+        for node in f.messages(_Function.NODE):
+            _check_node(node, local, where, 0)
+        for attribute in f.messages(_Function.ATTRIBUTE_PROTO):  # defaults of the function's attributes
+            _check_attribute(attribute, local, where, 0)
+    for info in model.messages(_Model.TRAINING_INFO):
+        for number in (_TrainingInfo.INITIALIZATION, _TrainingInfo.ALGORITHM):
+            _check_graph(info.message(number), local, " in training_info", 0)
+
+
+def _check_opsets(opsets: list[_Message], local: set[tuple[str, str, str]], where: str) -> None:
+    own = {domain for domain, _, _ in local}
+    for opset in opsets:
+        domain = opset.string(_OpsetId.DOMAIN)
+        if domain not in BUILTIN_DOMAINS and domain not in own:
+            raise _Refused(
+                f"imports operator set {domain!r}{where}, which ONNX Runtime does not have built in "
+                f"(allowed: {sorted(BUILTIN_DOMAINS)} and the model's own functions)"
+            )
+
+
+def _check_graph(graph: _Message, local: set[tuple[str, str, str]], where: str, depth: int) -> None:
+    if depth > _MAX_NESTING:
+        raise _Refused(f"nests subgraphs more than {_MAX_NESTING} deep{where}")
+    for tensor in graph.messages(_Graph.INITIALIZER):
+        _check_tensor(tensor, "initializer", where)
+    for sparse in graph.messages(_Graph.SPARSE_INITIALIZER):
+        _check_sparse(sparse, "sparse initializer", where)
+    for node in graph.messages(_Graph.NODE):
+        _check_node(node, local, where, depth)
+
+
+def _check_node(node: _Message, local: set[tuple[str, str, str]], where: str, depth: int) -> None:
+    domain, op = node.string(_Node.DOMAIN), node.string(_Node.OP_TYPE)
+    if domain not in BUILTIN_DOMAINS and (domain, op, node.string(_Node.OVERLOAD)) not in local:
+        raise _Refused(
+            f"node {node.string(_Node.NAME)!r}{where} runs operator {op!r} of domain {domain!r}, which "
+            f"ONNX Runtime does not have built in (allowed: {sorted(BUILTIN_DOMAINS)} and the model's "
+            "own functions)"
+        )
+    of_node = f" of node {node.string(_Node.NAME) or op!r}{where}"
+    for attribute in node.messages(_Node.ATTRIBUTE):
+        _check_attribute(attribute, local, of_node, depth)
+
+
+def _check_attribute(attribute: _Message, local: set[tuple[str, str, str]], where: str, depth: int) -> None:
+    where = f" in attribute {attribute.string(_Attribute.NAME)!r}{where}"
+    for number in (_Attribute.T, _Attribute.TENSORS):
+        for tensor in attribute.messages(number):
+            _check_tensor(tensor, "tensor", where)
+    for number in (_Attribute.SPARSE_TENSOR, _Attribute.SPARSE_TENSORS):
+        for sparse in attribute.messages(number):
+            _check_sparse(sparse, "sparse tensor", where)
+    for number in (_Attribute.G, _Attribute.GRAPHS):  # If/Loop/Scan bodies, and any other subgraph
+        for graph in attribute.messages(number):
+            _check_graph(graph, local, where, depth + 1)
+
+
+def _check_sparse(sparse: _Message, kind: str, where: str) -> None:
+    for number in (_SparseTensor.VALUES, _SparseTensor.INDICES):
+        if sparse.has(number):
+            _check_tensor(sparse.message(number), kind, where)
+
+
+def _check_tensor(tensor: _Message, kind: str, where: str) -> None:
+    if tensor.has(_Tensor.EXTERNAL_DATA) or tensor.integer(_Tensor.DATA_LOCATION) != _Tensor.DEFAULT:
+        raise _Refused(
+            f"{kind} {tensor.string(_Tensor.NAME)!r}{where} keeps its data in another file "
+            "(external data); a bundle's graph must be self-contained"
+        )
+
+
+def _tensor_type(value: _Message) -> tuple[int, int | None] | None:
+    """(elem_type, rank or None when the shape is unknown) of a tensor value; None for other types."""
+    type_ = value.message(_ValueInfo.TYPE)
+    if not type_.has(_Type.TENSOR_TYPE):
+        return None
+    tensor = type_.message(_Type.TENSOR_TYPE)
+    rank = len(tensor.message(_Type.SHAPE).messages(_Type.DIM)) if tensor.has(_Type.SHAPE) else None
+    return tensor.integer(_Type.ELEM_TYPE), rank
+
+
+def _describe(found: tuple[int, int | None] | None) -> str:
+    if found is None:
+        return "not a tensor"
+    elem, rank = found
+    dtype = _DTYPE_NAMES.get(elem, f"data type {elem}")
+    return f"{dtype} of unknown rank" if rank is None else f"{dtype} of rank {rank}"
+
+
+def _check_interface(graph: _Message) -> None:
+    """Inputs exactly INPUTS (int64, their ranks); outputs include OUTPUTS (float32, their ranks)."""
+    inputs = graph.messages(_Graph.INPUT)
+    names = [value.string(_ValueInfo.NAME) for value in inputs]
+    if sorted(names) != sorted(INPUTS):
+        raise _Refused(f"has inputs {names}, the contract is {list(INPUTS)}")
+    outputs = {value.string(_ValueInfo.NAME): value for value in graph.messages(_Graph.OUTPUT)}
+    missing = [name for name in OUTPUTS if name not in outputs]
+    if missing:
+        raise _Refused(f"has no output {missing[0]!r} (its outputs: {list(outputs)})")
+    wanted = [(n, "input", _Type.INT64, INPUTS[n], v) for n, v in zip(names, inputs, strict=True)]
+    wanted += [(n, "output", _Type.FLOAT, dims, outputs[n]) for n, dims in OUTPUTS.items()]
+    for name, kind, elem, dims, value in wanted:
+        found = _tensor_type(value)
+        if found != (elem, len(dims)):
+            raise _Refused(
+                f"{kind} {name!r} is {_describe(found)}, the contract is {_describe((elem, len(dims)))}"
+            )
