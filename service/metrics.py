@@ -67,6 +67,16 @@ class Metrics:
             "din_cancelled_requests", "requests dropped because the caller went away", registry=r
         )
         self.events_written = Counter("din_events_written", "behaviours appended through /events", registry=r)
+        self.events_duplicates = Counter(
+            "din_events_duplicates", "events /events skipped: their event_id was already written", registry=r
+        )
+        self.events_failures = Counter(
+            "din_events_failures",
+            "/events calls that failed, by reason (store_unavailable: nothing written, store_timeout: "
+            "outcome unknown)",
+            ["reason"],
+            registry=r,
+        )
         self.model_info = Info("din_model", "the live bundle", registry=r)
         self.reloads = Counter(
             "din_reloads", "hot reloads, by outcome (ok, rejected, failed, busy)", ["outcome"], registry=r

@@ -34,7 +34,7 @@ _RANK_EXAMPLE: dict[str, Any] = {
 _EVENTS_EXAMPLE: dict[str, Any] = {
     "events": [
         {"user_id": "A1B2C3D4", "item_id": "B00ITEM002", "ts": 1700000000},
-        {"user_id": "A1B2C3D4", "item_id": "B00ITEM003", "ts": 1700000060},
+        {"user_id": "A1B2C3D4", "item_id": "B00ITEM003", "ts": 1700000060, "event_id": "click-7f3a91"},
     ]
 }
 
@@ -53,6 +53,13 @@ class RankRequest(BaseModel):
     )
 
 
+_EVENT_ID_DOC = (
+    "idempotency key: an event whose event_id was already written (within the dedup window, "
+    "DIN_EVENTS_DEDUP_TTL_S) or appears earlier in the same call is skipped and counted in `duplicates`, "
+    "so a retry with the same event_ids never writes an event twice; events without one are always written"
+)
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,10 +71,12 @@ class Event(BaseModel):
         allow_inf_nan=False,
         description="event time (any monotonic unit, e.g. unix seconds)",
     )
+    event_id: str | None = Field(None, description=_EVENT_ID_DOC)
 
 
 class EventsRequest(BaseModel):
-    """Append behaviours. Sorted by `ts` (stable; events without `ts` count as newest) before writing."""
+    """Append behaviours, all or nothing. Sorted by `ts` (stable; events without `ts` count as newest)
+    before writing; an event whose `event_id` was already written is skipped."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVENTS_EXAMPLE]})
 
@@ -118,7 +127,13 @@ def request_models(settings: Settings) -> RequestModels:
             ),
         ),
     )
-    event = create_model("Event", __base__=Event, user_id=(Id, ...), item_id=(Id, ...))
+    event = create_model(
+        "Event",
+        __base__=Event,
+        user_id=(Id, ...),
+        item_id=(Id, ...),
+        event_id=(Id | None, Field(None, description=_EVENT_ID_DOC)),
+    )
     events = create_model(
         "EventsRequest",
         __base__=EventsRequest,
@@ -162,7 +177,10 @@ class RankResponse(BaseModel):
 
 
 class EventsResponse(BaseModel):
-    written: int
+    model_config = ConfigDict(json_schema_extra={"examples": [{"written": 2, "duplicates": 0}]})
+
+    written: int = Field(description="events appended to histories")
+    duplicates: int = Field(description="events skipped: their event_id was already written")
 
 
 class FieldError(BaseModel):

@@ -1,15 +1,35 @@
-"""POST /events: append behaviours to users' histories."""
+"""POST /events: append behaviours to users' histories, all or nothing, idempotent by event_id."""
 
 # No `from __future__ import annotations` here: see service/api/rank.py.
 
 import asyncio
+import logging
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from model.errors import StoreDown, StoreUnavailable
-from service.api.deps import LiveDep, MetricsDep, StoreDep
+from model.errors import StoreDown, StoreTimeout, StoreUnavailable
+from service.api.deps import LiveDep, MetricsDep, StateDep, StoreDep
 from service.schemas import ERROR_RESPONSES, EventsRequest, EventsResponse, JSONResponse, RequestModels
+
+log = logging.getLogger(__name__)
+
+# What clients are told. The store's own messages name keys and Redis errors: those go to the log.
+NOT_WRITTEN = "redis could not store the events; nothing was written"
+OUTCOME_UNKNOWN = (
+    "redis did not confirm the write in time: the events may or may not have been written; "
+    "retrying with the same event_ids is safe (an event without an event_id may be written twice)"
+)
+
+_RESPONSES = {
+    **ERROR_RESPONSES,
+    503: {
+        **ERROR_RESPONSES[503],
+        "description": "`store_unavailable`: nothing was written (Redis down, or a history it cannot "
+        "append to); `store_timeout`: the write was sent but not confirmed, so its outcome is unknown "
+        "and a retry with the same event_ids is safe",
+    },
+}
 
 
 def router(models: RequestModels) -> APIRouter:
@@ -19,12 +39,17 @@ def router(models: RequestModels) -> APIRouter:
     @api.post(
         "/events",
         response_model=EventsResponse,
-        responses=ERROR_RESPONSES,
+        responses=_RESPONSES,
         summary="Append behaviours to users' histories",
-        description="One MULTI/EXEC: all events are written or none. Redis down: 503, nothing written.",
+        description="One atomic Redis script: every event is written or none is. An event whose "
+        "`event_id` was already written (within DIN_EVENTS_DEDUP_TTL_S), or appears earlier in the "
+        "call, is skipped and counted in `duplicates`, so retries are safe. A 503 `store_unavailable` "
+        "means nothing was written; a 503 `store_timeout` means the outcome is unknown: retry with "
+        "the same event_ids.",
     )
     async def events(
         body: EventsBody,  # type: ignore[valid-type]
+        state: StateDep,
         store: StoreDep,
         live: LiveDep,
         metrics: MetricsDep,
@@ -33,16 +58,25 @@ def router(models: RequestModels) -> APIRouter:
         evs = req.events
         # Oldest first for the store; stable, and an event without ts counts as the newest.
         order = sorted(range(len(evs)), key=lambda i: (evs[i].ts is None, evs[i].ts or 0.0))
-        pairs = [(evs[i].user_id, evs[i].item_id) for i in order]
+        batch = [(evs[i].user_id, evs[i].item_id, evs[i].event_id) for i in order]
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            written = await store.append_events(pairs, live.current.max_history)
+            done = await store.append_events(
+                batch, live.current.max_history, dedup_ttl_s=state.settings.events_dedup_ttl_s
+            )
+        except StoreTimeout as e:
+            metrics.events_failures.labels(reason=e.code).inc()
+            log.warning("/events outcome unknown (%d events): %s", len(batch), e.message)
+            raise StoreTimeout(OUTCOME_UNKNOWN) from e
         except StoreUnavailable as e:
-            raise StoreDown(f"redis is unavailable, nothing was written: {e}") from e
+            metrics.events_failures.labels(reason=StoreDown.code).inc()
+            log.warning("/events refused, nothing written (%d events): %s", len(batch), e.message)
+            raise StoreDown(NOT_WRITTEN) from e
         finally:
             metrics.redis_latency.labels(op="append_events").observe(loop.time() - t0)
-        metrics.events_written.inc(written)
-        return JSONResponse({"written": written})
+        metrics.events_written.inc(done.written)
+        metrics.events_duplicates.inc(done.duplicates)
+        return JSONResponse({"written": done.written, "duplicates": done.duplicates})
 
     return api

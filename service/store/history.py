@@ -2,24 +2,84 @@
 
 Reads for a batch of users are one pipelined round trip, answered per user: a key Redis cannot read
 as a list (WRONGTYPE) fails that user alone (`get_histories` returns a `StoreUnavailable` in its
-place), while a Redis that does not answer fails the whole call. Appends are one MULTI/EXEC. T (how
-much of a history is read or kept) comes from the model that will use it, per call, so a model swap
-changes it in one place. Every Redis failure surfaces as `StoreUnavailable`, which the service maps
-to a degraded ranking (reads) or a 503 (writes).
+place), while a Redis that does not answer fails the whole call. T (how much of a history is read or
+kept) comes from the model that will use it, per call, so a model swap changes it in one place.
+
+Appends are one Lua script (`_APPEND`, EVALSHA with an EVAL fallback): Redis runs it atomically,
+and it checks everything that could fail before its first write, so a call is written entirely or
+not at all. Events may carry an id; an id written within `dedup_ttl_s` is skipped, which makes a
+retry safe. What a failed append tells the caller:
+
+- `StoreUnavailable`: nothing was written (no connection, or Redis refused the script, or a history
+  key holds something other than a list);
+- `StoreTimeout`: the script was sent but no answer came back (timeout, connection lost): the events
+  may or may not have been written; a retry with the same event ids writes each of them once.
+
+The messages of both name Redis internals (keys, errors): they are for the log, not for clients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 
-from model.errors import StoreUnavailable
-from service.store.keys import DEFAULT_PREFIX, history_key
+from model.errors import StoreTimeout, StoreUnavailable
+from service.store.keys import DEFAULT_PREFIX, event_key, history_key
 
-T = TypeVar("T")
+DEFAULT_DEDUP_TTL_S = 86400
+
+# One event for `append_events`: (user_id, item_id) or (user_id, item_id, event_id or None).
+EventIn = tuple[str, str] | tuple[str, str, str | None]
+
+# KEYS: the U history keys, then the K event-id keys.
+# ARGV: T, dedup ttl (s), U, then per event, oldest first: user index (1..U), item id, event-id index
+# (1..K, 0: no id).
+# Returns {written, duplicates}, or {-1, {user indices whose key is not a list}} having written nothing.
+# Why nothing is half written: a script is not rolled back, but every check comes before the first
+# write, and after the type check no write here can fail (LPUSH/LTRIM on a list or nothing, SET on
+# any key; Redis refuses writes for OOM only before a script's first write).
+_APPEND = """
+local T, ttl, U = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local bad = {}
+for u = 1, U do
+  local t = redis.call('TYPE', KEYS[u])['ok']
+  if t ~= 'list' and t ~= 'none' then bad[#bad + 1] = u end
+end
+if #bad > 0 then return {-1, bad} end
+local seen, push, written, dups = {}, {}, 0, 0
+for a = 4, #ARGV, 3 do
+  local u, item, k = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  local new = true
+  if k > 0 then
+    if seen[k] or redis.call('EXISTS', KEYS[U + k]) == 1 then new = false else seen[k] = true end
+  end
+  if new then
+    push[u] = push[u] or {}
+    table.insert(push[u], item)
+    written = written + 1
+  else
+    dups = dups + 1
+  end
+end
+for k in pairs(seen) do redis.call('SET', KEYS[U + k], '1', 'NX', 'EX', ttl) end
+for u, items in pairs(push) do
+  for i = 1, #items, 1000 do
+    redis.call('LPUSH', KEYS[u], unpack(items, i, math.min(i + 999, #items)))
+  end
+  redis.call('LTRIM', KEYS[u], 0, T - 1)
+end
+return {written, dups}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    written: int  # events pushed onto histories
+    duplicates: int  # events skipped: their id was already written (earlier, or earlier in this call)
 
 
 class HistoryStore:
@@ -28,6 +88,7 @@ class HistoryStore:
     def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
+        self._append = client.register_script(_APPEND)
 
     def key(self, user_id: str) -> str:
         return history_key(self.prefix, user_id)
@@ -58,23 +119,52 @@ class HistoryStore:
                 out.append([_text(item) for item in res])
         return out
 
-    async def append_events(self, events: list[tuple[str, str]], max_history: int) -> int:
-        """Append (user_id, item_id) pairs given oldest first, keeping each list to `max_history`;
-        all or nothing. Returns the number of events written."""
+    async def append_events(
+        self, events: Sequence[EventIn], max_history: int, *, dedup_ttl_s: int = DEFAULT_DEDUP_TTL_S
+    ) -> Appended:
+        """Append events given oldest first, keeping each list to `max_history`; all or nothing.
+        An event whose id was written within `dedup_ttl_s` seconds, or earlier in `events`, is skipped.
+        Raises `StoreUnavailable` (nothing was written) or `StoreTimeout` (outcome unknown)."""
         _check(max_history)
+        if dedup_ttl_s < 1:
+            raise ValueError(f"dedup_ttl_s must be >= 1, got {dedup_ttl_s}")
         if not events:
-            return 0
-        per_user: dict[str, list[str]] = {}
-        for user_id, item_id in events:
-            per_user.setdefault(user_id, []).append(item_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            for user_id, items in per_user.items():
-                key = self.key(user_id)
-                # LPUSH a b c leaves c b a: the newest event ends up first.
-                pipe.lpush(key, *items)
-                pipe.ltrim(key, 0, max_history - 1)
-            await _guard(pipe.execute)
-        return len(events)
+            return Appended(0, 0)
+        users: dict[str, int] = {}
+        ids: dict[str, int] = {}
+        args: list[str | int] = [max_history, dedup_ttl_s, 0]
+        for user_id, item_id, *rest in events:
+            event_id = rest[0] if rest else None
+            u = users.setdefault(user_id, len(users) + 1)
+            k = 0 if event_id is None else ids.setdefault(event_id, len(ids) + 1)
+            args += [u, item_id, k]
+        args[2] = len(users)
+        keys = [self.key(u) for u in users] + [event_key(self.prefix, e) for e in ids]
+        first, second = await self._run_append(keys, args)
+        if first == -1:
+            names = list(users)
+            bad = ", ".join(self.key(names[int(i) - 1]) for i in second)
+            raise StoreUnavailable(f"redis: not a list, nothing was written: {bad}")
+        return Appended(int(first), int(second))
+
+    async def _run_append(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        # A connection of our own, connected before the script is sent: a failure to get one means
+        # nothing was sent, a failure after sending leaves the outcome unknown.
+        conn = self.client.client()
+        try:
+            try:
+                await conn.initialize()
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            try:
+                result: list[Any] = await self._append(keys=keys, args=args, client=conn)
+            except (ResponseError, BusyLoadingError) as exc:  # an error reply: the script wrote nothing
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            except (RedisError, OSError) as exc:
+                raise StoreTimeout(f"redis: no answer to the append: {type(exc).__name__}: {exc}") from exc
+            return result
+        finally:
+            await conn.aclose()
 
     async def ping(self) -> bool:
         """True when Redis answers; False (never an exception) when it does not."""
@@ -87,13 +177,6 @@ class HistoryStore:
 def _check(max_history: int) -> None:
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
-
-
-async def _guard(call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
 def _text(value: str | bytes) -> str:

@@ -123,7 +123,7 @@ def test_events_then_rank_sees_them(live: LiveServer, bundle: BundleInfo) -> Non
     with live.client() as c:
         resp = c.post("/events", json={"events": events})
         assert resp.status_code == 200, resp.text
-        assert resp.json() == {"written": 4}
+        assert resp.json() == {"written": 4, "duplicates": 0}
         body = c.post("/rank", json={"user_id": "erin", "candidates": candidates}).json()
         assert body["history_length"] == 3
         _assert_matches_reference(bundle, body, candidates, ["i12", "i11", "i10"])  # newest ts first
@@ -135,7 +135,7 @@ def test_events_then_rank_sees_them(live: LiveServer, bundle: BundleInfo) -> Non
 def test_events_are_trimmed_to_max_history(live: LiveServer, bundle: BundleInfo, redis_url: str) -> None:
     events = [{"user_id": "gina", "item_id": f"i{k}", "ts": k} for k in range(2, 40)]
     with live.client() as c:
-        assert c.post("/events", json={"events": events}).json() == {"written": 38}
+        assert c.post("/events", json={"events": events}).json() == {"written": 38, "duplicates": 0}
         body = c.post("/rank", json={"user_id": "gina", "candidates": ["i5"]}).json()
     assert body["history_length"] == 20
     r = redis.Redis.from_url(redis_url, decode_responses=True)

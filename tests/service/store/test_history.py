@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from model.errors import StoreUnavailable
+from model.errors import StoreTimeout, StoreUnavailable
 from service.store.client import RedisConfig, async_client
 from service.store.embedded import EmbeddedRedis, free_port
-from service.store.history import HistoryStore
+from service.store.history import Appended, HistoryStore
+from tests.service.conftest import GatedProxy
 
 
 def _client(url: str, timeout: float = 2.0):
@@ -40,7 +41,7 @@ def test_append_then_read_newest_first(redis_url: str) -> None:
         store = HistoryStore(client)
         try:
             written = await store.append_events([("u1", "a"), ("u2", "x"), ("u1", "b"), ("u1", "c")], 100)
-            assert written == 4
+            assert written.written == 4 and written.duplicates == 0
             assert await store.get_histories(["u1", "u2"], 100) == [["c", "b", "a"], ["x"]]
             await store.append_events([("u1", "d")], 100)
             assert await store.get_histories(["u1"], 100) == [["d", "c", "b", "a"]]
@@ -86,7 +87,7 @@ def test_unknown_users_and_empty_inputs(redis_url: str) -> None:
         store = HistoryStore(client)
         try:
             assert await store.get_histories([], 100) == []
-            assert await store.append_events([], 100) == 0
+            assert (await store.append_events([], 100)).written == 0
             await store.append_events([("known", "i1")], 100)
             assert await store.get_histories(["nobody", "known", "nobody"], 100) == [[], ["i1"], []]
         finally:
@@ -101,7 +102,7 @@ def test_many_users_in_one_pipeline(redis_url: str) -> None:
         store = HistoryStore(client, prefix="t:")
         try:
             events = [(f"user{u}", f"item{u}-{i}") for i in range(7) for u in range(500)]
-            assert await store.append_events(events, 5) == len(events)
+            assert (await store.append_events(events, 5)).written == len(events)
             users = [f"user{u}" for u in range(500)] + ["missing"]
             histories = await store.get_histories(users, 5)
             assert len(histories) == 501
@@ -199,6 +200,193 @@ def test_redis_error_reply_is_store_unavailable(redis_url: str) -> None:
             await client.set("din:hist:bad", "not a list")
             with pytest.raises(StoreUnavailable):
                 await store.append_events([("bad", "x")], 100)
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+# ------------------------------------------------------------------ all or nothing, per call
+
+
+def test_a_wrong_typed_key_writes_nothing_for_any_user(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client)
+        try:
+            await store.append_events([("good2", "old")], 100)
+            await client.set("din:hist:bad", "not a list")
+            events = [("good1", "a", "e1"), ("bad", "x", "e2"), ("good2", "b", None), ("good1", "c", None)]
+            with pytest.raises(StoreUnavailable, match="nothing was written") as info:
+                await store.append_events(events, 100)
+            assert "din:hist:bad" in str(info.value)  # the detail, for the log
+            # nothing for anyone: not the good users, not the event ids
+            assert await client.exists("din:hist:good1") == 0
+            assert await client.lrange("din:hist:good2", 0, -1) == ["old"]
+            assert await client.get("din:hist:bad") == "not a list"
+            assert await client.keys("din:evt:*") == []
+            # fixed on the server side, the same call (same ids) goes through
+            await client.delete("din:hist:bad")
+            assert await store.append_events(events, 100) == Appended(4, 0)
+            assert await client.lrange("din:hist:good1", 0, -1) == ["c", "a"]
+            assert await client.lrange("din:hist:good2", 0, -1) == ["b", "old"]
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+def test_every_wrong_typed_key_is_named(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client)
+        try:
+            await client.set("din:hist:s", "x")
+            await client.hset("din:hist:h", "f", "v")
+            with pytest.raises(StoreUnavailable) as info:
+                await store.append_events([("ok", "a"), ("s", "b"), ("h", "c")], 100)
+            assert "din:hist:s" in str(info.value) and "din:hist:h" in str(info.value)
+            assert "din:hist:ok" not in str(info.value)
+            assert await client.exists("din:hist:ok") == 0
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+# ------------------------------------------------------------------ idempotent events
+
+
+def test_retried_event_ids_are_written_once(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client)
+        try:
+            events = [("u", "a", "e1"), ("u", "b", "e2"), ("v", "c", "e3")]
+            assert await store.append_events(events, 100, dedup_ttl_s=600) == Appended(3, 0)
+            assert await store.append_events(events, 100, dedup_ttl_s=600) == Appended(0, 3)
+            # a retry that adds a new event: only the new one is written
+            assert await store.append_events([*events, ("u", "d", "e4")], 100) == Appended(1, 3)
+            assert await client.lrange("din:hist:u", 0, -1) == ["d", "b", "a"]
+            assert await client.lrange("din:hist:v", 0, -1) == ["c"]
+            # the ids are remembered for the dedup window, no longer
+            assert 0 < await client.ttl("din:evt:e1") <= 600
+            assert await client.get("din:evt:e1") == "1"
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+def test_duplicates_within_one_call_and_events_without_ids(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client, prefix="p:")
+        try:
+            events = [
+                ("u", "a", "e1"),
+                ("u", "a", "e1"),  # the same event twice in one call
+                ("w", "z", "e1"),  # an id names one event, whatever else it carries
+                ("u", "b", None),  # no id: always written
+                ("u", "b", None),
+                ("u", "c"),  # a plain pair, as before ids existed
+            ]
+            assert await store.append_events(events, 100) == Appended(4, 2)
+            assert await client.lrange("p:hist:u", 0, -1) == ["c", "b", "b", "a"]
+            assert await client.exists("p:hist:w") == 0
+            assert await client.keys("p:evt:*") == ["p:evt:e1"]  # the key layout: prefix, then evt:
+            assert await store.append_events([("u", "b", None)], 100) == Appended(1, 0)
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+def test_an_expired_event_id_is_written_again(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client)
+        try:
+            assert await store.append_events([("u", "a", "e1")], 100) == Appended(1, 0)
+            await client.delete("din:evt:e1")  # what the TTL does when the window has passed
+            assert await store.append_events([("u", "a", "e1")], 100) == Appended(1, 0)
+            assert await client.lrange("din:hist:u", 0, -1) == ["a", "a"]
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+def test_a_long_call_keeps_order_and_trims(redis_url: str) -> None:
+    async def go() -> None:
+        client = _client(redis_url)
+        store = HistoryStore(client)
+        try:
+            # more events for one user than one LPUSH takes in the script (chunks of 1000)
+            events = [("u", f"i{k}", f"e{k}") for k in range(2500)]
+            assert await store.append_events(events, 2400) == Appended(2500, 0)
+            assert await client.llen("din:hist:u") == 2400
+            assert await store.get_histories(["u"], 3) == [["i2499", "i2498", "i2497"]]
+            assert (await client.lrange("din:hist:u", -1, -1)) == ["i100"]
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+def test_bad_arguments() -> None:
+    async def go() -> None:
+        client = _client(f"redis://127.0.0.1:{free_port()}/0")
+        store = HistoryStore(client)
+        try:
+            with pytest.raises(ValueError, match="max_history"):
+                await store.append_events([("u", "a")], 0)
+            with pytest.raises(ValueError, match="dedup_ttl_s"):
+                await store.append_events([("u", "a")], 10, dedup_ttl_s=0)
+        finally:
+            await client.aclose()
+
+    _run(go())
+
+
+# ------------------------------------------------------------------ the ambiguous case: no answer
+
+
+def test_a_retry_after_an_unanswered_write_does_not_duplicate(redis_url: str) -> None:
+    async def go(proxy: GatedProxy) -> None:
+        slow = _client(proxy.url, timeout=0.3)
+        direct = _client(redis_url)
+        store = HistoryStore(slow)
+        try:
+            # loads the script (so the held call is the EVALSHA that writes, not a NOSCRIPT miss)
+            assert await store.append_events([("warm", "w", "w0")], 100) == Appended(1, 0)
+            events = [("u", "a", "e1"), ("u", "b", "e2"), ("v", "c", "e3")]
+            proxy.hold()  # the script reaches Redis only after the client has given up
+            with pytest.raises(StoreTimeout):
+                await store.append_events(events, 100)
+            assert await direct.exists("din:hist:u") == 0
+            proxy.release()
+            async with asyncio.timeout(5):  # the late script runs: the write did happen
+                while await direct.llen("din:hist:v") == 0:
+                    await asyncio.sleep(0.01)
+            # the client's retry with the same ids: nothing twice
+            assert await store.append_events(events, 100) == Appended(0, 3)
+            assert await direct.lrange("din:hist:u", 0, -1) == ["b", "a"]
+            assert await direct.lrange("din:hist:v", 0, -1) == ["c"]
+        finally:
+            await slow.aclose()
+            await direct.aclose()
+
+    with GatedProxy(redis_url) as proxy:
+        _run(go(proxy))
+
+
+def test_no_connection_is_nothing_written_not_unknown(stopped_server: str) -> None:
+    async def go() -> None:
+        client = _client(stopped_server, timeout=0.5)
+        try:
+            with pytest.raises(StoreUnavailable, match="ConnectionError"):  # not StoreTimeout
+                await HistoryStore(client).append_events([("u", "a", "e1")], 100)
         finally:
             await client.aclose()
 
