@@ -9,11 +9,18 @@
     ├── RedisServerError          the private redis-server cannot be found, started or stopped
     │   └── RedisDataDirInUse     another process runs a redis-server on that data directory
     ├── StageFailed               a `din demo` stage (a `din` subcommand) failed
+    ├── ConfigError               a setting names something unusable (an unreadable API keys file): exit 2
+    ├── RequestRefused            4xx: the request itself is refused, before any work is done for it
+    │   ├── Unauthorized          401 unauthorized, with WWW-Authenticate: Bearer (API keys are set)
+    │   ├── RequestTimeout        408 request_timeout: the request's head or body did not arrive in time
+    │   ├── PayloadTooLarge       413 payload_too_large: the body is larger than the limit (named)
+    │   └── HeadersTooLarge       431 headers_too_large: the request line and headers are too large
     ├── ReloadInProgress          409 reload_in_progress: one hot reload at a time
     ├── ReloadRejected            422 bundle_rejected: the new bundle failed verification; the old one serves
     ├── ReloadFailed              500 reload_failed: the new bundle loaded but could not be warmed up
     ├── ServiceUnavailable        503, the request may be retried
-    │   ├── QueueFull             503 overloaded, with Retry-After
+    │   ├── Overloaded            503 overloaded, with Retry-After: shed (queue full, or the request
+    │   │                         cannot be answered within its deadline, or its deadline passed)
     │   ├── StoreDown             503 store_unavailable (operations that cannot degrade, e.g. writes)
     │   ├── StoreTimeout          503 store_timeout: a write was sent, no answer came; outcome unknown
     │   ├── NotReady              503 not_ready
@@ -97,6 +104,51 @@ class StageFailed(DinError):
     code = "stage_failed"
 
 
+class ConfigError(DinError):
+    """A setting names something that cannot be used (e.g. an API keys file that cannot be read); the
+    message names the setting and the file. `din serve` prints it and exits 2."""
+
+    code = "config_error"
+
+
+class RequestRefused(DinError):
+    """The request itself is refused (4xx) before any work is done for it."""
+
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(RequestRefused):
+    """API keys are configured and the request carries none of them. The message never echoes a key."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class RequestTimeout(RequestRefused):
+    """The request's head or body did not arrive within the read timeout (a slow or stalled client)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class PayloadTooLarge(RequestRefused):
+    """The request body is larger than the limit; refused before (or as soon as) it passes it."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class HeadersTooLarge(RequestRefused):
+    """The request line and headers together are larger than the limit."""
+
+    status = 431
+    code = "headers_too_large"
+
+
 class ReloadInProgress(DinError):
     """Another hot reload is running; this one was not started."""
 
@@ -122,13 +174,14 @@ class ServiceUnavailable(DinError):
     code = "unavailable"
 
 
-class QueueFull(ServiceUnavailable):
-    """The batching queue is full: shed load at once, with Retry-After."""
+class Overloaded(ServiceUnavailable):
+    """Load shed at once, with Retry-After. `reason`: queue_full, deadline (it could not be answered
+    within its budget, judged at the door) or timeout (its budget ran out while it waited)."""
 
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, *, reason: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, reason=reason)
 
 
 class StoreDown(ServiceUnavailable):

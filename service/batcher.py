@@ -12,6 +12,13 @@ The shape of text-embeddings-inference's queue and Ray Serve's `@serve.batch`:
   worker thread while the consumer already collects the next batch, deliver;
 - a batch takes the live model once (`LiveModel.current`) and uses it from start to end;
 - a failed batch sets the error on every future of that batch.
+
+Deadlines (admission control): every request carries its deadline. At the door, a request whose
+expected wait (the candidates ahead of it and its own, at the recently measured cost per candidate,
+plus a Redis read) would end past its deadline is shed at once with 503 overloaded + Retry-After,
+instead of queueing work that would be late anyway; so the queue never holds more than a budget's
+worth of work. A caller stops waiting at its deadline (503 overloaded, reason timeout), and a
+request whose deadline has passed is dropped when its batch is taken: it is never computed.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
-from model.errors import DinError, InferenceFailed, QueueFull, ShuttingDown, StoreUnavailable
+from model.errors import DinError, InferenceFailed, Overloaded, ShuttingDown, StoreUnavailable
 from service.live import LiveModel
 from service.metrics import Metrics
 from service.ranker import Ranker
@@ -57,7 +64,8 @@ class _Job:
     candidates: list[str]
     history: list[str] | None  # explicit history: skips the Redis read
     future: asyncio.Future[RankResult]
-    enqueued_at: float
+    enqueued_at: float  # time.perf_counter()
+    deadline: float  # time.perf_counter() by which the answer is due
 
 
 class Batcher:
@@ -88,6 +96,10 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="din-infer")
         self._closing = False
         self.batches = 0  # ONNX Runtime calls made (also in the metrics' histogram count)
+        # Recent costs (exponential moving averages), for the expected wait of a new request.
+        self._candidate_s = 0.0  # inference seconds per candidate, batch overhead spread over it
+        self._redis_s = 0.0  # one pipelined history read
+        self._inflight_candidates = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -116,24 +128,45 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, user_id: str, candidates: list[str], history: list[str] | None) -> RankResult:
-        """Queue one request and wait for its scores. Raises QueueFull at once when the queue is full."""
+    def expected_wait(self, candidates: int) -> float:
+        """Seconds until a new request of `candidates` would be answered: the work ahead of it and its
+        own, at the recent cost per candidate, plus a Redis read. 0 until a batch has been measured."""
+        ahead = self._inflight_candidates + self._queued_candidates + candidates
+        return ahead * self._candidate_s + self._redis_s
+
+    async def submit(
+        self, user_id: str, candidates: list[str], history: list[str] | None, deadline: float | None = None
+    ) -> RankResult:
+        """Queue one request and wait for its scores, until `deadline` (time.perf_counter()).
+
+        Raises Overloaded at once when the queue is full or the request cannot be answered by its
+        deadline, and when the deadline passes while it waits."""
         if self._closing:
             raise ShuttingDown(_SHUTTING_DOWN)
+        now = time.perf_counter()
+        deadline = deadline if deadline is not None else now + 3600.0
         if len(self._queue) >= self.queue_max:
-            self.metrics.queue_rejections.labels(reason="queue_full").inc()
-            raise QueueFull(
-                f"the ranking queue is full ({self.queue_max} requests waiting); retry shortly",
-                retry_after_s=1,
-            )
+            self._shed("queue_full", f"the ranking queue is full ({self.queue_max} requests waiting)")
+        if now + self.expected_wait(len(candidates)) > deadline:
+            self._shed("deadline", "the service cannot answer within the request's deadline")
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
-        job = _Job(user_id, candidates, history, future, time.perf_counter())
+        job = _Job(user_id, candidates, history, future, now, deadline)
         self._queue.append(job)
         self._queued_candidates += len(candidates)
         self._wakeup.set()
         self.metrics.queue_admitted.inc()
         self.metrics.queue_depth.set(len(self._queue))
-        return await job.future  # a caller that goes away cancels the future; the batcher skips it
+        try:
+            # a caller that goes away (or times out) cancels the future; the batcher skips it
+            async with asyncio.timeout(deadline - time.perf_counter()):
+                return await job.future
+        except TimeoutError:
+            self._shed("timeout", "the request's deadline passed before it could be answered")
+            raise  # unreachable: _shed raises
+
+    def _shed(self, reason: str, message: str) -> None:
+        self.metrics.queue_rejections.labels(reason=reason).inc()
+        raise Overloaded(f"{message}; retry shortly", reason=reason, retry_after_s=1)
 
     # ---------------------------------------------------------------- consumer: collect
 
@@ -175,12 +208,18 @@ class Batcher:
                 break  # stays at the front: it opens the next batch
             self._queue.popleft()
             self._queued_candidates -= n
-            if job.future.done():  # the caller went away while queued
+            if job.future.done():  # the caller went away (or gave up at its deadline) while queued
                 self.metrics.cancelled.inc()
+                continue
+            if job.deadline <= time.perf_counter():  # too late: never computed
+                self.metrics.queue_rejections.labels(reason="expired").inc()
+                late = Overloaded("the request's deadline passed in the queue", reason="timeout")
+                job.future.set_exception(late)
                 continue
             batch.append(job)
             size += n
         self.metrics.queue_depth.set(len(self._queue))
+        self._inflight_candidates += size
         return batch
 
     # ---------------------------------------------------------------- a batch, step by step
@@ -189,6 +228,7 @@ class Batcher:
         try:
             await self._run_batch(batch)
         finally:
+            self._inflight_candidates -= sum(len(job.candidates) for job in batch)
             self._inflight -= 1
             self.metrics.inflight_batches.set(self._inflight)
             self._wakeup.set()
@@ -199,7 +239,11 @@ class Batcher:
             self.metrics.queue_latency.observe(now - job.enqueued_at)
         try:
             ranker = self.live.current  # this batch's model, from start to end
-            histories, degraded = await self._read_histories(batch, ranker.max_history)
+            t_read = time.perf_counter()
+            # Redis gets what is left of the budget: past the last deadline, nobody waits for the answer.
+            async with asyncio.timeout(max(job.deadline for job in batch) - t_read):
+                histories, degraded = await self._read_histories(batch, ranker.max_history)
+            self._redis_s = _ewma(self._redis_s, time.perf_counter() - t_read)
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read
             if not jobs:
                 return
@@ -207,6 +251,9 @@ class Batcher:
             degraded = [degraded[i] for i in jobs]
             live = [batch[i] for i in jobs]
             scores = await self._infer(ranker, live, histories)
+        except TimeoutError:  # the Redis read outlived every caller's deadline
+            self._fail(batch, Overloaded("the request's deadline passed", reason="timeout"))
+            return
         except Exception as e:
             self._fail(batch, e)
             return
@@ -262,7 +309,9 @@ class Batcher:
             scores = await loop.run_in_executor(self._executor, ranker.score_batch, rows)
         except Exception as e:
             raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests: {e}") from e
-        self.metrics.inference_latency.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.inference_latency.observe(seconds)
+        self._candidate_s = _ewma(self._candidate_s, seconds / max(1, n_cand))
         self.metrics.batch_requests.observe(len(rows))
         self.metrics.batch_candidates.observe(n_cand)
         self.metrics.candidates_scored.inc(n_cand)
@@ -276,3 +325,8 @@ class Batcher:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(err)
+
+
+def _ewma(previous: float, sample: float, weight: float = 0.2) -> float:
+    """Exponential moving average; the first sample stands alone."""
+    return sample if previous == 0.0 else (1 - weight) * previous + weight * sample

@@ -11,6 +11,10 @@ from typing import Any
 import orjson
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# time.perf_counter() when the request arrived (set by the middleware): deadlines count from here.
+request_started: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "request_started", default=None
+)
 
 # LogRecord attributes that are not user-supplied `extra` fields.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {

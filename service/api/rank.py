@@ -3,11 +3,14 @@
 # No `from __future__ import annotations` here: FastAPI reads the handler's annotations when the
 # route is declared, and the body model is a local of `router()` (this app's, with its limits).
 
+import time
+
 import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.api.deps import BatcherDep
+from service.api.deps import BatcherDep, StateDep
+from service.log import request_started
 from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse, RequestModels
 
 
@@ -24,11 +27,14 @@ def router(models: RequestModels) -> APIRouter:
         "returns them by predicted CTR, descending. If Redis is down the answer is still 200, with an "
         "empty history and `degraded: true`.",
     )
-    async def rank(body: RankBody, batcher: BatcherDep) -> Response:  # type: ignore[valid-type]
+    async def rank(body: RankBody, batcher: BatcherDep, state: StateDep) -> Response:  # type: ignore[valid-type]
         req: RankRequest = body  # mypy cannot read a per-app class as a type; this is its base
+        # The budget counts from the request's arrival (parsing and validation included).
+        arrived = request_started.get() or time.perf_counter()
+        deadline = arrived + state.settings.request_timeout_ms / 1000
         # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
         candidates = list(dict.fromkeys(req.candidates))
-        result = await batcher.submit(req.user_id, candidates, req.history)
+        result = await batcher.submit(req.user_id, candidates, req.history, deadline)
         scores = result.scores
         order = np.argsort(-scores, kind="stable")  # descending; ties keep request order
         if req.top_k is not None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from model.export import export_model
 from model.vocab import Vocab
 from service.app import create_app
 from service.config import Settings
+from service.store.embedded import free_port
 
 N_ITEMS, N_CATE, MAX_HISTORY = 300, 12, 20
 
@@ -228,3 +232,23 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+def start_serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Start `din serve ARGS` on a free port and wait until /readyz answers 200. Returns (process, URL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "cli", "serve", *args, "--port", str(port), "--warmup-rounds", "1"]
+    env = {**os.environ, "DIN_PROVIDERS": "CPUExecutionProvider", **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    with httpx.Client(base_url=url, timeout=10) as c:
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if c.get("/readyz").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "din serve did not become ready"
+            time.sleep(0.05)

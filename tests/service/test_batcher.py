@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model.bundle import load_bundle
-from model.errors import InferenceFailed, QueueFull, ShuttingDown
+from model.errors import InferenceFailed, Overloaded, ShuttingDown
 from model.vocab import Vocab
 from service.batcher import Batcher, RankResult
 from service.live import LiveModel
@@ -191,9 +191,9 @@ def test_full_queue_refuses_at_once(ranker: Ranker, redis_url: str) -> None:
                 held.append(asyncio.create_task(b.submit("b", ["i2"], None)))  # waits for the slot
                 held.append(asyncio.create_task(b.submit("c", ["i2"], None)))  # waits behind it
                 await until(lambda: sample(b, "din_queue_admitted_total") == 3 and b.depth == 2)
-                with pytest.raises(QueueFull) as err:
+                with pytest.raises(Overloaded) as err:
                     await b.submit("d", ["i2"], None)
-                assert err.value.headers == {"Retry-After": "1"}
+                assert err.value.headers == {"Retry-After": "1"} and err.value.extra["reason"] == "queue_full"
                 proxy.release()
                 assert len(await asyncio.gather(*held)) == 3
 
@@ -219,5 +219,40 @@ def test_stop_fails_waiting_requests(ranker: Ranker, redis_url: str) -> None:
                         await t
                 with pytest.raises(ShuttingDown):
                     await b.submit("d", ["i2"], None)
+
+    run(go)
+
+
+def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, redis_url: str) -> None:
+    async def go() -> None:
+        with GatedProxy(redis_url) as proxy:
+            async with running(ranker, proxy.url) as b:
+                # Before anything was measured the expected wait is 0: nothing is shed on a guess.
+                assert b.expected_wait(100) == 0.0
+                await b.submit("warm", ["i2", "i3"], None, time.perf_counter() + 5)
+                assert b.expected_wait(100) > 0.0  # now it knows what a candidate costs
+                with pytest.raises(Overloaded) as shed:  # a deadline that no answer can meet
+                    await b.submit("a", ["i2"], None, time.perf_counter())
+                assert shed.value.extra["reason"] == "deadline"
+
+                proxy.hold()  # Redis stalls: the next batch cannot finish
+                t0 = time.perf_counter()
+                stuck = asyncio.create_task(b.submit("a", ["i2"], None, t0 + 0.3))
+                await until(lambda: b._inflight == 1)
+                queued = asyncio.create_task(b.submit("b", ["i3"], None, t0 + 0.3))
+                for task in (stuck, queued):
+                    with pytest.raises(Overloaded) as late:
+                        await task
+                    assert late.value.extra["reason"] == "timeout"
+                waited = time.perf_counter() - t0
+                assert 0.3 <= waited < 1.0  # answered at the deadline, not whenever Redis came back
+                computed = b.batches
+                proxy.release()
+                await until(lambda: b._inflight == 0 and b.depth == 0)
+                assert b.batches == computed  # neither late request was ever computed
+                ok = await b.submit("c", ["i2"], None, time.perf_counter() + 5)
+                assert ok.scores.shape == (1,)
+            assert sample(b, "din_queue_rejections_total", {"reason": "deadline"}) == 1
+            assert sample(b, "din_queue_rejections_total", {"reason": "timeout"}) == 2
 
     run(go)

@@ -19,8 +19,7 @@ import pytest
 
 from service.config import Settings
 from service.server import add_arguments
-from service.store.embedded import free_port
-from tests.service.conftest import BundleInfo
+from tests.service.conftest import BundleInfo, start_serve
 
 
 def _din(
@@ -65,30 +64,10 @@ def test_missing_bundle_and_bad_flag_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--port" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Start `din serve ARGS` on a free port and wait until /readyz answers 200. Returns (process, URL)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", *args, "--port", str(port), "--warmup-rounds", "1"]
-    env = {**os.environ, "DIN_PROVIDERS": "CPUExecutionProvider", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    with httpx.Client(base_url=url, timeout=10) as c:
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if c.get("/readyz").status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "din serve did not become ready"
-            time.sleep(0.05)
-
-
 def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path) -> None:
     data = tmp_path / "redis-data"
     # the flag beats the environment; the environment fills in what no flag gives
-    proc, url = _serve(
+    proc, url = start_serve(
         "--bundle",
         str(bundle.path),
         "--redis-data",
@@ -135,7 +114,7 @@ def test_readme_documents_every_setting() -> None:
 def test_sigterm_drains_then_exits_cleanly_under_load(bundle: BundleInfo, tmp_path: Path) -> None:
     data = tmp_path / "redis-data"
     drain = 1.5
-    proc, url = _serve(
+    proc, url = start_serve(
         "--bundle", str(bundle.path), "--redis-data", str(data), "--shutdown-drain-s", str(drain)
     )
     body = {"user_id": "u", "candidates": ["i2", "i3", "i4"], "history": ["i5", "i6"]}
@@ -183,7 +162,9 @@ def test_sighup_reloads_the_configured_bundle(
 ) -> None:
     live = tmp_path / "live-bundle"
     shutil.copytree(bundle.path, live)
-    proc, url = _serve("--bundle", str(live), "--redis-data", str(tmp_path / "r"), "--shutdown-drain-s", "0")
+    proc, url = start_serve(
+        "--bundle", str(live), "--redis-data", str(tmp_path / "r"), "--shutdown-drain-s", "0"
+    )
     try:
         with httpx.Client(base_url=url, timeout=10) as c:
             assert c.get("/model").json()["model_version"] == "test-v1"
