@@ -33,8 +33,10 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
+# The serving graph alone, then the whole service against the seed-style baseline (JSON in bench/results).
 bench: $(STAMP)
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/e2e.py
 
 demo: $(STAMP)
 	$(BIN)/din demo
