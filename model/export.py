@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, sha256_file
+from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, check_model, sha256_file
 from model.din import DIN
-from model.errors import ExportError
+from model.errors import BundleError, ExportError
 from model.vocab import FIRST_ID, OOV, PAD, write_vocab
 
 TOLERANCE = 1e-5
@@ -288,6 +288,12 @@ def export_model(
         import onnx
 
         onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+        try:  # what the service checks on load: refuse here rather than write a bundle it would refuse
+            check_model(onnx_path.read_bytes())
+        except BundleError as e:
+            raise ExportError(
+                f"the exported graph breaks the bundle contract: {e}; no bundle written"
+            ) from None
         export_s = time.perf_counter() - t0
         parity = check_parity(model, onnx_path, cfg.max_history)
         if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN

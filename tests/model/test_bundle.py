@@ -19,9 +19,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
+import model.export as export_mod
 from model.bundle import INPUTS, check_model, load_bundle
-from model.din import DINConfig, build_model
-from model.errors import BundleError
+from model.din import DIN, DINConfig, build_model
+from model.errors import BundleError, ExportError
 from model.export import export_model
 
 N_ITEMS, N_CATE = 50, 6
@@ -30,17 +31,21 @@ ONNX = helper.make_opsetid("", 20)
 Spec = dict[str, tuple[int, list[str] | None]]  # value name -> (elem type, dims; None: no shape)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real `din export` bundle of a small random DIN, as tests/service/conftest.py makes it."""
+def small_din() -> tuple[DIN, list[str]]:
+    """A small random DIN and its item ids, as tests/service/conftest.py makes them."""
     g = torch.Generator().manual_seed(3)
     item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
     item_cate[0], item_cate[1] = 0, 1
     cfg = DINConfig(n_items=N_ITEMS, n_categories=N_CATE, max_history=10)
-    model = build_model(cfg, item_cate, seed=3).eval()
     items = ["<pad>", "<oov>", *(f"i{k}" for k in range(2, N_ITEMS))]
+    return build_model(cfg, item_cate, seed=3).eval(), items
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real `din export` bundle."""
     path = tmp_path_factory.mktemp("bundle") / "bundle"
-    export_model(model, items, path, model_version="test-bundle")
+    export_model(*small_din(), path, model_version="test-bundle")
     return path
 
 
@@ -157,6 +162,22 @@ def test_valid_small_model_passes_and_onnx_runtime_runs_it(exported: Path, tmp_p
     feeds["target_items"] = np.array([1, 2], np.int64)
     (ctr,) = session.run(["ctr"], feeds)
     assert ctr.shape == (2,)
+
+
+def test_export_refuses_a_graph_the_service_would_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`din export` runs the same check before writing: no bundle that load_bundle would refuse."""
+
+    def export_without_hist_len(model: DIN, path: Path) -> None:
+        onnx.save(model_of(cast_ctr(), inputs=contract(hist_len=None)), path)  # passes onnx's checker
+
+    monkeypatch.setattr(export_mod, "_export_onnx", export_without_hist_len)
+    with pytest.raises(
+        ExportError, match=r"breaks the bundle contract: model\.onnx has inputs \[.*no bundle written"
+    ):
+        export_model(*small_din(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging directory left
 
 
 def test_a_symlink_inside_the_bundle_passes(exported: Path, tmp_path: Path) -> None:
