@@ -22,7 +22,7 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.live import LiveModel, describe, load_ranker
 from service.metrics import Metrics
-from service.middleware import RequestContext
+from service.middleware import BodyLimits, RequestContext
 from service.ranker import Ranker
 from service.schemas import request_models
 from service.store.client import async_client, redis_endpoint
@@ -128,5 +128,10 @@ def create_app(
     app.state.din = state
     app.include_router(api_router(request_models(settings)))
     install_error_handlers(app)
+    # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
+    # so BodyLimits' 408 / 413 carry the request id and are counted like any other answer.
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.request_read_timeout_s
+    )
     app.add_middleware(RequestContext, metrics=state.metrics)
     return app

@@ -1,9 +1,11 @@
 """Request context as pure ASGI middleware: the request id (honoured or generated, echoed, in every log
 line), the access log, request metrics labelled by route, and a JSON 500 (never a traceback) for
-anything unexpected."""
+anything unexpected. `BodyLimits`, inside it, bounds the request body (size and arrival time) before
+anything parses it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -11,6 +13,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model.errors import DinError, PayloadTooLarge, RequestTimeout
 from service.errors import error_response
 from service.log import request_id
 from service.metrics import Metrics
@@ -87,3 +90,101 @@ class RequestContext:
                 extra={"method": scope["method"], "path": path, "status": status, "duration_ms": ms},
             )
             request_id.reset(token)
+
+
+async def refuse(exc: DinError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer `exc` as the JSON error body and close the connection: the rest of the request (its body)
+    is never read, so the connection cannot carry another request."""
+    headers = {**exc.headers, "Connection": "close"}
+    await error_response(exc.status, exc.body(), headers)(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:  # the HTTP parser refuses these before the app sees them
+                return None
+    return None
+
+
+class BodyLimits:
+    """The request body, bounded before anything parses it (pure ASGI, inside `RequestContext`, so its
+    answers carry the request id and are logged and counted like any other).
+
+    - Size: a Content-Length above `max_bytes` answers 413 payload_too_large at once, the body unread;
+      a body without one (chunked) is counted as it streams and refused as soon as it passes the limit.
+    - Time: a body that has not fully arrived `read_timeout_s` after the request's head answers 408
+      request_timeout (a slow or stalled client cannot hold a request open).
+
+    Either answer closes the connection. The app then sees the client as gone (`http.disconnect`), and
+    whatever it answers to that is dropped. The server reads at most a socket buffer or so past the
+    limit (uvicorn stops reading a body nobody asks for at 64 KiB), never the whole body.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, read_timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _content_length(scope)
+        if length is not None and length > self.max_bytes:
+            too_large = PayloadTooLarge(
+                f"request body of {length} bytes is larger than the limit of {self.max_bytes} bytes",
+                limit_bytes=self.max_bytes,
+            )
+            await refuse(too_large, scope, receive, send)
+            return
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
+        received = 0
+        complete = False  # the whole body has arrived
+        answered = False  # refused here: the app's own answer is dropped
+        started = False  # the app started its answer: too late to refuse
+
+        async def bounded_receive() -> Message:
+            nonlocal received, complete, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            if complete:
+                return await receive()  # only a disconnect can come now
+            error: DinError
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                error = RequestTimeout(
+                    f"the request body did not arrive within {self.read_timeout_s:g}s",
+                    timeout_s=self.read_timeout_s,
+                )
+            else:
+                if message["type"] != "http.request":
+                    return message
+                received += len(message.get("body", b""))
+                if received <= self.max_bytes:
+                    complete = not message.get("more_body", False)
+                    return message
+                error = PayloadTooLarge(
+                    f"request body is larger than the limit of {self.max_bytes} bytes",
+                    limit_bytes=self.max_bytes,
+                )
+            if not started:
+                answered = True
+                await refuse(error, scope, receive, send)
+            return {"type": "http.disconnect"}
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.live import load_ranker
     from service.log import configure_logging
+    from service.protocol import uvicorn_options
     from service.store.client import redis_endpoint
 
     configure_logging(settings.log_level, settings.log_json)
@@ -138,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
             log_config=None,  # our handlers (configure_logging) format uvicorn's records too
             access_log=False,  # the app logs each request itself, with its request id
             timeout_graceful_shutdown=10,
+            # the head's deadline and size limit, the keep-alive timeout (service.protocol)
+            **uvicorn_options(settings),
         )
         server_class = _draining_server_class()
         uv = server_class(config, drain_s=settings.shutdown_drain_s, on_drain=app.state.din.begin_shutdown)
