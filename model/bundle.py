@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -37,11 +37,13 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle: its directory, manifest and item vocabulary."""
+    """A verified bundle: its directory, manifest and item vocabulary, and the graph's bytes as they
+    were verified (a session is built from these, so a file swapped in after the check never runs)."""
 
     path: Path
     manifest: dict[str, Any]
     vocab: Vocab
+    graph_bytes: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def model_version(self) -> str:
@@ -129,7 +131,7 @@ def load_bundle(path: str | Path) -> Bundle:
     n_items = manifest.get("vocab", {}).get("items")
     if n_items is not None and n_items != len(items):
         raise BundleError(f"bundle {path}: items.txt has {len(items)} ids, manifest says {n_items}")
-    return Bundle(path=path, manifest=manifest, vocab=Vocab(items))
+    return Bundle(path=path, manifest=manifest, vocab=Vocab(items), graph_bytes=graph)
 
 
 def _outside(root: Path, name: object) -> str | None:

@@ -51,7 +51,9 @@ class Ranker:
         opts.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
         try:
             self.session = ort.InferenceSession(
-                str(bundle.graph), sess_options=opts, providers=choose_providers(providers)
+                bundle.graph_bytes or str(bundle.graph),
+                sess_options=opts,
+                providers=choose_providers(providers),
             )
         except BundleError:
             raise
