@@ -29,24 +29,39 @@ def error_response(status: int, body: dict[str, Any], headers: Mapping[str, str]
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# A 422 names each bad field, never the input itself, and not at any length: the client's own JSON keys
+# (an unknown field) are cut short, and only the first errors are listed.
+_MAX_DETAIL = 10
+_MAX_NAME = 64
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = list(loc)
     if parts and parts[0] == "body":
         parts = parts[1:]
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            name = _short(str(p), _MAX_NAME)
+            out += f".{name}" if out else name
     return out or "body"
 
 
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, str]]:
     detail = []
-    for err in exc.errors():
+    for err in exc.errors()[:_MAX_DETAIL]:
         if err.get("type") == "json_invalid":
             ctx = err.get("ctx") or {}
             detail.append({"field": "body", "message": f"invalid JSON: {ctx.get('error', err.get('msg'))}"})
             continue
-        detail.append({"field": _field(err.get("loc", ())), "message": str(err.get("msg", "invalid"))})
+        message = _short(str(err.get("msg", "invalid")), 200)
+        detail.append({"field": _field(err.get("loc", ())), "message": message})
     return detail
 
 
@@ -61,6 +76,8 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         detail = _validation_detail(exc)
         fields = ", ".join(dict.fromkeys(d["field"] for d in detail))
+        if (more := len(exc.errors()) - len(detail)) > 0:
+            fields += f" (and {more} more errors)"
         return error_response(
             422, {"error": "validation_error", "message": f"invalid request: {fields}", "detail": detail}
         )
