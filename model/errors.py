@@ -14,7 +14,8 @@
     │   ├── Unauthorized          401 unauthorized, with WWW-Authenticate: Bearer (API keys are set)
     │   ├── RequestTimeout        408 request_timeout: the request's head or body did not arrive in time
     │   ├── PayloadTooLarge       413 payload_too_large: the body is larger than the limit (named)
-    │   └── HeadersTooLarge       431 headers_too_large: the request line and headers are too large
+    │   ├── HeadersTooLarge       431 headers_too_large: the request line and headers are too large
+    │   └── CorsRefused           400 cors_refused: a CORS preflight for an origin or method not allowed
     ├── ReloadInProgress          409 reload_in_progress: one hot reload at a time
     ├── ReloadRejected            422 bundle_rejected: the new bundle failed verification; the old one serves
     ├── ReloadFailed              500 reload_failed: the new bundle loaded but could not be warmed up
@@ -147,6 +148,12 @@ class HeadersTooLarge(RequestRefused):
 
     status = 431
     code = "headers_too_large"
+
+
+class CorsRefused(RequestRefused):
+    """A CORS preflight asked for an origin, method or headers that DIN_CORS_ORIGINS does not allow."""
+
+    code = "cors_refused"
 
 
 class ReloadInProgress(DinError):

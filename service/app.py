@@ -22,9 +22,10 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.live import LiveModel, describe, load_ranker
 from service.metrics import Metrics
-from service.middleware import BodyLimits, RequestContext
+from service.middleware import CORS, BodyLimits, RequestContext
 from service.ranker import Ranker
 from service.schemas import request_models
+from service.security import cors_origins, load_api_keys
 from service.store.client import async_client, redis_endpoint
 from service.store.history import HistoryStore
 
@@ -124,14 +125,27 @@ def create_app(
         summary="Online CTR ranking with a Deep Interest Network on ONNX Runtime, histories in Redis.",
         version="0.1.0",
         lifespan=lifespan,
+        # served by service.api.docs instead, behind the API keys when they are set
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.din = state
-    app.include_router(api_router(request_models(settings)))
+    keys = load_api_keys(settings)  # ConfigError when DIN_API_KEYS_FILE cannot be read
+    app.include_router(api_router(request_models(settings), keys, metrics_auth=settings.metrics_auth))
     install_error_handlers(app)
     # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
     # so BodyLimits' 408 / 413 carry the request id and are counted like any other answer.
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.request_read_timeout_s
     )
+    if origins := cors_origins(settings):  # no CORS headers at all unless DIN_CORS_ORIGINS is set
+        app.add_middleware(
+            CORS,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(RequestContext, metrics=state.metrics)
     return app

@@ -1,7 +1,7 @@
 """Request context as pure ASGI middleware: the request id (honoured or generated, echoed, in every log
 line), the access log, request metrics labelled by route, and a JSON 500 (never a traceback) for
 anything unexpected. `BodyLimits`, inside it, bounds the request body (size and arrival time) before
-anything parses it."""
+anything parses it; `CORS` (when DIN_CORS_ORIGINS is set) sits between the two."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import re
 import time
 import uuid
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.errors import DinError, PayloadTooLarge, RequestTimeout
+from model.errors import CorsRefused, DinError, PayloadTooLarge, RequestTimeout
 from service.errors import error_response
 from service.log import request_id
 from service.metrics import Metrics
@@ -188,3 +191,16 @@ class BodyLimits:
             await send(message)
 
         await self.app(scope, bounded_receive, guarded_send)
+
+
+class CORS(CORSMiddleware):
+    """Starlette's CORS middleware, whose refused preflight answers the service's JSON error body
+    (400 cors_refused, with the request id) instead of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers=request_headers)
+        if response.status_code < 400:
+            return response
+        refused = CorsRefused(bytes(response.body).decode("latin-1"))  # "Disallowed CORS origin, method"
+        cors = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
+        return error_response(refused.status, refused.body(), cors)

@@ -105,17 +105,19 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `din serve --help` stays instant.
     import uvicorn
 
-    from model.errors import BundleError, RedisServerError
+    from model.errors import BundleError, ConfigError, RedisServerError
     from service.app import create_app
     from service.live import load_ranker
     from service.log import configure_logging
     from service.protocol import uvicorn_options
+    from service.security import load_api_keys
     from service.store.client import redis_endpoint
 
     configure_logging(settings.log_level, settings.log_json)
     try:
+        load_api_keys(settings)  # an unreadable keys file stops here, like a bad bundle
         ranker = load_ranker(settings)
-    except BundleError as e:
+    except (BundleError, ConfigError) as e:
         print(f"din serve: {e}", file=sys.stderr)
         return 2
 

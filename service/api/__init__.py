@@ -1,19 +1,32 @@
-"""The HTTP API, one module per resource: rank, events, ops, admin. `deps` holds the app's state and the
-typed dependencies. A new endpoint goes into the module of its resource (or a new one, included here)."""
+"""The HTTP API, one module per resource: rank, events, ops, admin, docs. `deps` holds the app's state and
+the typed dependencies. A new endpoint goes into the module of its resource (or a new one, included here)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import admin, events, ops, rank
+from service.api import admin, docs, events, ops, rank
+from service.api.deps import api_key_guard
 from service.schemas import RequestModels
+from service.security import ApiKeys
 
 
-def api_router(models: RequestModels) -> APIRouter:
-    """Every route of the service, with this app's request models."""
+def api_router(models: RequestModels, keys: ApiKeys, *, metrics_auth: bool = False) -> APIRouter:
+    """Every route of the service, with this app's request models. With API keys configured, every
+    route needs one (`deps.api_key_guard`) except those included in the open part below."""
+    guard = api_key_guard(keys)
     api = APIRouter()
-    api.include_router(rank.router(models))
-    api.include_router(events.router(models))
-    api.include_router(ops.router)
-    api.include_router(admin.router)
+
+    # Open: liveness and readiness probes (orchestrators hold no key); /metrics unless metrics_auth.
+    api.include_router(ops.probes)
+    api.include_router(ops.metrics_router, dependencies=guard if metrics_auth else [])
+
+    # Behind the keys: everything else. A new router goes here.
+    protected = APIRouter(dependencies=guard)
+    protected.include_router(rank.router(models))
+    protected.include_router(events.router(models))
+    protected.include_router(ops.router)
+    protected.include_router(admin.router)
+    protected.include_router(docs.router)
+    api.include_router(protected)
     return api

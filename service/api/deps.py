@@ -3,6 +3,14 @@
 The lifespan (`service.app`) builds an `AppState` on `app.state.din`; handlers never read app.state
 themselves, they declare what they need (`BatcherDep`, `StoreDep`, `LiveDep`, ...). The dependencies
 are `async def`: FastAPI would run plain `def` ones in a worker thread, a hop per request for nothing.
+
+API keys: `api_key_guard(keys)` is the dependency list of every router that needs a key (with keys
+configured, `Authorization: Bearer <key>` or 401 unauthorized). Routers do not ask for it themselves:
+`service.api.api_router` includes every router under the guard by default, and only the probes
+(/healthz, /readyz) and /metrics (unless DIN_METRICS_AUTH) are included outside it, by name. A new
+router opts in by being included there like the others (nothing to declare); opting out is an explicit
+line in `api_router`, next to the probes. Without keys the guard is empty: nothing is checked and the
+OpenAPI schema shows no security scheme.
 """
 
 from __future__ import annotations
@@ -10,13 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security, params
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from model.errors import NotReady
+from model.errors import NotReady, Unauthorized
 from service.batcher import Batcher
 from service.config import Settings
 from service.live import LiveModel
 from service.metrics import Metrics
+from service.security import ApiKeys
 from service.store.history import HistoryStore
 
 
@@ -69,3 +79,27 @@ LiveDep = Annotated[LiveModel, Depends(get_live)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+
+
+# ------------------------------------------------------------------ API keys
+
+_bearer = HTTPBearer(
+    auto_error=False,  # a missing key is our 401 (JSON body, request id), not FastAPI's
+    description="An API key from DIN_API_KEYS or DIN_API_KEYS_FILE: `Authorization: Bearer <key>`",
+)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+
+
+def api_key_guard(keys: ApiKeys) -> list[params.Depends]:
+    """The dependencies a router that needs an API key is included with (see this module's docstring):
+    none when no key is configured."""
+    if not keys:
+        return []
+
+    async def require_api_key(credentials: BearerCredentials) -> None:
+        if credentials is None:  # no Authorization header, or not a Bearer one
+            raise Unauthorized("an API key is required: send `Authorization: Bearer <key>`")
+        if not keys.matches(credentials.credentials):
+            raise Unauthorized("the API key is not valid")
+
+    return [Security(require_api_key)]

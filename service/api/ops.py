@@ -1,4 +1,7 @@
-"""Operations: liveness, readiness, Prometheus metrics, and the served bundle's manifest."""
+"""Operations: liveness, readiness, Prometheus metrics, and the served bundle's manifest.
+
+Three routers, so that `service.api.api_router` can leave the probes open (orchestrators and load
+balancers hold no API key), /metrics open unless DIN_METRICS_AUTH, and the manifest behind the keys."""
 
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ from service.api.deps import LiveDep, StateDep
 from service.metrics import CONTENT_TYPE
 from service.schemas import JSONResponse
 
-router = APIRouter(tags=["ops"])
+probes = APIRouter(tags=["ops"])  # never behind API keys
+metrics_router = APIRouter(tags=["ops"])  # behind them only with DIN_METRICS_AUTH
+router = APIRouter(tags=["ops"])  # behind them, like every other route
 
 
-@router.get("/healthz", summary="Process is alive")
+@probes.get("/healthz", summary="Process is alive")
 async def healthz() -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", summary="Model warmed up and Redis answering")
+@probes.get("/readyz", summary="Model warmed up and Redis answering")
 async def readyz(state: StateDep) -> Response:
     if not state.ready or state.store is None or not state.live.loaded:
         raise NotReady(f"not ready: {state.not_ready_reason}", reason=state.not_ready_reason)
@@ -34,7 +39,7 @@ async def readyz(state: StateDep) -> Response:
     return JSONResponse({"status": "ready", "model_version": state.live.current.model_version})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@metrics_router.get("/metrics", summary="Prometheus metrics")
 async def metrics(state: StateDep) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
