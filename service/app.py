@@ -41,7 +41,7 @@ async def _warm_up(state: AppState, ranker: Ranker, gate: threading.Event | None
                 pass
         seconds = await asyncio.to_thread(ranker.warmup, state.settings.warmup_rounds)
     except Exception as e:
-        state.not_ready_reason = f"warm-up failed: {e}"
+        state.not_ready_reason = "warmup_failed"  # the detail is in the log, not in /readyz
         log.exception("warm-up failed; the service will not become ready")
         return
     state.metrics.warmup_seconds.set(seconds)

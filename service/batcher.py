@@ -308,7 +308,8 @@ class Batcher:
             loop = asyncio.get_running_loop()
             scores = await loop.run_in_executor(self._executor, ranker.score_batch, rows)
         except Exception as e:
-            raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests: {e}") from e
+            # the detail is logged (with the request ids of the batch), never sent to clients
+            raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests") from e
         seconds = time.perf_counter() - t0
         self.metrics.inference_latency.observe(seconds)
         self._candidate_s = _ewma(self._candidate_s, seconds / max(1, n_cand))
@@ -319,7 +320,7 @@ class Batcher:
         return scores
 
     def _fail(self, jobs: list[_Job], e: Exception) -> None:
-        err = e if isinstance(e, DinError) else InferenceFailed(f"batch failed: {type(e).__name__}: {e}")
+        err = e if isinstance(e, DinError) else InferenceFailed("the batch failed")
         self.metrics.batch_failures.labels(reason=err.code).inc()
         log.error("batch of %d requests failed: %s", len(jobs), err, exc_info=e)
         for job in jobs:

@@ -10,6 +10,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
@@ -18,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.errors import CorsRefused, DinError, PayloadTooLarge, RequestTimeout
 from service.errors import error_response
-from service.log import request_id
+from service.log import request_id, request_started
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,8 @@ class RequestContext:
         matched = scope.get("route")  # set by the router for API routes (path templates included)
         if matched is not None:
             return str(matched.path)
-        if self._paths is None:  # plain routes (/docs, /openapi.json) do not set it
-            self._paths = frozenset(str(getattr(r, "path", "")) for r in scope["app"].routes)
+        if self._paths is None:  # refused before routing (405, 413) or plain routes: by the path
+            self._paths = frozenset(_route_paths(scope["app"].routes))
         path: str = scope["path"]
         return path if path in self._paths else "other"
 
@@ -57,6 +59,7 @@ class RequestContext:
             rid = uuid.uuid4().hex
         token = request_id.set(rid)
         t0 = time.perf_counter()
+        arrived = request_started.set(t0)
         status = 500
         started = False
 
@@ -93,6 +96,17 @@ class RequestContext:
                 extra={"method": scope["method"], "path": path, "status": status, "duration_ms": ms},
             )
             request_id.reset(token)
+            request_started.reset(arrived)
+
+
+def _route_paths(routes: Iterable[Any]) -> Iterator[str]:
+    """The paths of every route, looking into included routers (FastAPI keeps those as wrappers)."""
+    for route in routes:
+        if isinstance(getattr(route, "path", None), str):
+            yield route.path
+        inner = getattr(getattr(route, "original_router", route), "routes", None)
+        if inner is not None and inner is not routes:
+            yield from _route_paths(inner)
 
 
 async def refuse(exc: DinError, scope: Scope, receive: Receive, send: Send) -> None:

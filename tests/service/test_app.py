@@ -218,10 +218,12 @@ def test_request_metrics_are_labelled_by_the_matched_route(shared: LiveServer) -
     with shared.client() as c:
         assert c.get("/docs").status_code == 200
         assert c.get("/no/such/path").status_code == 404
+        assert c.get("/rank").status_code == 405  # refused before a route is chosen: still its label
         text = c.get("/metrics").text
     # any declared route is its own label (no list to keep in step); unmatched paths share "other"
     assert metric_value(text, "din_requests_total", {"route": "/docs", "status": "200"}) >= 1
     assert metric_value(text, "din_requests_total", {"route": "other", "status": "404"}) >= 1
+    assert metric_value(text, "din_requests_total", {"route": "/rank", "status": "405"}) >= 1
     assert 'route="/no/such/path"' not in text
 
 
