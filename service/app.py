@@ -40,7 +40,7 @@ async def _warm_up(state: AppState, ranker: Ranker, gate: threading.Event | None
             while not await asyncio.to_thread(gate.wait, 0.05):
                 pass
         seconds = await asyncio.to_thread(ranker.warmup, state.settings.warmup_rounds)
-    except Exception as e:
+    except Exception:
         state.not_ready_reason = "warmup_failed"  # the detail is in the log, not in /readyz
         log.exception("warm-up failed; the service will not become ready")
         return
