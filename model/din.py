@@ -6,8 +6,9 @@ Three forward passes over the same weights:
   reference every other path must match.
 - `forward_fast`: the same function for training, with the first attention layer split as
   (Wq+Wd)q + (Wk-Wd)k + Wp(q*k), so the [B, T, 4E] concatenation is never built.
-- `serve`: the ONNX serving graph. A batch of users, each with many candidates; history terms are
-  computed once per user and shared by that user's candidates.
+- `serve`: the ONNX serving graph. A batch of users, each with many candidates; everything about a
+  user's history is computed once per user, and the first attention layer of all of that user's
+  (candidate, behaviour) pairs is one GEMM against a per-user key matrix (see `serve`).
 """
 
 from __future__ import annotations
@@ -183,6 +184,66 @@ class DIN(nn.Module):
         scores = self._att_tail(h)  # (B, T)
         return self._head(self._pool(scores, k, self._mask(hist_len, T)), q)
 
+    # ---------------------------------------------------------------- the serving graph
+
+    # A pre-activation that the attention sigmoid maps to exactly 1.0 in float32 (sigmoid(30) =
+    # 1 - 9e-14, which rounds to 1.0): a hidden unit fed only by it is a constant 1, and the next
+    # layer's bias becomes one more row of its weight matrix. No bias Add pass over (N, T, H).
+    _ONE_LOGIT = 30.0
+
+    @staticmethod
+    def _serve_slots(target_user: Tensor, U: int, N: int) -> tuple[Tensor, int]:
+        """Place every candidate in a (U, n_max) grid, one row of slots per user, in input order.
+
+        target_user (N,) -> slot (N,) = user * n_max + rank within the user, and n_max, the most
+        candidates any user has. Any order of target_user works (grouped or interleaved).
+        """
+        onehot = (target_user.unsqueeze(1) == torch.arange(U).unsqueeze(0)).to(torch.int64)  # (N, U)
+        rank = torch.gather(onehot.cumsum(0), 1, target_user.unsqueeze(1)).squeeze(1) - 1  # (N,)
+        n_max = int(onehot.sum(0).max().item()) if N > 0 else 0
+        torch._check(n_max >= 0)
+        torch._check(n_max <= N)
+        return target_user * n_max + rank, n_max
+
+    def _serve_attention_weights(self) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+        """The local activation unit in the serving graph's "ones-unit" form (weights only).
+
+        Returns
+        - pair (E, 2, H1+1): pair[e] = [Wp[:, e]; (Wq+Wd)[:, e]], then a zero column. Row e of a
+          user's key matrix is [k[t, e], 1] @ pair[e], for every history position t at once.
+        - hist (E+1, H1+1): [(Wk-Wd)^T; b], plus the column (0, ..., 0, ONE) that drives the
+          constant unit. [k, 1] @ hist is the per-behaviour term, once per user.
+        - hidden: for each later layer (H_in+1, H_out+1) = [[W^T, 0], [b, ONE]].
+        - out (1, H_last+1) = [w_out, b_out].
+        """
+        Wq, Wk, Wp, b = self._first_layer_split()  # (H1, E) each, b (H1,)
+        E = Wp.shape[1]
+        zero_col = torch.zeros(E, 1, dtype=Wp.dtype)
+        one = torch.full((1,), self._ONE_LOGIT, dtype=Wp.dtype)
+        pair = torch.stack([torch.cat([Wp.T, zero_col], 1), torch.cat([Wq.T, zero_col], 1)], 1)
+        hist = torch.cat([torch.cat([Wk.T, zero_col], 1), torch.cat([b, one]).unsqueeze(0)], 0)
+        hidden = []
+        for layer in self.att_layers[1:]:
+            assert isinstance(layer, nn.Linear)
+            W = layer.weight  # (H_out, H_in)
+            top = torch.cat([W.T, torch.zeros(W.shape[1], 1, dtype=W.dtype)], 1)
+            hidden.append(torch.cat([top, torch.cat([layer.bias, one]).unsqueeze(0)], 0))
+        out = torch.cat([self.att_out.weight, self.att_out.bias.view(1, 1)], 1)
+        return pair, hist, hidden, out
+
+    def _serve_head(self, u: Tensor, q: Tensor) -> Tensor:
+        """`_head` with Dice written as x * (alpha + p * (1 - alpha)): the same function, fewer nodes."""
+        parts = [u, q, u * q] if self.cfg.head_input == "u,q,u*q" else [u, q]
+        x = torch.cat(parts, dim=-1)
+        for layer, act in zip(self.head_layers, self.head_acts, strict=True):
+            x = layer(x)
+            if isinstance(act, Dice):
+                p = torch.sigmoid(act.bn(x))
+                x = x * (act.alpha + p * (1 - act.alpha))
+            else:
+                x = act(x)
+        return self.head_out(x).squeeze(-1)
+
     def serve(
         self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
     ) -> Tensor:
@@ -190,21 +251,55 @@ class DIN(nn.Module):
 
         target_items (N,), target_user (N,) row of hist_items, hist_items (U, T), hist_len (U,)
         -> ctr (N,) in (0, 1). Equal to sigmoid(forward(target, hist[target_user], ...)).
+
+        With W = [Wq | Wk | Wd | Wp] the first attention layer, its pre-activation for candidate q and
+        behaviour k is (Wq+Wd) q + (Wk-Wd) k + b + Wp (q*k). For one user, all of it, for every
+        (candidate, behaviour, unit), is a single GEMM:
+
+            h[n, (t, j)] = sum_e q[n, e] K[e, (t, j)] + K[E, (t, j)]   i.e.  [q, 1] @ K
+            K[e, (t, j)] = k[t, e] Wp[j, e] + (Wq+Wd)[j, e]            (E rows, built once per user)
+            K[E, (t, j)] = (Wk-Wd)[j] . k[t] + b[j]                     (the per-behaviour term)
+
+        so there is no (N, T, E) tensor and no per-candidate copy of the history. Users are batched
+        as (U, n_max, E+1) @ (U, E+1, T*H1): candidates are placed in a per-user grid of slots (any
+        order of target_user), and the interest vectors are gathered back from it. Biases ride on a
+        constant unit (see _ONE_LOGIT); the pooling is one batched GEMM.
         """
-        T = hist_items.shape[1]
+        U, T = hist_items.shape
+        N = target_items.shape[0]
+        E = self.cfg.embed_dim
         q = self.embed(target_items)  # (N, E)
-        k_user = self.embed(hist_items)  # (U, T, E): once per user
-        mask = self._mask(hist_len, T)[target_user]  # (N, T)
-        k = k_user[target_user]  # (N, T, E): a gather, the history is not recomputed
+        k = self.embed(hist_items)  # (U, T, E): once per user
+        mask = self._mask(hist_len, T)  # (U, T)
         if self.cfg.pooling == "sum":
-            u = self._pool(mask.to(k.dtype), k, mask)
-        else:
-            Wq, Wk, Wp, b = self._first_layer_split()
-            h_user = k_user @ Wk.T + b  # (U, T, H1): the history term, once per user
-            h_cand = q @ Wq.T  # (N, H1): the target term, once per candidate
-            h = h_user[target_user] + h_cand.unsqueeze(1) + (q.unsqueeze(1) * k) @ Wp.T  # (N, T, H1)
-            u = self._pool(self._att_tail(h), k, mask)  # (N, E)
-        return torch.sigmoid(self._head(u, q))
+            u_user = torch.matmul(mask.to(k.dtype).unsqueeze(1), k).squeeze(1)  # (U, E)
+            return torch.sigmoid(self._serve_head(u_user[target_user], q))
+
+        pair, hist, hidden, out = self._serve_attention_weights()
+        H = pair.shape[-1]  # H1 + 1 (the constant unit)
+        slot, n_max = self._serve_slots(target_user, U, N)
+        ones = torch.ones(N, 1, dtype=q.dtype)
+        q_grid = torch.zeros(U * n_max, E + 1, dtype=q.dtype).index_put((slot,), torch.cat([q, ones], 1))
+
+        kt = k.transpose(1, 2).unsqueeze(-1)  # (U, E, T, 1)
+        key_pair = torch.matmul(torch.cat([kt, torch.ones_like(kt)], -1), pair)  # (U, E, T, H)
+        key_hist = torch.matmul(k, hist[:E]) + hist[E]  # (U, T, H)
+        keys = torch.cat([key_pair.reshape(U, E, T * H), key_hist.reshape(U, 1, T * H)], 1)  # (U, E+1, T*H)
+
+        h = torch.matmul(q_grid.view(U, n_max, E + 1), keys)  # (U, n_max, T*H): the first layer
+        a = torch.sigmoid(h).reshape(U * n_max * T, H)
+        for W in hidden:
+            a = torch.sigmoid(torch.matmul(a, W))
+        scores = torch.matmul(out, a.T).reshape(U, n_max, T)  # (U, n_max, T)
+
+        if self.cfg.att_softmax:
+            m = mask.unsqueeze(1)  # (U, 1, T)
+            scores = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1).masked_fill(~m, 0.0)
+            u_grid = torch.matmul(scores, k)  # (U, n_max, E)
+        else:  # zero the padded behaviours once per user instead of the (N, T) scores
+            u_grid = torch.matmul(scores, k * mask.unsqueeze(-1).to(k.dtype))
+        u = u_grid.reshape(U * n_max, E)[slot]  # (N, E)
+        return torch.sigmoid(self._serve_head(u, q))
 
 
 def build_model(cfg: DINConfig, item_cate: Tensor, seed: int = 0) -> DIN:

@@ -1,9 +1,11 @@
 """`din export`: write the ONNX serving bundle, and refuse to unless it matches PyTorch.
 
-The graph is `DIN.serve` (history terms once per user, no (N, T, 4E) tensor). Before anything is
-written, ONNX Runtime is compared with the PyTorch reference (`DIN.forward`, the tiled training form)
-on batches covering empty and full histories, unknown items, one and 1,000 candidates and several
-users at once; the largest absolute difference must be within 1e-5 and is kept in the manifest.
+The graph is `DIN.serve` (per user, the first attention layer of all (candidate, behaviour) pairs is
+one GEMM; no (N, T, E) or (N, T, 4E) tensor). Before anything is written, ONNX Runtime is compared
+with the PyTorch reference (`DIN.forward`, the tiled training form) on batches covering empty and
+full histories, unknown items, one and 1,000 candidates, several users at once, users whose
+candidates are interleaved (with junk past hist_len) and a user without candidates; the largest
+absolute difference must be within 1e-5 and is kept in the manifest.
 
 The bundle is written into a staging directory beside OUT and swapped into place only once complete:
 OUT holds a whole bundle, the old one or the new one, at every instant where the two directories
@@ -192,7 +194,14 @@ def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str
     T = max_history
     known = (FIRST_ID, max(n_items, FIRST_ID + 1))  # real item indices, excluding pad and OOV
 
-    def batch(name: str, hist_lens: list[int], n_cand: list[int], oov_share: float = 0.0) -> dict[str, Any]:
+    def batch(
+        name: str,
+        hist_lens: list[int],
+        n_cand: list[int],
+        oov_share: float = 0.0,
+        interleave: bool = False,
+        junk_padding: bool = False,
+    ) -> dict[str, Any]:
         U = len(hist_lens)
         width = max(hist_lens) if hist_lens else 0
         hist = np.zeros((U, width), dtype=np.int64)
@@ -200,7 +209,11 @@ def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str
             hist[u, :L] = rng.integers(*known, size=L)
             if oov_share:
                 hist[u, :L][rng.random(L) < oov_share] = OOV
+            if junk_padding:  # positions past hist_len must not matter, whatever they hold
+                hist[u, L:] = rng.integers(*known, size=width - L)
         target_user = np.repeat(np.arange(U, dtype=np.int64), n_cand)
+        if interleave:  # the contract does not promise a user's candidates are contiguous
+            target_user = rng.permutation(target_user)
         target_items = rng.integers(*known, size=len(target_user)).astype(np.int64)
         if oov_share:
             target_items[rng.random(len(target_items)) < oov_share] = OOV
@@ -220,6 +233,14 @@ def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str
         batch("several users: empty, short, full", [0, 1, 5, T], [3, 1, 20, 40]),
         batch("several users, all empty", [0, 0], [2, 3]),
         batch("random lengths", list(rng.integers(0, T + 1, size=8)), list(rng.integers(1, 30, size=8))),
+        batch(
+            "interleaved users, different lengths",
+            [T, 3, 0, T // 2],
+            [7, 12, 2, 30],
+            interleave=True,
+            junk_padding=True,
+        ),
+        batch("a user without candidates", [T, 4, T], [5, 0, 9], oov_share=0.1),
     ]
 
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from model.din import DINConfig, build_model
+from model.din import DIN, DINConfig, build_model
 from model.vocab import OOV, PAD
 
 N_ITEMS, N_CATES = 50, 8
@@ -97,6 +97,52 @@ def test_forward_fast_and_serve_match_forward(variant):
         # serve with the rows in the same order as forward's
         ctr = model.serve(target, torch.arange(32), hist, hist_len)
         torch.testing.assert_close(ctr, torch.sigmoid(ref), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_serve_users_in_any_order(variant):
+    """serve == forward for several users with different history lengths (one empty), unknown items,
+    junk ids past hist_len, a user without candidates, and candidates interleaved across users."""
+    model = make_model(**variant)
+    g = torch.Generator().manual_seed(5)
+    U, T = 5, 9
+    hist_len = torch.tensor([9, 0, 3, 9, 6])
+    hist = torch.randint(2, N_ITEMS, (U, T), generator=g)  # junk past hist_len, on purpose
+    hist[2, 1] = OOV
+    target_user = torch.repeat_interleave(torch.arange(U), torch.tensor([4, 3, 0, 7, 2]))
+    target_user = target_user[torch.randperm(len(target_user), generator=g)]
+    assert not bool((target_user[1:] >= target_user[:-1]).all())  # really not grouped
+    target = torch.randint(2, N_ITEMS, (len(target_user),), generator=g)
+    target[0] = OOV
+    with torch.no_grad():
+        want = torch.sigmoid(model(target, hist[target_user], hist_len[target_user]))
+        got = model.serve(target, target_user, hist, hist_len)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # the same candidates grouped by user score the same
+        order = torch.argsort(target_user, stable=True)
+        grouped = model.serve(target[order], target_user[order], hist, hist_len)
+        torch.testing.assert_close(grouped, want[order], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_serve_without_history_columns(variant):
+    """T = 0: hist_items (U, 0). Every candidate scores like one with an empty history."""
+    model = make_model(**variant)
+    target = torch.arange(2, 8)
+    users = torch.tensor([0, 1, 1, 0, 2, 2])
+    with torch.no_grad():
+        got = model.serve(
+            target, users, torch.zeros(3, 0, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+        )
+        want = torch.sigmoid(
+            model(target, torch.zeros(6, 1, dtype=torch.int64), torch.zeros(6, dtype=torch.int64))
+        )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_serve_constant_unit_is_exactly_one():
+    """serve carries the attention biases on a unit whose sigmoid must be 1.0 exactly in float32."""
+    assert torch.sigmoid(torch.tensor(DIN._ONE_LOGIT, dtype=torch.float32)).item() == 1.0
 
 
 def test_all_empty_histories():

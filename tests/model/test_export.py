@@ -187,6 +187,65 @@ def test_the_4e_check_catches_a_tiled_graph(
     assert 4 * model.cfg.embed_dim in activation_widths(tmp_path / "tiled.onnx")
 
 
+def _runtime_shapes(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape of every intermediate value of the graph on these inputs, as ONNX Runtime computes it."""
+    proto = onnx.load(str(path))
+    seen = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in seen:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                seen.add(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    values = sess.run(None, feeds)
+    return {o.name: tuple(np.shape(v)) for o, v in zip(sess.get_outputs(), values, strict=True)}
+
+
+def test_graph_never_builds_a_per_candidate_history(bundle: tuple[DIN, Path, dict]) -> None:
+    """No (N, T, E) or (N, T, 4E) value in any axis order: no q*k, no per-candidate copy of the history
+    (the previous graph had both). N, T, E are distinct here so each axis is recognisable."""
+    model, out, _ = bundle
+    N, T, E = 37, 23, model.cfg.embed_dim
+    rng = np.random.default_rng(0)
+    feeds = {
+        "target_items": rng.integers(2, N_ITEMS, N),
+        "target_user": np.zeros(N, dtype=np.int64),
+        "hist_items": rng.integers(2, N_ITEMS, (1, T)),
+        "hist_len": np.array([T]),
+    }
+    shapes = _runtime_shapes(out / "model.onnx", feeds)
+    assert shapes["ctr"] == (N,)
+    assert len(shapes) > 20
+    for name, shape in shapes.items():
+        bad = N in shape and T in shape and (E in shape or 4 * E in shape)
+        assert not bad, f"{name}: {shape}"
+
+
+def test_onnx_matches_torch_with_interleaved_users(bundle: tuple[DIN, Path, dict]) -> None:
+    """Candidates of several users in any order, junk past hist_len: the same scores as grouped."""
+    model, out, _ = bundle
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    U, T = 4, 17
+    hist_len = np.array([17, 0, 5, 11])
+    hist = rng.integers(2, N_ITEMS, (U, T))  # junk past hist_len
+    target_user = rng.permutation(np.repeat(np.arange(U), [9, 4, 13, 1]))
+    target = rng.integers(2, N_ITEMS, len(target_user))
+    target[:3] = OOV
+    (got,) = sess.run(
+        ["ctr"],
+        {"target_items": target, "target_user": target_user, "hist_items": hist, "hist_len": hist_len},
+    )
+    with torch.no_grad():
+        tu = torch.from_numpy(target_user)
+        want = torch.sigmoid(
+            model(torch.from_numpy(target), torch.from_numpy(hist)[tu], torch.from_numpy(hist_len)[tu])
+        ).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_path: Path) -> None:
     """The model version is content-addressed: it must not depend on where or when it was exported."""
     model, out, manifest = bundle
