@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from model.errors import NotReady
 from service.api.deps import LiveDep, StateDep
 from service.metrics import CONTENT_TYPE
-from service.schemas import JSONResponse
+from service.schemas import ErrorBody, JSONResponse
 
 probes = APIRouter(tags=["ops"])  # never behind API keys
 metrics_router = APIRouter(tags=["ops"])  # behind them only with DIN_METRICS_AUTH
@@ -25,7 +25,16 @@ async def healthz() -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@probes.get("/readyz", summary="Model warmed up and Redis answering")
+@probes.get(
+    "/readyz",
+    summary="Model warmed up and Redis answering",
+    responses={
+        503: {
+            "model": ErrorBody,
+            "description": "not_ready; `reason` says why (warming_up, redis_unavailable, shutting_down, ...)",
+        }
+    },
+)
 async def readyz(state: StateDep) -> Response:
     if not state.ready or state.store is None or not state.live.loaded:
         raise NotReady(f"not ready: {state.not_ready_reason}", reason=state.not_ready_reason)
@@ -39,7 +48,7 @@ async def readyz(state: StateDep) -> Response:
     return JSONResponse({"status": "ready", "model_version": state.live.current.model_version})
 
 
-@metrics_router.get("/metrics", summary="Prometheus metrics")
+@metrics_router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(state: StateDep) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
