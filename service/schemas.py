@@ -196,6 +196,9 @@ class ErrorBody(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body cannot be parsed at all (e.g. it is not UTF-8)"},
+    408: {"model": ErrorBody, "description": "request_timeout: the body did not arrive in time"},
+    413: {"model": ErrorBody, "description": "payload_too_large: the body is larger than DIN_MAX_BODY_BYTES"},
     422: {"model": ErrorBody, "description": "invalid request; `detail` names each bad field"},
     503: {"model": ErrorBody, "description": "overloaded (with Retry-After) or a dependency is down"},
     500: {"model": ErrorBody, "description": "internal error (logged with the request id)"},
