@@ -3,11 +3,13 @@ the typed dependencies. A new endpoint goes into the module of its resource (or 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from service.api import admin, docs, events, ops, rank
 from service.api.deps import api_key_guard
-from service.schemas import RequestModels
+from service.schemas import ErrorBody, RequestModels
 from service.security import ApiKeys
 
 
@@ -15,14 +17,22 @@ def api_router(models: RequestModels, keys: ApiKeys, *, metrics_auth: bool = Fal
     """Every route of the service, with this app's request models. With API keys configured, every
     route needs one (`deps.api_key_guard`) except those included in the open part below."""
     guard = api_key_guard(keys)
+    # documented where it can happen: on the routes behind the keys, when keys are set
+    unauthorized: dict[int | str, dict[str, Any]] = (
+        {401: {"model": ErrorBody, "description": "no API key, or not a valid one"}} if guard else {}
+    )
     api = APIRouter()
 
     # Open: liveness and readiness probes (orchestrators hold no key); /metrics unless metrics_auth.
     api.include_router(ops.probes)
-    api.include_router(ops.metrics_router, dependencies=guard if metrics_auth else [])
+    api.include_router(
+        ops.metrics_router,
+        dependencies=guard if metrics_auth else [],
+        responses=unauthorized if metrics_auth else {},
+    )
 
     # Behind the keys: everything else. A new router goes here.
-    protected = APIRouter(dependencies=guard)
+    protected = APIRouter(dependencies=guard, responses=unauthorized)
     protected.include_router(rank.router(models))
     protected.include_router(events.router(models))
     protected.include_router(ops.router)
