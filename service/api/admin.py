@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from service.api.deps import LiveDep, StateDep
-from service.schemas import ERROR_RESPONSES, JSONResponse, ReloadRequest, ReloadResponse
+from service.schemas import ERROR_RESPONSES, ErrorBody, JSONResponse, ReloadRequest, ReloadResponse
 
 router = APIRouter(tags=["admin"])
 
@@ -18,8 +18,12 @@ router = APIRouter(tags=["admin"])
     response_model=ReloadResponse,
     responses={
         **ERROR_RESPONSES,
-        409: {"description": "another reload is running"},
-        422: {"description": "the bundle was refused (named reason); the old model keeps serving"},
+        409: {"model": ErrorBody, "description": "another reload is running"},
+        422: {
+            "model": ErrorBody,
+            "description": "invalid request (`detail` names each bad field), or bundle_rejected: the "
+            "bundle was refused (named reason) and the old model keeps serving",
+        },
     },
     summary="Hot-reload the model",
     description="Loads, verifies and warms the bundle beside the live model, then switches atomically. "
