@@ -83,7 +83,7 @@ def test_serve_with_private_redis_end_to_end(bundle: BundleInfo, tmp_path: Path)
         with httpx.Client(base_url=url, timeout=10) as c:
             assert (data / "redis.url").exists()  # the private redis-server runs on the data dir
             events = {"events": [{"user_id": "zoe", "item_id": "i4"}, {"user_id": "zoe", "item_id": "i5"}]}
-            assert c.post("/events", json=events).json() == {"written": 2}
+            assert c.post("/events", json=events).json() == {"written": 2, "duplicates": 0}
             resp = c.post(
                 "/rank", json={"user_id": "zoe", "candidates": ["i2", "i3"]}, headers={"X-Request-ID": "r-1"}
             )
