@@ -1,0 +1,182 @@
+"""Overload benchmark: `din serve` offered 1x, 2x and 5x its measured capacity, open loop.
+
+Capacity is measured first (closed loop, `--connections` clients). Then requests arrive at a fixed
+rate whatever the answers (the load generator does not slow down when the server does): goodput (200s
+per second), the latency of the 200s against the deadline (DIN_REQUEST_TIMEOUT_MS), how fast the shed
+503s come back, and anything else that came back. Same model, data and request shape as bench/e2e.py.
+
+    python bench/overload.py                 # JSON in bench/results/overload.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
+from e2e import PYTHON, ROOT, cpu_line, ensure_model, running, seed_full_histories
+
+from loadtest.closedloop import run_closed
+from loadtest.openloop import run_step
+from loadtest.sampling import Mix
+from model.vocab import Vocab
+from service.store.embedded import EmbeddedRedis, free_port
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarise(samples: list[tuple[float, float, str]], seconds: float) -> dict[str, Any]:
+    ok = [lat for _, lat, s in samples if s == "200"]
+    shed = [lat for _, lat, s in samples if s == "503"]
+    other: dict[str, int] = {}
+    for _, _, s in samples:
+        if s not in ("200", "503"):
+            other[s] = other.get(s, 0) + 1
+    return {
+        "sent": len(samples),
+        "goodput": len(ok) / seconds,
+        "ok": len(ok),
+        "ok_p50_ms": _ms(ok, 50),
+        "ok_p99_ms": _ms(ok, 99),
+        "ok_max_ms": max(ok) if ok else None,
+        "shed": len(shed),
+        "shed_p50_ms": _ms(shed, 50),
+        "shed_p99_ms": _ms(shed, 99),
+        "other": other,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=ROOT / ".din" / "demo")
+    ap.add_argument("--users", type=int, default=500)
+    ap.add_argument("--candidates", type=int, default=200)
+    ap.add_argument("--connections", type=int, default=8, help="closed-loop clients for the capacity")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per load level")
+    ap.add_argument("--levels", default="1,2,5", help="offered load, as multiples of the capacity")
+    ap.add_argument("--timeout-ms", type=float, default=250.0, help="DIN_REQUEST_TIMEOUT_MS")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
+    args = ap.parse_args(argv)
+
+    print(f"machine: {cpu_line()}")
+    _, bundle = ensure_model(args.workdir, epochs=1)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    T = int(manifest["max_history"])
+    items = Vocab.from_file(bundle / "items.txt").known()
+    levels = [float(x) for x in args.levels.split(",")]
+    rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="din-bench-") as tmp,
+        EmbeddedRedis(Path(tmp) / "redis", port=0, unix_socket=False) as redis_server,
+    ):
+        users = seed_full_histories(redis_server.url, args.users, items, T, seed=0)
+        mix = Mix(
+            users=users,
+            items=items,
+            candidates=args.candidates,
+            candidates_sigma=0.0,
+            max_candidates=args.candidates,
+            unknown_users=0.0,
+            unknown_items=0.0,
+        )
+        port = free_port()
+        cmd = [
+            PYTHON,
+            "-m",
+            "cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--redis-url",
+            redis_server.url,
+            "--log-level",
+            "WARNING",
+            "--request-timeout-ms",
+            str(args.timeout_ms),
+            "--port",
+            str(port),
+        ]
+        with running("din-rank", cmd, port, Path(tmp)) as url:
+            asyncio.run(run_closed(url, mix.payloads(50, seed=99), connections=2, duration=2.0))
+            closed = asyncio.run(
+                run_closed(
+                    url, mix.payloads(2000, seed=1), connections=args.connections, duration=args.seconds
+                )
+            )
+            capacity = closed.throughput
+            print(f"capacity (closed loop x{args.connections}): {capacity:,.1f} req/s")
+            for k, level in enumerate(levels):
+                rate = level * capacity
+                n = int(rate * args.seconds)
+                step = asyncio.run(
+                    run_step(url, rate, args.seconds, mix.payloads(n, seed=10 + k), connections=512)
+                )
+                row = {"level": level, "offered": rate, **summarise(step.samples, args.seconds)}
+                row["goodput_share"] = row["goodput"] / capacity
+                rows.append(row)
+                print(f"  {level:g}x offered: goodput {row['goodput']:,.1f} req/s, {row['shed']:,} shed")
+
+    header = (
+        "offered",
+        "req/s",
+        "goodput",
+        "of capacity",
+        "200 p50",
+        "200 p99",
+        "200 max",
+        "503s",
+        "503 p50",
+        "503 p99",
+        "other",
+    )
+    table = [header]
+    for r in rows:
+        table.append(
+            (
+                f"{r['level']:g}x",
+                f"{r['offered']:,.0f}",
+                f"{r['goodput']:,.1f}",
+                f"{r['goodput_share']:.0%}",
+                *(
+                    f"{r[k]:,.0f}" if r[k] is not None else "-"
+                    for k in ("ok_p50_ms", "ok_p99_ms", "ok_max_ms")
+                ),
+                f"{r['shed']:,}",
+                *(f"{r[k]:,.1f}" if r[k] is not None else "-" for k in ("shed_p50_ms", "shed_p99_ms")),
+                str(sum(r["other"].values())),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print(
+        f"\ncapacity {capacity:,.1f} req/s; deadline {args.timeout_ms:g} ms; "
+        "latencies in ms from the scheduled send"
+    )
+    for row in table:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    report = {
+        "machine": cpu_line(),
+        "python": platform.python_version(),
+        "command": " ".join(["python", "bench/overload.py", *(argv if argv is not None else sys.argv[1:])]),
+        "capacity": capacity,
+        "deadline_ms": args.timeout_ms,
+        "candidates": args.candidates,
+        "levels": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
