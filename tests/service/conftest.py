@@ -252,3 +252,196 @@ def start_serve(*args: str, env: dict[str, str] | None = None) -> tuple[subproce
                 pass
             assert time.monotonic() < deadline, "din serve did not become ready"
             time.sleep(0.05)
+
+
+class FaultProxy:
+    """A TCP proxy in front of Redis for fault injection, on its own event loop in a thread:
+
+    - `delay(to_server=..., to_client=...)`: every chunk going that way is forwarded that many seconds
+      after it arrived (order kept), e.g. a few ms on every reply, or longer than a deadline;
+    - `hold(direction)` / `release(direction)`: nothing passes that way until released;
+    - `cut()`: close every open connection at once (both ends, reset), as a dying Redis would;
+      new connections are still accepted (and `refuse(True)` closes them as soon as they open).
+
+    `connections` counts the client connections open through it."""
+
+    TO_SERVER, TO_CLIENT = "to_server", "to_client"
+
+    def __init__(self, upstream_url: str) -> None:
+        u = urlsplit(upstream_url)
+        self.upstream = (u.hostname or "127.0.0.1", u.port or 6379)
+        self._delays = {self.TO_SERVER: 0.0, self.TO_CLIENT: 0.0}
+        self._refusing = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="fault-proxy")
+        self._gates: dict[str, asyncio.Event] = {}
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ control (any thread)
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        port = self._call(self._start())
+        self.url = f"redis://127.0.0.1:{port}/0"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def delay(self, *, to_server: float | None = None, to_client: float | None = None) -> None:
+        if to_server is not None:
+            self._delays[self.TO_SERVER] = to_server
+        if to_client is not None:
+            self._delays[self.TO_CLIENT] = to_client
+
+    def hold(self, direction: str = TO_SERVER) -> None:
+        self._loop.call_soon_threadsafe(self._gates[direction].clear)
+
+    def release(self, direction: str = TO_SERVER) -> None:
+        self._loop.call_soon_threadsafe(self._gates[direction].set)
+
+    def refuse(self, on: bool = True) -> None:
+        self._refusing = on
+
+    def cut(self) -> int:
+        """Close every open connection (both ends); returns how many there were."""
+        return int(self._call(self._cut()))
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def _call(self, coro: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # ------------------------------------------------------------------ the proxy (its own loop)
+
+    async def _start(self) -> int:
+        self._gates = {d: asyncio.Event() for d in self._delays}
+        for gate in self._gates.values():
+            gate.set()
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for gate in self._gates.values():
+            gate.set()
+        await self._cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _cut(self) -> int:
+        conns = list(self._conns)
+        for pair in conns:
+            for w in pair:
+                w.transport.abort()
+        self._conns.difference_update(conns)
+        return len(conns)
+
+    async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            c_writer.transport.abort()
+            return
+        try:
+            s_reader, s_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            c_writer.transport.abort()  # upstream down: the client sees its connection dropped
+            return
+        pair = (c_writer, s_writer)
+        self._conns.add(pair)
+        pipes = [
+            self._spawn(self._pipe(c_reader, s_writer, self.TO_SERVER)),
+            self._spawn(self._pipe(s_reader, c_writer, self.TO_CLIENT)),
+        ]
+        await asyncio.gather(*pipes, return_exceptions=True)
+        self._conns.discard(pair)
+        for w in pair:
+            w.transport.abort()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str) -> None:
+        """Read chunks as they come; a writer task forwards each `delay` after its arrival, in order."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def forward() -> None:
+            while (item := await queue.get()) is not None:
+                due, data = item
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                await self._gates[direction].wait()
+                dst.write(data)
+                await dst.drain()
+            if dst.can_write_eof():
+                dst.write_eof()
+
+        writer = self._spawn(forward())
+        try:
+            while data := await src.read(65536):
+                queue.put_nowait((loop.time() + self._delays[direction], data))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            queue.put_nowait(None)
+        with contextlib.suppress(OSError):
+            await writer
+
+
+class ServeOutput:
+    """Reads a `din serve` process's stdout and stderr as they come, keeping the last lines: a pipe
+    nobody reads fills up and then blocks the server's logging, and with it the server."""
+
+    def __init__(self, proc: subprocess.Popen[str], keep: int = 300) -> None:
+        import collections
+
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._streams = [s for s in (proc.stdout, proc.stderr) if s is not None]
+        self._threads = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (proc.stdout, proc.stderr)
+            if stream is not None
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, stream: Any) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for line in stream:
+                self.lines.append(line.rstrip("\n"))
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(list(self.lines)[-n:])
+
+    def close(self) -> None:
+        """Once the process has exited: the rest of its output, then the pipes closed."""
+        for t in self._threads:
+            t.join(timeout=10)
+        for stream in self._streams:
+            stream.close()
+
+
+def stop_serve(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
