@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from tests.service.conftest import (
+    MAX_HISTORY,
     BundleInfo,
     FaultProxy,
     ServeOutput,
@@ -120,7 +121,7 @@ async def _user(
 
 def test_callers_that_leave_never_shift_scores_between_users(bundle: BundleInfo, redis_url: str) -> None:
     histories = make_histories(N_USERS, seed=3, items=bundle.items)
-    assert len({tuple(h[:20]) for h in histories.values()}) == N_USERS
+    assert len({tuple(h[:MAX_HISTORY]) for h in histories.values()}) == N_USERS  # distinct, as read
     ref = Reference(bundle, histories, CANDIDATES)
     seed_histories(redis_url, histories)
     rng = random.Random(5)
