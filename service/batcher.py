@@ -42,6 +42,7 @@ from service.ranker import Ranker
 log = logging.getLogger(__name__)
 
 _SHUTTING_DOWN = "the service is shutting down; retry on another replica"
+_HEADROOM = 1.25  # admission: the expected wait, plus a quarter, must fit the deadline
 
 
 class HistorySource(Protocol):
@@ -147,7 +148,8 @@ class Batcher:
         deadline = deadline if deadline is not None else now + 3600.0
         if len(self._queue) >= self.queue_max:
             self._shed("queue_full", f"the ranking queue is full ({self.queue_max} requests waiting)")
-        if now + self.expected_wait(len(candidates)) > deadline:
+        # With headroom: an estimate that is a little optimistic would admit work that then times out.
+        if now + _HEADROOM * self.expected_wait(len(candidates)) > deadline:
             self._shed("deadline", "the service cannot answer within the request's deadline")
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
         job = _Job(user_id, candidates, history, future, now, deadline)

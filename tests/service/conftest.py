@@ -234,17 +234,26 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def start_serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Start `din serve ARGS` on a free port and wait until /readyz answers 200. Returns (process, URL)."""
+def start_serve(
+    *args: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start `din serve ARGS` on a free port and wait until /readyz answers 200. Returns (process, URL).
+
+    Its output goes to pipes (read them with `communicate()`, or pass few enough log lines: a full pipe
+    blocks the server), or to the file `log`."""
     port = free_port()
     cmd = [sys.executable, "-m", "cli", "serve", *args, "--port", str(port), "--warmup-rounds", "1"]
     env = {**os.environ, "DIN_PROVIDERS": "CPUExecutionProvider", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if log is not None:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     with httpx.Client(base_url=url, timeout=10) as c:
         while True:
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, log.read_text() if log is not None else proc.communicate()[1]
             try:
                 if c.get("/readyz").status_code == 200:
                     return proc, url

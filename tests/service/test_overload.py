@@ -1,14 +1,17 @@
-"""Overload, as a client sees it: `din serve` offered several times its capacity keeps serving at about
-its capacity, sheds the rest at once with 503 + Retry-After, and never answers 200 after the deadline.
+"""Overload, end to end: `din serve` offered several times its capacity keeps serving at about its
+capacity, sheds the rest with 503 overloaded + Retry-After (most at the door, at once), and never
+sends a 200 after the request's deadline.
 
 Real process, real HTTP, one request shape that is expensive on purpose (all 298 items against a full
-100-item history) so the service saturates at a rate this test's client can easily exceed.
+100-item history) so the service saturates at a rate this test's client can easily exceed. Lateness is
+judged from the server's own access log (arrival to answer, per request): the client runs on the same
+cores, and its own delays (connection set-up, scheduling) are not the server's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
+import json
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from loadtest.closedloop import run_closed
 from tests.service.conftest import BundleInfo, make_bundle, start_serve
 
 BUDGET_MS = 250.0
-SLACK_MS = 150.0  # scheduling noise on a loaded 2-core machine (the client runs on the same cores)
+SLACK_MS = 50.0  # from handing the answer to the socket to the access log line
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +33,15 @@ def bundle_t100(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
     return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle", seed=3, version="t100", max_history=100)
 
 
-async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[tuple[int, float, dict]]:
-    """Send at a constant rate whatever the answers; (status, ms from send to answer, 503 body)."""
-    out: list[tuple[int, float, dict]] = []
-    limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
-    async with httpx.AsyncClient(base_url=url, timeout=10, limits=limits) as client:
+async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[tuple[int, dict]]:
+    """Send at a constant rate whatever the answers; (status, body of a non-200)."""
+    out: list[tuple[int, dict]] = []
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
 
         async def one() -> None:
-            t0 = time.perf_counter()
             r = await client.post("/rank", content=body, headers={"content-type": "application/json"})
-            ms = (time.perf_counter() - t0) * 1000
-            out.append((r.status_code, ms, r.json() if r.status_code != 200 else {}))
+            out.append((r.status_code, r.json() if r.status_code != 200 else {}))
 
         tasks = []
         start = time.perf_counter()
@@ -58,31 +59,43 @@ def test_overload_sheds_fast_and_keeps_goodput(
 ) -> None:
     items = bundle_t100.items[2:]
     body = orjson.dumps({"user_id": "u", "candidates": items, "history": items[:100]})
-    proc, url = start_serve(
-        "--bundle", str(bundle_t100.path), "--redis-url", redis_url, "--request-timeout-ms", str(BUDGET_MS)
-    )
+    log = tmp_path / "serve.log"
+    args = ["--bundle", str(bundle_t100.path), "--redis-url", redis_url, "--log-json"]
+    proc, url = start_serve(*args, "--request-timeout-ms", str(BUDGET_MS), log=log)
     try:
         # capacity: answers per second with a couple of requests always waiting (a busy machine may
         # shed some of them already; what counts is what gets answered)
         closed = asyncio.run(run_closed(url, [body], connections=2, duration=3.0))
         capacity = closed.throughput
         assert capacity > 2 and set(closed.errors) <= {"503"}, closed
-        answers = asyncio.run(_open_loop(url, body, rate=3 * capacity, seconds=4.0))
+        mark = log.stat().st_size
+        seconds = 4.0
+        answers = asyncio.run(_open_loop(url, body, rate=3 * capacity, seconds=seconds))
     finally:
         proc.terminate()
-        proc.communicate(timeout=30)
+        proc.wait(timeout=30)
 
-    statuses = {s for s, _, _ in answers}
+    statuses = {s for s, _ in answers}
     assert statuses <= {200, 503}, statuses
-    ok = [ms for s, ms, _ in answers if s == 200]
-    shed = [(ms, b) for s, ms, b in answers if s == 503]
+    shed = [b for s, b in answers if s == 503]
     assert shed, "3x capacity offered, nothing shed"
-    assert all(
-        b["error"] == "overloaded" and b["reason"] in ("deadline", "timeout", "queue_full") for _, b in shed
-    )
-    assert max(ok) <= BUDGET_MS + SLACK_MS, f"a 200 came {max(ok):.0f} ms after it was sent"
-    # shed at the door, not after waiting: most refusals come at once
-    at_door = [ms for ms, b in shed if b["reason"] == "deadline"]
-    assert at_door and statistics.median(at_door) < 50, statistics.median(at_door or [0])
-    goodput = len(ok) / 4.0
+    reasons = {b["error"]: b["reason"] for b in shed}
+    assert set(reasons) == {"overloaded"} and set(reasons.values()) <= {"deadline", "timeout", "queue_full"}
+    goodput = sum(1 for s, _ in answers if s == 200) / seconds
     assert goodput >= 0.5 * capacity, f"goodput {goodput:.0f}/s at 3x a capacity of {capacity:.0f}/s"
+
+    with open(log) as f:
+        f.seek(mark)
+        records = [json.loads(line) for line in f if line.startswith("{")]
+    served = [r for r in records if r.get("path") == "/rank" and "duration_ms" in r]
+    assert len(served) >= len(answers)
+    ok_ms = [r["duration_ms"] for r in served if r["status"] == 200]
+    late = [ms for ms in ok_ms if ms > BUDGET_MS + SLACK_MS]
+    assert not late, f"{len(late)} answers of 200 after the deadline, the latest at {max(late):.0f} ms"
+    # shed at the door, not after waiting: most refusals are judged on arrival and take milliseconds
+    at_door = sum(1 for b in shed if b["reason"] == "deadline")
+    assert at_door >= len(shed) / 2, {
+        r: sum(1 for b in shed if b["reason"] == r) for r in ("deadline", "timeout")
+    }
+    shed_ms = sorted(r["duration_ms"] for r in served if r["status"] == 503)
+    assert shed_ms[len(shed_ms) // 4] < 10, shed_ms[len(shed_ms) // 4]  # the fastest quarter: at once
