@@ -393,7 +393,10 @@ def test_concurrent_requests_share_batches(bundle: BundleInfo, redis_url: str) -
     candidates = [f"i{k}" for k in range(2, 12)]
     _seed(redis_url, {f"user{k}": [f"i{k + 2}"] for k in range(n)})
     proxy = GatedProxy(redis_url)
-    settings = make_settings(bundle.path, proxy.url, redis_timeout_ms=10_000, batch_max_delay_ms=1)
+    # Redis is held on purpose: the budget must outlast the hold (deadlines are tested elsewhere)
+    settings = make_settings(
+        bundle.path, proxy.url, redis_timeout_ms=10_000, batch_max_delay_ms=1, request_timeout_ms=30_000
+    )
 
     def rank(ac: httpx.AsyncClient, k: int) -> asyncio.Task[httpx.Response]:
         return asyncio.create_task(ac.post("/rank", json={"user_id": f"user{k}", "candidates": candidates}))
@@ -428,6 +431,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(bundle: BundleInfo, red
         bundle.path,
         proxy.url,
         redis_timeout_ms=10_000,
+        request_timeout_ms=30_000,  # Redis is held on purpose: the budget must outlast the hold
         queue_max=2,
         max_candidates=4,
         batch_max_candidates=4,  # one request per batch

@@ -101,7 +101,8 @@ def test_bad_bundles_are_refused_and_the_old_model_serves_on(
 def test_reload_under_load_fails_no_request(
     bundle: BundleInfo, bundle_v2: BundleInfo, redis_url: str
 ) -> None:
-    settings = make_settings(bundle.path, redis_url, batch_max_delay_ms=1)
+    # a generous budget: the new model warms up on the same 2 cores, and this is about the swap, not load
+    settings = make_settings(bundle.path, redis_url, batch_max_delay_ms=1, request_timeout_ms=10_000)
     with LiveServer(settings) as server:
         server.wait_ready()
 
@@ -130,7 +131,7 @@ def test_reload_under_load_fails_no_request(
 
         answers, reloads = asyncio.run(go())
     assert [r.status_code for r in reloads] == [200, 200]
-    assert len(answers) > 20 and all(r.status_code == 200 for r in answers)
+    assert len(answers) > 20 and all(r.status_code == 200 for r in answers), {r.status_code for r in answers}
     versions = [r.json()["model_version"] for r in answers]
     assert {"test-v1", "test-v2"} <= set(versions)
     for r in answers:  # each answer is exactly the model it names
