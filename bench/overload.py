@@ -1,7 +1,8 @@
 """Overload benchmark: `din serve` offered 1x, 2x and 5x its measured capacity, open loop.
 
 Capacity is measured first (closed loop, `--connections` clients). Then requests arrive at a fixed
-rate whatever the answers (the load generator does not slow down when the server does): goodput (200s
+rate whatever the answers (the load generator does not slow down when the server does; it is the lean
+client of `loadtest.rawhttp`, on the same cores as the server): goodput (200s
 per second), the latency of the 200s against the deadline (DIN_REQUEST_TIMEOUT_MS), how fast the shed
 503s come back, and anything else that came back. Same model, data and request shape as bench/e2e.py.
 
@@ -24,8 +25,7 @@ import numpy as np
 # a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
 from e2e import PYTHON, ROOT, cpu_line, ensure_model, running, seed_full_histories
 
-from loadtest.closedloop import run_closed
-from loadtest.openloop import run_step
+from loadtest.closedloop import run_closed, run_open
 from loadtest.sampling import Mix
 from model.vocab import Vocab
 from service.store.embedded import EmbeddedRedis, free_port
@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, level in enumerate(levels):
                 rate = level * capacity
                 n = int(rate * args.seconds)
-                step = asyncio.run(
-                    run_step(url, rate, args.seconds, mix.payloads(n, seed=10 + k), connections=512)
-                )
-                row = {"level": level, "offered": rate, **summarise(step.samples, args.seconds)}
+                samples = asyncio.run(run_open(url, mix.payloads(n, seed=10 + k), rate=rate))
+                row = {"level": level, "offered": rate, **summarise(samples, args.seconds)}
                 row["goodput_share"] = row["goodput"] / capacity
                 rows.append(row)
                 print(f"  {level:g}x offered: goodput {row['goodput']:,.1f} req/s, {row['shed']:,} shed")

@@ -22,7 +22,7 @@ from service.config import Settings
 from service.errors import install_error_handlers
 from service.live import LiveModel, describe, load_ranker
 from service.metrics import Metrics
-from service.middleware import CORS, BodyLimits, RequestContext
+from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
 from service.schemas import request_models
 from service.security import cors_origins, load_api_keys
@@ -135,7 +135,9 @@ def create_app(
     app.include_router(api_router(request_models(settings), keys, metrics_auth=settings.metrics_auth))
     install_error_handlers(app)
     # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
-    # so BodyLimits' 408 / 413 carry the request id and are counted like any other answer.
+    # so BodyLimits' 408 / 413 and AdmissionGate's 503 carry the request id and are counted like any
+    # other answer; the gate sits inside BodyLimits, so a body it drains unread is still bounded.
+    app.add_middleware(AdmissionGate, state=state, settings=settings)
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.request_read_timeout_s
     )

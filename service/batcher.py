@@ -101,6 +101,7 @@ class Batcher:
         self._candidate_s = 0.0  # inference seconds per candidate, batch overhead spread over it
         self._redis_s = 0.0  # one pipelined history read
         self._inflight_candidates = 0
+        self._typical_candidates = 0  # candidates of a recent request (moving average)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -129,6 +130,13 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    def admits(self, deadline: float, candidates: int | None = None) -> bool:
+        """Whether a request of `candidates` (default: a typical one) can be answered by `deadline`
+        (time.perf_counter()), with headroom: an estimate a little optimistic would admit work that
+        then times out. The one admission rule, used here and at the door (service.middleware)."""
+        n = self._typical_candidates if candidates is None else candidates
+        return time.perf_counter() + _HEADROOM * self.expected_wait(n) <= deadline
+
     def expected_wait(self, candidates: int) -> float:
         """Seconds until a new request of `candidates` would be answered: the work ahead of it and its
         own, at the recent cost per candidate, plus a Redis read. 0 until a batch has been measured."""
@@ -148,9 +156,9 @@ class Batcher:
         deadline = deadline if deadline is not None else now + 3600.0
         if len(self._queue) >= self.queue_max:
             self._shed("queue_full", f"the ranking queue is full ({self.queue_max} requests waiting)")
-        # With headroom: an estimate that is a little optimistic would admit work that then times out.
-        if now + _HEADROOM * self.expected_wait(len(candidates)) > deadline:
+        if not self.admits(deadline, len(candidates)):
             self._shed("deadline", "the service cannot answer within the request's deadline")
+        self._typical_candidates = round(_ewma(self._typical_candidates, len(candidates)))
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
         job = _Job(user_id, candidates, history, future, now, deadline)
         self._queue.append(job)
@@ -165,6 +173,13 @@ class Batcher:
         except TimeoutError:
             self._shed("timeout", "the request's deadline passed before it could be answered")
             raise  # unreachable: _shed raises
+
+    def shed_at_door(self) -> Overloaded:
+        """The answer for a request refused before its body was read (service.middleware)."""
+        self.metrics.queue_rejections.labels(reason="deadline").inc()
+        return Overloaded(
+            "the service cannot answer within the request's deadline; retry shortly", reason="deadline"
+        )
 
     def _shed(self, reason: str, message: str) -> None:
         self.metrics.queue_rejections.labels(reason=reason).inc()

@@ -218,3 +218,38 @@ class CORS(CORSMiddleware):
         refused = CorsRefused(bytes(response.body).decode("latin-1"))  # "Disallowed CORS origin, method"
         cors = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
         return error_response(refused.status, refused.body(), cors)
+
+
+class AdmissionGate:
+    """Load shedding before any parsing: under overload most requests must be refused, and cheaply.
+
+    A `POST /rank` that the batcher expects to miss its deadline with a typical request's candidates
+    (`Batcher.admits`) is answered 503 overloaded (Retry-After) at once: its body is drained unread (so
+    the connection can carry the next request) and never validated. What passes is judged again by the
+    batcher with its exact candidate count. Inside `BodyLimits`, so a drained body is still bounded.
+    """
+
+    def __init__(self, app: ASGIApp, state: Any, settings: Any) -> None:
+        self.app = app
+        self.state = state  # service.api.deps.AppState: its batcher exists once the lifespan ran
+        self.budget_s = settings.request_timeout_ms / 1000
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        batcher = self.state.batcher
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] == "/rank"
+            and batcher is not None
+            and not batcher.admits((request_started.get() or time.perf_counter()) + self.budget_s)
+        ):
+            more = True
+            while more:  # drain the body unread
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                more = message.get("more_body", False)
+            exc = batcher.shed_at_door()
+            await error_response(exc.status, exc.body(), exc.headers)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

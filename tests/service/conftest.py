@@ -27,6 +27,7 @@ from model.export import export_model
 from model.vocab import Vocab
 from service.app import create_app
 from service.config import Settings
+from service.protocol import uvicorn_options
 from service.store.embedded import free_port
 
 N_ITEMS, N_CATE, MAX_HISTORY = 300, 12, 20
@@ -99,7 +100,14 @@ class LiveServer:
 
     def __init__(self, settings: Settings, warmup_gate: threading.Event | None = None) -> None:
         self.app = create_app(settings, warmup_gate=warmup_gate)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=0,
+            log_config=None,
+            access_log=False,
+            **uvicorn_options(settings),  # as `din serve` builds it: keep-alive, head limits
+        )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
