@@ -107,9 +107,11 @@ class Settings(BaseSettings):
         "is free; 0 = as soon as a slot is free (requests arriving during a computation join the next batch)",
     )
     batch_max_candidates: int = Field(
-        4096,
+        400,
         ge=1,
-        description="a batch closes when it holds this many candidates (a larger request runs alone)",
+        description="a batch closes when it holds this many candidates (a larger request runs alone); "
+        "small batches keep the graph's working set in cache: at T=100 two users of 200 candidates ran "
+        "35% faster end to end than eight (make bench)",
     )
     queue_max: int = Field(
         1024, ge=1, description="requests waiting for a batch; beyond this /rank answers 503"
