@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import platform
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -118,13 +119,20 @@ def main(argv: list[str] | None = None) -> int:
             for k, level in enumerate(levels):
                 rate = level * capacity
                 n = int(rate * args.seconds)
-                samples = asyncio.run(run_open(url, mix.payloads(n, seed=10 + k), rate=rate))
+                payloads = mix.payloads(n, seed=10 + k)
+                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+                samples = asyncio.run(run_open(url, payloads, rate=rate))
+                cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                 row = {"level": level, "offered": rate, **summarise(samples, args.seconds)}
+                # the load generator's own share of the machine (it runs on the server's cores)
+                used = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+                row["generator_cores"] = used / args.seconds
                 row["goodput_share"] = row["goodput"] / capacity
                 rows.append(row)
                 print(f"  {level:g}x offered: goodput {row['goodput']:,.1f} req/s, {row['shed']:,} shed")
 
     header = (
+        "generator cores",
         "offered",
         "req/s",
         "goodput",
@@ -141,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         table.append(
             (
+                f"{r['generator_cores']:.2f}",
                 f"{r['level']:g}x",
                 f"{r['offered']:,.0f}",
                 f"{r['goodput']:,.1f}",
