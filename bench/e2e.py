@@ -92,6 +92,30 @@ def seed_full_histories(url: str, users: int, items: list[str], T: int, seed: in
 
 
 @contextlib.contextmanager
+def bench_data(bundle: Path, users: int, candidates: int) -> Iterator[tuple[str, Mix, int]]:
+    """A private redis-server holding `users` full histories, and the request mix over them (every
+    request: a seeded user, `candidates` distinct known items). Yields (Redis URL, mix, T)."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    T = int(manifest["max_history"])
+    items = Vocab.from_file(bundle / "items.txt").known()
+    with (
+        tempfile.TemporaryDirectory(prefix="din-bench-") as tmp,
+        EmbeddedRedis(Path(tmp) / "redis", port=0, unix_socket=False) as redis_server,
+    ):
+        ids = seed_full_histories(redis_server.url, users, items, T, seed=0)
+        mix = Mix(
+            users=ids,
+            items=items,
+            candidates=candidates,
+            candidates_sigma=0.0,
+            max_candidates=candidates,
+            unknown_users=0.0,
+            unknown_items=0.0,
+        )
+        yield redis_server.url, mix, T
+
+
+@contextlib.contextmanager
 def running(name: str, cmd: list[str], port: int, log_dir: Path) -> Iterator[str]:
     """Start a server process, wait for /readyz, yield its URL, stop it."""
     url = f"http://127.0.0.1:{port}"
@@ -179,24 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {cpu_line()}")
     run_dir, bundle = ensure_model(args.workdir, args.epochs)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    T = int(manifest["max_history"])
-    items = Vocab.from_file(bundle / "items.txt").known()
     results: dict[str, Any] = {}
     with (
         tempfile.TemporaryDirectory(prefix="din-bench-") as tmp,
-        EmbeddedRedis(Path(tmp) / "redis", port=0, unix_socket=False) as redis_server,
+        bench_data(bundle, args.users, args.candidates) as (redis_url, mix, T),
     ):
-        users = seed_full_histories(redis_server.url, args.users, items, T, seed=0)
-        mix = Mix(
-            users=users,
-            items=items,
-            candidates=args.candidates,
-            candidates_sigma=0.0,
-            max_candidates=args.candidates,
-            unknown_users=0.0,
-            unknown_items=0.0,
-        )
         print(f"{args.users} users x {T} behaviours in Redis, {args.candidates} candidates a request")
         services = {
             "din-rank": [
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--bundle",
                 str(bundle),
                 "--redis-url",
-                redis_server.url,
+                redis_url,
                 "--log-level",
                 "WARNING",
             ],
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--run",
                 str(run_dir),
                 "--redis-url",
-                redis_server.url,
+                redis_url,
             ],
             "http floor": [PYTHON, "bench/floor_service.py"],
         }

@@ -24,12 +24,10 @@ from typing import Any
 import numpy as np
 
 # a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
-from e2e import PYTHON, ROOT, cpu_line, ensure_model, running, seed_full_histories
+from e2e import PYTHON, ROOT, bench_data, cpu_line, ensure_model, running
 
 from loadtest.closedloop import run_closed, run_open
-from loadtest.sampling import Mix
-from model.vocab import Vocab
-from service.store.embedded import EmbeddedRedis, free_port
+from service.store.embedded import free_port
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -71,25 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"machine: {cpu_line()}")
     _, bundle = ensure_model(args.workdir, epochs=1)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    T = int(manifest["max_history"])
-    items = Vocab.from_file(bundle / "items.txt").known()
     levels = [float(x) for x in args.levels.split(",")]
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="din-bench-") as tmp,
-        EmbeddedRedis(Path(tmp) / "redis", port=0, unix_socket=False) as redis_server,
+        bench_data(bundle, args.users, args.candidates) as (redis_url, mix, _),
     ):
-        users = seed_full_histories(redis_server.url, args.users, items, T, seed=0)
-        mix = Mix(
-            users=users,
-            items=items,
-            candidates=args.candidates,
-            candidates_sigma=0.0,
-            max_candidates=args.candidates,
-            unknown_users=0.0,
-            unknown_items=0.0,
-        )
         port = free_port()
         cmd = [
             PYTHON,
@@ -99,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "--bundle",
             str(bundle),
             "--redis-url",
-            redis_server.url,
+            redis_url,
             "--log-level",
             "WARNING",
             "--request-timeout-ms",
