@@ -115,6 +115,23 @@ def bench_data(bundle: Path, users: int, candidates: int) -> Iterator[tuple[str,
         yield redis_server.url, mix, T
 
 
+def din_serve(bundle: Path, redis_url: str, *flags: str) -> list[str]:
+    """The `din serve` command the benchmarks run (no access log: the generator reads no pipe)."""
+    return [
+        PYTHON,
+        "-m",
+        "cli",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--redis-url",
+        redis_url,
+        "--log-level",
+        "WARNING",
+        *flags,
+    ]
+
+
 @contextlib.contextmanager
 def running(name: str, cmd: list[str], port: int, log_dir: Path) -> Iterator[str]:
     """Start a server process, wait for /readyz, yield its URL, stop it."""
@@ -210,18 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"{args.users} users x {T} behaviours in Redis, {args.candidates} candidates a request")
         services = {
-            "din-rank": [
-                PYTHON,
-                "-m",
-                "cli",
-                "serve",
-                "--bundle",
-                str(bundle),
-                "--redis-url",
-                redis_url,
-                "--log-level",
-                "WARNING",
-            ],
+            "din-rank": din_serve(bundle, redis_url),
             "baseline": [
                 PYTHON,
                 "bench/baseline_service.py",

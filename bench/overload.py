@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 # a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
-from e2e import PYTHON, ROOT, bench_data, cpu_line, ensure_model, running
+from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running
 
 from loadtest.closedloop import run_closed, run_open
 from service.store.embedded import free_port
@@ -76,22 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_data(bundle, args.users, args.candidates) as (redis_url, mix, _),
     ):
         port = free_port()
-        cmd = [
-            PYTHON,
-            "-m",
-            "cli",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--redis-url",
-            redis_url,
-            "--log-level",
-            "WARNING",
-            "--request-timeout-ms",
-            str(args.timeout_ms),
-            "--port",
-            str(port),
-        ]
+        cmd = din_serve(bundle, redis_url, "--request-timeout-ms", str(args.timeout_ms), "--port", str(port))
         with running("din-rank", cmd, port, Path(tmp)) as url:
             asyncio.run(run_closed(url, mix.payloads(50, seed=99), connections=2, duration=2.0))
             closed = asyncio.run(
