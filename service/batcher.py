@@ -94,7 +94,9 @@ class Batcher:
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix="din-infer")
+        # ONNX Runtime runs one batch at a time, on all its threads; with max_inflight > 1 the next batch
+        # reads its histories from Redis meanwhile, so the model never waits for a round trip.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="din-infer")
         self._closing = False
         self.batches = 0  # ONNX Runtime calls made (also in the metrics' histogram count)
         # Recent costs (exponential moving averages), for the expected wait of a new request.

@@ -117,7 +117,10 @@ class Settings(BaseSettings):
         1024, ge=1, description="requests waiting for a batch; beyond this /rank answers 503"
     )
     max_inflight_batches: int = Field(
-        1, ge=1, description="batches computing at once (the next batch is collected meanwhile)"
+        1,
+        ge=1,
+        description="batches in flight: ONNX Runtime computes one at a time while the next reads its "
+        "histories from Redis (and the one after is collected)",
     )
 
     # ---------------------------------------------------------------- logging
