@@ -98,7 +98,10 @@ def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settin
 class LiveServer:
     """create_app(settings) under a real uvicorn server, in a thread of the test process."""
 
-    def __init__(self, settings: Settings, warmup_gate: threading.Event | None = None) -> None:
+    def __init__(
+        self, settings: Settings, warmup_gate: threading.Event | None = None, **options: Any
+    ) -> None:
+        """`options`: uvicorn.Config arguments over the ones `din serve` uses (service.protocol)."""
         self.app = create_app(settings, warmup_gate=warmup_gate)
         config = uvicorn.Config(
             self.app,
@@ -106,7 +109,7 @@ class LiveServer:
             port=0,
             log_config=None,
             access_log=False,
-            **uvicorn_options(settings),  # as `din serve` builds it: keep-alive, head limits
+            **{**uvicorn_options(settings), **options},
         )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

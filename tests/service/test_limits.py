@@ -5,45 +5,25 @@ without the server's memory growing by it."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from service.config import Settings
-from service.protocol import protocol_class, uvicorn_options
-from service.store.embedded import EmbeddedRedis, free_port
-from tests.service.conftest import BundleInfo, LiveServer, make_settings, metric_value
+from service.protocol import protocol_class
+from service.store.embedded import EmbeddedRedis
+from tests.service.conftest import BundleInfo, LiveServer, make_settings, metric_value, start_serve
 
 MB = 1024 * 1024
 RANK = b'{"user_id": "u", "candidates": ["i2", "i3"]}'
 
 
 class Server(LiveServer):
-    """LiveServer with the uvicorn options `din serve` uses (service.protocol)."""
-
-    def __init__(self, settings: Settings, **options: object) -> None:
-        super().__init__(settings)
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=0,
-            log_config=None,
-            access_log=False,
-            **{**uvicorn_options(settings), **options},
-        )
-        self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+    """LiveServer, with its address for raw sockets."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -299,30 +279,10 @@ def _vm_hwm_kib(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory in /proc")
 def test_din_serve_refuses_50mb_uploads_without_holding_them(bundle: BundleInfo, redis_url: str) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", "--bundle", str(bundle.path), "--port", str(port)]
-    env = {
-        **os.environ,
-        "DIN_REDIS_URL": redis_url,
-        "DIN_PROVIDERS": "CPUExecutionProvider",
-        "DIN_WARMUP_ROUNDS": "1",
-        "DIN_REQUEST_READ_TIMEOUT_S": "1",
-        "DIN_SHUTDOWN_DRAIN_S": "0",
-    }
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    env = {"DIN_REDIS_URL": redis_url, "DIN_REQUEST_READ_TIMEOUT_S": "1", "DIN_SHUTDOWN_DRAIN_S": "0"}
+    proc, url = start_serve("--bundle", str(bundle.path), env=env)
     try:
         with httpx.Client(base_url=url, timeout=30) as c:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, proc.communicate()[1]
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "din serve did not become ready"
-                time.sleep(0.05)
             # warm the request path first, so the memory compared is the upload's alone
             for _ in range(20):
                 assert c.post("/rank", content=RANK, headers={"content-type": "application/json"}).is_success
@@ -343,7 +303,7 @@ def test_din_serve_refuses_50mb_uploads_without_holding_them(bundle: BundleInfo,
             grown_mib = (_vm_hwm_kib(proc.pid) - before) / 1024
             assert grown_mib < 16, f"the server's peak memory grew by {grown_mib:.0f} MiB"
         # the head deadline is in din serve's uvicorn: a trickled head is answered 408
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Slow: ")
             status, _, body_ = read_response(sock, timeout=10)
             assert status == 408 and json.loads(body_)["error"] == "request_timeout"

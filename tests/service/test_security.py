@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import pytest
 from model.errors import ConfigError
 from service.log import RequestIdFilter
 from service.security import ApiKeys, load_api_keys
-from service.store.embedded import EmbeddedRedis, free_port
-from tests.service.conftest import BundleInfo, LiveServer, make_settings
+from service.store.embedded import EmbeddedRedis
+from tests.service.conftest import BundleInfo, LiveServer, make_settings, start_serve
 
 KEYS = ("k-alpha-0123456789", "k-beta-0123456789")
 FILE_KEY = "k-gamma-from-the-file"
@@ -240,32 +239,17 @@ def test_keys_are_never_logged_nor_answered(secured: LiveServer, caplog: pytest.
 
 
 def test_din_serve_logs_no_key(bundle: BundleInfo, redis_url: str, tmp_path: Path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "cli", "serve", "--bundle", str(bundle.path), "--port", str(port)]
     env = {
-        **os.environ,
         "DIN_REDIS_URL": redis_url,
         "DIN_API_KEYS_FILE": str(keys_file(tmp_path / "keys")),
         "DIN_API_KEYS": KEYS[0],
-        "DIN_PROVIDERS": "CPUExecutionProvider",
-        "DIN_WARMUP_ROUNDS": "1",
         "DIN_LOG_LEVEL": "DEBUG",
         "DIN_LOG_JSON": "true",
         "DIN_SHUTDOWN_DRAIN_S": "0",
     }
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, url = start_serve("--bundle", str(bundle.path), env=env)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, proc.communicate()[1]
-                try:
-                    if c.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        with httpx.Client(base_url=url, timeout=10) as c:
             assert c.post("/rank", json=RANK, headers=bearer(FILE_KEY)).status_code == 200
             assert c.post("/rank", json=RANK, headers=bearer(KEYS[0])).status_code == 200
             assert c.post("/rank", json=RANK, headers=bearer("wrong-key-1234567890")).status_code == 401
