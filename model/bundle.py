@@ -43,7 +43,7 @@ class Bundle:
     path: Path
     manifest: dict[str, Any]
     vocab: Vocab
-    graph_bytes: bytes = field(default=b"", repr=False, compare=False)
+    graph_bytes: bytes = field(repr=False, compare=False)
 
     @property
     def model_version(self) -> str:

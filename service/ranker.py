@@ -51,7 +51,7 @@ class Ranker:
         opts.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
         try:
             self.session = ort.InferenceSession(
-                bundle.graph_bytes or str(bundle.graph),
+                bundle.graph_bytes,
                 sess_options=opts,
                 providers=choose_providers(providers),
             )
