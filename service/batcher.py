@@ -42,6 +42,7 @@ from service.ranker import Ranker
 log = logging.getLogger(__name__)
 
 _SHUTTING_DOWN = "the service is shutting down; retry on another replica"
+_CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline"
 _HEADROOM = 1.25  # admission: the expected wait, plus a quarter, must fit the deadline
 
 
@@ -157,9 +158,9 @@ class Batcher:
         now = time.perf_counter()
         deadline = deadline if deadline is not None else now + 3600.0
         if len(self._queue) >= self.queue_max:
-            self._shed("queue_full", f"the ranking queue is full ({self.queue_max} requests waiting)")
+            raise self.shed("queue_full", f"the ranking queue is full ({self.queue_max} requests waiting)")
         if not self.admits(deadline, len(candidates)):
-            self._shed("deadline", "the service cannot answer within the request's deadline")
+            raise self.shed("deadline", _CANNOT_MEET_DEADLINE)
         self._typical_candidates = round(_ewma(self._typical_candidates, len(candidates)))
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
         job = _Job(user_id, candidates, history, future, now, deadline)
@@ -173,19 +174,13 @@ class Batcher:
             async with asyncio.timeout(deadline - time.perf_counter()):
                 return await job.future
         except TimeoutError:
-            self._shed("timeout", "the request's deadline passed before it could be answered")
-            raise  # unreachable: _shed raises
+            raise self.shed("timeout", "the request's deadline passed before it could be answered") from None
 
-    def shed_at_door(self) -> Overloaded:
-        """The answer for a request refused before its body was read (service.middleware)."""
-        self.metrics.queue_rejections.labels(reason="deadline").inc()
-        return Overloaded(
-            "the service cannot answer within the request's deadline; retry shortly", reason="deadline"
-        )
-
-    def _shed(self, reason: str, message: str) -> None:
+    def shed(self, reason: str, message: str = _CANNOT_MEET_DEADLINE) -> Overloaded:
+        """Count a refusal and return its answer (503 overloaded, Retry-After); raised here, and
+        answered by the AdmissionGate (service.middleware) for requests refused before parsing."""
         self.metrics.queue_rejections.labels(reason=reason).inc()
-        raise Overloaded(f"{message}; retry shortly", reason=reason, retry_after_s=1)
+        return Overloaded(f"{message}; retry shortly", reason=reason, retry_after_s=1)
 
     # ---------------------------------------------------------------- consumer: collect
 

@@ -249,7 +249,7 @@ class AdmissionGate:
                 if message["type"] == "http.disconnect":
                     return
                 more = message.get("more_body", False)
-            exc = batcher.shed_at_door()
+            exc = batcher.shed("deadline")
             await error_response(exc.status, exc.body(), exc.headers)(scope, receive, send)
             return
         await self.app(scope, receive, send)
