@@ -24,6 +24,10 @@ INPUTS: dict[str, list[str]] = {
     "hist_len": ["U"],
 }
 OUTPUTS: dict[str, list[str]] = {"ctr": ["N"]}
+# Outputs a bundle may have (bundles exported before them lack them, and still serve): the attention
+# weight of every behaviour for every candidate, what `/rank`'s `explain` reads.
+OPTIONAL_OUTPUTS: dict[str, list[str]] = {"attention": ["N", "T"]}
+ATTENTION_OUTPUT = "attention"
 
 
 def sha256_file(path: Path) -> str:
@@ -434,7 +438,8 @@ def _describe(found: tuple[int, int | None] | None) -> str:
 
 
 def _check_interface(graph: _Message) -> None:
-    """Inputs exactly INPUTS (int64, their ranks); outputs include OUTPUTS (float32, their ranks)."""
+    """Inputs exactly INPUTS (int64, their ranks); outputs include OUTPUTS (float32, their ranks), and
+    OPTIONAL_OUTPUTS, where present, are float32 of their ranks."""
     inputs = graph.messages(_Graph.INPUT)
     names = [value.string(_ValueInfo.NAME) for value in inputs]
     if sorted(names) != sorted(INPUTS):
@@ -445,6 +450,7 @@ def _check_interface(graph: _Message) -> None:
         raise _Refused(f"has no output {missing[0]!r} (its outputs: {list(outputs)})")
     wanted = [(n, "input", _Type.INT64, INPUTS[n], v) for n, v in zip(names, inputs, strict=True)]
     wanted += [(n, "output", _Type.FLOAT, dims, outputs[n]) for n, dims in OUTPUTS.items()]
+    wanted += [(n, "output", _Type.FLOAT, d, outputs[n]) for n, d in OPTIONAL_OUTPUTS.items() if n in outputs]
     for name, kind, elem, dims, value in wanted:
         found = _tensor_type(value)
         if found != (elem, len(dims)):

@@ -132,10 +132,8 @@ class DIN(nn.Module):
 
     def _pool(self, scores: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """scores (B, T), keys (B, T, E), mask (B, T) bool -> interest vector u (B, E)."""
-        if self.cfg.att_softmax:
-            scores = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        scores = scores.masked_fill(~mask, 0.0)  # also clears softmax's NaN on empty histories
-        return torch.matmul(scores.unsqueeze(1), keys).squeeze(1)  # (B, 1, T) @ (B, T, E) -> (B, E)
+        weights = self._weights(scores, mask)
+        return torch.matmul(weights.unsqueeze(1), keys).squeeze(1)  # (B, 1, T) @ (B, T, E) -> (B, E)
 
     def _head(self, u: Tensor, q: Tensor) -> Tensor:
         """u (B, E), q (B, E) -> logits (B,)"""
@@ -167,10 +165,31 @@ class DIN(nn.Module):
         mask = self._mask(hist_len, T)  # (B, T)
         if self.cfg.pooling == "sum":
             return self._head(self._pool(mask.to(k.dtype), k, mask), q)
-        qt = q.unsqueeze(1).expand(-1, T, -1)  # (B, T, E): the target tiled against its history
-        x = torch.cat([qt, k, qt - k, qt * k], dim=-1)  # (B, T, 4E)
-        scores = self._att_tail(self.att_layers[0](x))  # (B, T)
+        scores = self._tiled_scores(q, k)  # (B, T)
         return self._head(self._pool(scores, k, mask), q)
+
+    def _tiled_scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """The local activation unit as the paper draws it: q (B, E), k (B, T, E) -> scores (B, T)."""
+        qt = q.unsqueeze(1).expand(-1, k.shape[1], -1)  # (B, T, E): the target tiled against its history
+        x = torch.cat([qt, k, qt - k, qt * k], dim=-1)  # (B, T, 4E)
+        return self._att_tail(self.att_layers[0](x))
+
+    def attention(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
+        """How much each behaviour counts for each target, in the paper's form: the weights `_pool`
+        multiplies the history by (masked; after the softmax when trained with it; 1 for every real
+        behaviour with sum pooling). Same inputs as `forward` -> (B, T), 0 past hist_len."""
+        T = hist.shape[1]
+        mask = self._mask(hist_len, T)
+        if self.cfg.pooling == "sum":
+            return mask.to(self.item_emb.weight.dtype)
+        scores = self._tiled_scores(self.embed(target), self.embed(hist))
+        return self._weights(scores, mask)
+
+    def _weights(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """Raw scores (..., T) and mask (..., T) -> the pooling weights (..., T), exactly as `_pool`."""
+        if self.cfg.att_softmax:
+            scores = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return scores.masked_fill(~mask, 0.0)  # also clears softmax's NaN on empty histories
 
     def forward_fast(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
         """Same result as `forward` (to float rounding), without the (B, T, 4E) tensor. Same shapes."""
@@ -247,10 +266,18 @@ class DIN(nn.Module):
     def serve(
         self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
     ) -> Tensor:
+        """The serving graph's ctr alone (see `serve_explained`)."""
+        return self.serve_explained(target_items, target_user, hist_items, hist_len)[0]
+
+    def serve_explained(
+        self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The serving graph: N candidates of U users.
 
         target_items (N,), target_user (N,) row of hist_items, hist_items (U, T), hist_len (U,)
-        -> ctr (N,) in (0, 1). Equal to sigmoid(forward(target, hist[target_user], ...)).
+        -> ctr (N,) in (0, 1), equal to sigmoid(forward(target, hist[target_user], ...)), and
+        attention (N, T), equal to attention(target, hist[target_user], ...): the weight of every
+        behaviour for every candidate, which the pooling computes anyway (a (N, T) gather more).
 
         With W = [Wq | Wk | Wd | Wp] the first attention layer, its pre-activation for candidate q and
         behaviour k is (Wq+Wd) q + (Wk-Wd) k + b + Wp (q*k). For one user, all of it, for every
@@ -272,8 +299,9 @@ class DIN(nn.Module):
         k = self.embed(hist_items)  # (U, T, E): once per user
         mask = self._mask(hist_len, T)  # (U, T)
         if self.cfg.pooling == "sum":
-            u_user = torch.matmul(mask.to(k.dtype).unsqueeze(1), k).squeeze(1)  # (U, E)
-            return torch.sigmoid(self._serve_head(u_user[target_user], q))
+            weights = mask.to(k.dtype)  # (U, T)
+            u_user = torch.matmul(weights.unsqueeze(1), k).squeeze(1)  # (U, E)
+            return torch.sigmoid(self._serve_head(u_user[target_user], q)), weights[target_user]
 
         pair, hist, hidden, out = self._serve_attention_weights()
         H = pair.shape[-1]  # H1 + 1 (the constant unit)
@@ -293,13 +321,14 @@ class DIN(nn.Module):
         scores = torch.matmul(out, a.T).reshape(U, n_max, T)  # (U, n_max, T)
 
         if self.cfg.att_softmax:
-            m = mask.unsqueeze(1)  # (U, 1, T)
-            scores = torch.softmax(scores.masked_fill(~m, float("-inf")), dim=-1).masked_fill(~m, 0.0)
+            scores = self._weights(scores, mask.unsqueeze(1))  # (U, n_max, T)
             u_grid = torch.matmul(scores, k)  # (U, n_max, E)
+            weights = scores.reshape(U * n_max, T)[slot]
         else:  # zero the padded behaviours once per user instead of the (N, T) scores
             u_grid = torch.matmul(scores, k * mask.unsqueeze(-1).to(k.dtype))
+            weights = scores.reshape(U * n_max, T)[slot].masked_fill(~mask[target_user], 0.0)
         u = u_grid.reshape(U * n_max, E)[slot]  # (N, E)
-        return torch.sigmoid(self._serve_head(u, q))
+        return torch.sigmoid(self._serve_head(u, q)), weights
 
 
 def build_model(cfg: DINConfig, item_cate: Tensor, seed: int = 0) -> DIN:

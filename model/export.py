@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.bundle import FORMAT_VERSION, INPUTS, OUTPUTS, check_model, sha256_file
+from model.bundle import FORMAT_VERSION, INPUTS, OPTIONAL_OUTPUTS, OUTPUTS, check_model, sha256_file
 from model.din import DIN
 from model.errors import BundleError, ExportError
 from model.vocab import FIRST_ID, OOV, PAD, write_vocab
@@ -53,8 +53,8 @@ class _Serving(nn.Module):
 
     def forward(
         self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
-    ) -> Tensor:
-        return self.din.serve(target_items, target_user, hist_items, hist_len)
+    ) -> tuple[Tensor, Tensor]:
+        return self.din.serve_explained(target_items, target_user, hist_items, hist_len)
 
 
 def _export_onnx(model: DIN, path: Path) -> None:
@@ -91,7 +91,7 @@ def _export_onnx(model: DIN, path: Path) -> None:
                 args,
                 dynamo=True,
                 input_names=list(INPUTS),
-                output_names=list(OUTPUTS),
+                output_names=[*OUTPUTS, *OPTIONAL_OUTPUTS],
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,
@@ -244,13 +244,15 @@ def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str
     ]
 
 
-def _reference(model: DIN, case: dict[str, Any]) -> np.ndarray:
-    """PyTorch training form: each candidate against its user's history, tiled."""
+def _reference(model: DIN, case: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch training form: each candidate against its user's history, tiled -> (ctr, attention)."""
     tu = torch.from_numpy(case["target_user"])
     hist = torch.from_numpy(case["hist_items"])[tu]
     hist_len = torch.from_numpy(case["hist_len"])[tu]
+    target = torch.from_numpy(case["target_items"])
     with torch.no_grad():
-        return torch.sigmoid(model(torch.from_numpy(case["target_items"]), hist, hist_len)).numpy()
+        ctr = torch.sigmoid(model(target, hist, hist_len)).numpy()
+        return ctr, model.attention(target, hist, hist_len).numpy()
 
 
 def check_parity(model: DIN, onnx_path: Path, max_history: int) -> dict[str, Any]:
@@ -261,18 +263,19 @@ def check_parity(model: DIN, onnx_path: Path, max_history: int) -> dict[str, Any
     results = []
     for case in parity_cases(model.cfg.n_items, max_history):
         feeds = {name: case[name] for name in INPUTS}
-        (got,) = session.run(list(OUTPUTS), feeds)
-        want = _reference(model, case)
+        got, got_att = session.run([*OUTPUTS, *OPTIONAL_OUTPUTS], feeds)
+        want, want_att = _reference(model, case)
         results.append(
             {
                 "name": case["name"],
                 "users": len(case["hist_len"]),
                 "candidates": len(case["target_items"]),
-                "max_abs_diff": float(np.max(np.abs(got - want))),
+                "max_abs_diff": float(np.max(np.abs(got - want), initial=0.0)),
+                "attention_max_abs_diff": float(np.max(np.abs(got_att - want_att), initial=0.0)),
             }
         )
     return {
-        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "max_abs_diff": max(max(r["max_abs_diff"], r["attention_max_abs_diff"]) for r in results),
         "tolerance": TOLERANCE,
         "reference": "PyTorch DIN.forward (tiled training form), float32, CPU",
         "cases": results,
@@ -318,7 +321,7 @@ def export_model(
         export_s = time.perf_counter() - t0
         parity = check_parity(model, onnx_path, cfg.max_history)
         if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN
-            worst = max(parity["cases"], key=lambda c: c["max_abs_diff"])
+            worst = max(parity["cases"], key=lambda c: max(c["max_abs_diff"], c["attention_max_abs_diff"]))
             raise ExportError(
                 f"parity check failed: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "
                 f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
@@ -336,7 +339,7 @@ def export_model(
             "pad_index": PAD,
             "oov_index": OOV,
             "inputs": INPUTS,
-            "outputs": OUTPUTS,
+            "outputs": OUTPUTS | OPTIONAL_OUTPUTS,
             "input_dtype": "int64",
             "output_dtype": "float32",
             "vocab": {"items": cfg.n_items, "categories": cfg.n_categories},

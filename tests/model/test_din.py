@@ -100,6 +100,32 @@ def test_forward_fast_and_serve_match_forward(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_attention_is_what_the_pooling_weighs(variant):
+    """The weights `attention` returns, pooled by hand and put through the head, give forward's logits;
+    they are zero past each history's end; the serving graph's second output equals them."""
+    model = make_model(**variant)
+    target, hist, hist_len = make_batch(24, 10, seed=5)
+    hist_len[:2] = 0
+    hist[:2] = PAD
+    with torch.no_grad():
+        w = model.attention(target, hist, hist_len)  # (B, T)
+        assert w.shape == (24, 10)
+        past_end = torch.arange(10).unsqueeze(0) >= hist_len.unsqueeze(1)
+        assert bool((w[past_end] == 0).all()) and bool((w[~past_end] != 0).all())
+        if variant["att_softmax"]:
+            sums = w.sum(1)
+            torch.testing.assert_close(sums[hist_len > 0], torch.ones(int((hist_len > 0).sum())))
+        u = torch.einsum("bt,bte->be", w, model.embed(hist))
+        torch.testing.assert_close(model._head(u, model.embed(target)), model(target, hist, hist_len))
+        users = torch.arange(4).repeat_interleave(6).flip(0)  # grouped users, in reverse order
+        hist_u, len_u = hist[::6], hist_len[::6]
+        ctr, att = model.serve_explained(target, users, hist_u, len_u)
+        want = model.attention(target, hist_u[users], len_u[users])
+        torch.testing.assert_close(att, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ctr, model.serve(target, users, hist_u, len_u), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
 def test_serve_users_in_any_order(variant):
     """serve == forward for several users with different history lengths (one empty), unknown items,
     junk ids past hist_len, a user without candidates, and candidates interleaved across users."""

@@ -66,7 +66,9 @@ def test_parity_recorded_for_every_case(bundle: tuple[DIN, Path, dict]) -> None:
     assert {1, 1000} <= {c["candidates"] for c in parity["cases"]}
     assert max(c["users"] for c in parity["cases"]) > 1
     assert 0 <= parity["max_abs_diff"] <= 1e-5
-    assert parity["max_abs_diff"] == max(c["max_abs_diff"] for c in parity["cases"])
+    worst = max(max(c["max_abs_diff"], c["attention_max_abs_diff"]) for c in parity["cases"])
+    assert parity["max_abs_diff"] == worst
+    assert all(0 <= c["attention_max_abs_diff"] <= 1e-5 for c in parity["cases"])
 
 
 def torch_reference(model: DIN, case: dict[str, np.ndarray]) -> np.ndarray:
@@ -179,10 +181,11 @@ def test_the_4e_check_catches_a_tiled_graph(
 
     def tiled_serve(
         self: DIN, ti: torch.Tensor, tu: torch.Tensor, hi: torch.Tensor, hl: torch.Tensor
-    ) -> torch.Tensor:
-        return torch.sigmoid(DIN.forward(self, ti, hi[tu], hl[tu]))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctr = torch.sigmoid(DIN.forward(self, ti, hi[tu], hl[tu]))
+        return ctr, DIN.attention(self, ti, hi[tu], hl[tu])
 
-    monkeypatch.setattr(DIN, "serve", tiled_serve)
+    monkeypatch.setattr(DIN, "serve_explained", tiled_serve)
     export_mod._export_onnx(model, tmp_path / "tiled.onnx")
     assert 4 * model.cfg.embed_dim in activation_widths(tmp_path / "tiled.onnx")
 
@@ -265,10 +268,19 @@ def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
     check_parity_here(model, items, tmp_path / "b" / "model.onnx")
 
 
-def test_refuses_to_write_when_parity_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("output", [0, 1], ids=["ctr", "attention"])
+def test_refuses_to_write_when_parity_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: int
+) -> None:
     model, items = make_model()
     real = export_mod._reference
-    monkeypatch.setattr(export_mod, "_reference", lambda m, case: real(m, case) + 1e-4)
+
+    def off_by_a_bit(m: DIN, case: dict) -> tuple[np.ndarray, np.ndarray]:
+        want = list(real(m, case))
+        want[output] = want[output] + 1e-4
+        return want[0], want[1]
+
+    monkeypatch.setattr(export_mod, "_reference", off_by_a_bit)
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match="parity check failed"):
         export_model(model, items, out)
@@ -326,7 +338,9 @@ def test_failed_export_leaves_the_old_bundle_untouched(
     before = _snapshot(out)
     if failure == "parity":
         real = export_mod._reference
-        monkeypatch.setattr(export_mod, "_reference", lambda m, case: real(m, case) + 1e-4)
+        monkeypatch.setattr(
+            export_mod, "_reference", lambda m, case: (real(m, case)[0] + 1e-4, real(m, case)[1])
+        )
         expected: tuple[type[Exception], str] = (ExportError, "parity check failed")
     else:
         monkeypatch.setattr(export_mod, "_exchange", lambda a, b: False)
