@@ -1,8 +1,10 @@
 """`din score`: offline scoring with the PyTorch model in its reference form (`DIN.forward`).
 
 Input rows `{"history": [item ids, newest first], "candidates": [item ids]}`, one JSON object a
-line; output rows `{"scores": [ctr per candidate, in candidate order]}`. The service's ONNX path
-is checked against `score_rows`.
+line; output rows `{"scores": [ctr per candidate, in candidate order]}`. With `--explain`, each row
+also has `"attention"`: per candidate, the weight of every behaviour as the model saw the history
+(newest first, cut to T), by `DIN.attention` (the reference for `/rank`'s `explain`). The service's
+ONNX path is checked against `score_rows` and `explain_rows`.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, load_run
@@ -64,18 +68,10 @@ def _pairs(
     return targets, hists, rows_of
 
 
-@torch.no_grad()
-def score_rows(
-    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
-) -> list[list[float]]:
-    """CTR of every candidate of every row, by `model.forward` (the reference), in input order."""
-    model.eval()
-    rows = [
-        {"history": [str(i) for i in r["history"]], "candidates": [str(i) for i in r["candidates"]]}
-        for r in rows
-    ]
-    targets, hists, rows_of = _pairs(rows, ckpt)
-    scores: list[float] = []
+def _batches(
+    targets: list[int], hists: list[list[int]], batch_size: int
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(target (B,), hist (B, L) padded with 0, hist_len (B,)) per batch of pairs, in order."""
     for start in range(0, len(targets), batch_size):
         chunk = hists[start : start + batch_size]
         L = max(1, max(len(h) for h in chunk))
@@ -84,6 +80,26 @@ def score_rows(
             hist[i, : len(h)] = torch.tensor(h, dtype=torch.int64)
         hist_len = torch.tensor([len(h) for h in chunk], dtype=torch.int64)  # (B,)
         target = torch.tensor(targets[start : start + batch_size], dtype=torch.int64)  # (B,)
+        yield target, hist, hist_len
+
+
+def _normalise(rows: list[dict[str, Any]]) -> list[dict[str, list[str]]]:
+    return [
+        {"history": [str(i) for i in r["history"]], "candidates": [str(i) for i in r["candidates"]]}
+        for r in rows
+    ]
+
+
+@torch.no_grad()
+def score_rows(
+    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[float]]:
+    """CTR of every candidate of every row, by `model.forward` (the reference), in input order."""
+    model.eval()
+    rows = _normalise(rows)
+    targets, hists, rows_of = _pairs(rows, ckpt)
+    scores: list[float] = []
+    for target, hist, hist_len in _batches(targets, hists, batch_size):
         scores += torch.sigmoid(model(target, hist, hist_len)).tolist()
     out: list[list[float]] = [[] for _ in rows]
     for r, s in zip(rows_of, scores, strict=True):
@@ -91,10 +107,35 @@ def score_rows(
     return out
 
 
+@torch.no_grad()
+def explain_rows(
+    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[list[float]]]:
+    """Per row, per candidate: the weight of each behaviour (`model.attention`, the reference), one
+    per behaviour of the history as the model sees it (newest first, the most recent T)."""
+    model.eval()
+    rows = _normalise(rows)
+    targets, hists, rows_of = _pairs(rows, ckpt)
+    weights: list[list[float]] = []
+    for target, hist, hist_len in _batches(targets, hists, batch_size):
+        att = model.attention(target, hist, hist_len)  # (B, L), 0 past hist_len
+        weights += [w[:n] for w, n in zip(att.tolist(), hist_len.tolist(), strict=True)]
+    out: list[list[list[float]]] = [[] for _ in rows]
+    for r, w in zip(rows_of, weights, strict=True):
+        out[r].append(w)
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory written by din train")
     parser.add_argument("--input", required=True, help="JSONL rows {history, candidates}")
     parser.add_argument("--output", required=True, help="JSONL rows {scores}, in input order")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="add to each row 'attention': per candidate, the weight of every behaviour of the history "
+        "the model saw (newest first, the most recent T)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -122,13 +163,20 @@ def run(args: argparse.Namespace) -> int:
     # Score in groups of rows so the progress bar moves; each group is batched by candidate pairs.
     group = max(1, args.batch_size // 8)
     results: list[list[float]] = []
+    attention: list[list[list[float]]] = []
     for start in tqdm(range(0, len(rows), group), desc="scoring", unit="group", file=sys.stderr):
-        results += score_rows(model, ckpt, rows[start : start + group], batch_size=args.batch_size)
+        chunk = rows[start : start + group]
+        results += score_rows(model, ckpt, chunk, batch_size=args.batch_size)
+        if args.explain:
+            attention += explain_rows(model, ckpt, chunk, batch_size=args.batch_size)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
-        for s in results:
-            f.write(json.dumps({"scores": s}) + "\n")
+        for i, s in enumerate(results):
+            row: dict[str, Any] = {"scores": s}
+            if args.explain:
+                row["attention"] = attention[i]
+            f.write(json.dumps(row) + "\n")
     n_cand = sum(len(s) for s in results)
     n_oov = sum(ckpt.vocab.index(c) == OOV for r in rows for c in r["candidates"])
     print(
