@@ -174,7 +174,7 @@ def example_request(demo: Demo, n_candidates: int = 5) -> dict[str, object]:
     return {"user_id": users[0], "candidates": items[::step][:n_candidates], "top_k": 3}
 
 
-def seed(demo: Demo, redis_url: str | None, prefix: str) -> str | None:
+def seed(demo: Demo, redis_url: str | None, prefix: str, cluster: bool = False) -> str | None:
     """Seed the users' histories into Redis (embedded in workdir/redis unless a URL is given).
 
     Returns the URL of a server that is still running (someone else's) or None."""
@@ -186,7 +186,7 @@ def seed(demo: Demo, redis_url: str | None, prefix: str) -> str | None:
     user = str(example_request(demo)["user_id"])
     marker = demo.workdir / SEED_MARKER
     reviews = demo.raw / "reviews.json.gz"
-    cfg = RedisConfig(url=redis_url, data_dir=demo.redis_data, prefix=prefix)
+    cfg = RedisConfig(url=redis_url, data_dir=demo.redis_data, prefix=prefix, cluster=cluster)
     # A `din demo` / `din serve` already running on the data dir: use that server. A private one
     # started here stops (its data flushed) before `din serve` starts its own on the same dir.
     with redis_endpoint(cfg, share_running=True) as endpoint:
@@ -199,15 +199,15 @@ def seed(demo: Demo, redis_url: str | None, prefix: str) -> str | None:
             "seed",
             endpoint.url if redis_url else demo.redis_data,
             lambda: seeded,
-            lambda: _seed(reviews, endpoint.url, max_history, prefix, marker),
+            lambda: _seed(reviews, endpoint.url, max_history, prefix, marker, cluster),
         )
     return None if endpoint.private else endpoint.url
 
 
-def _seed(reviews: Path, url: str, max_history: int, prefix: str, marker: Path) -> None:
+def _seed(reviews: Path, url: str, max_history: int, prefix: str, marker: Path, cluster: bool) -> None:
     from service.store.seed import seed_reviews
 
-    stats = seed_reviews(reviews, url, max_history, prefix)
+    stats = seed_reviews(reviews, url, max_history, prefix, cluster=cluster)
     print(f"din demo: {stats.summary()}", flush=True)
     marker.write_text(
         json.dumps({"reviews": str(reviews), "prefix": prefix, "max_history": max_history}) + "\n"
@@ -232,6 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on")
     parser.add_argument("--redis-url", help="use this Redis instead of the embedded one in WORKDIR/redis")
+    parser.add_argument(
+        "--redis-cluster", action="store_true", help="--redis-url names one node of a Redis Cluster"
+    )
     parser.add_argument("--prefix", default="din:", help="Redis key prefix")
     parser.add_argument("--fresh", action="store_true", help="delete WORKDIR first: redo every stage")
     parser.add_argument("--no-serve", action="store_true", help="stop after seeding")
@@ -241,6 +244,9 @@ def run(args: argparse.Namespace) -> int:
     if min(args.users, args.items, args.epochs) < 1:
         print("din demo: --users, --items and --epochs must be >= 1", file=sys.stderr)
         return 2
+    if args.redis_cluster and not args.redis_url:
+        print("din demo: --redis-cluster needs --redis-url (a node of the cluster)", file=sys.stderr)
+        return 2
     workdir: Path = args.workdir
     if args.fresh:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -248,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         build(demo, users=args.users, items=args.items, epochs=args.epochs, seed=args.seed)
-        running = seed(demo, args.redis_url, args.prefix)
+        running = seed(demo, args.redis_url, args.prefix, args.redis_cluster)
     except StageFailed as exc:
         print(f"din demo: {exc}", file=sys.stderr)
         return 1
@@ -260,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
     serve_argv = ["--bundle", str(demo.bundle), "--host", args.host, "--port", str(args.port)]
     redis_url = args.redis_url or running
     serve_argv += ["--redis-url", redis_url] if redis_url else ["--redis-data", str(demo.redis_data)]
+    serve_argv += ["--redis-cluster"] if args.redis_cluster else []
     curl = curl_command(example_request(demo), args.host, args.port)
     if args.no_serve:
         print("serve it with:\n  din serve " + " ".join(shlex.quote(a) for a in serve_argv))

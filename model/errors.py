@@ -15,7 +15,8 @@
     │   ├── RequestTimeout        408 request_timeout: the request's head or body did not arrive in time
     │   ├── PayloadTooLarge       413 payload_too_large: the body is larger than the limit (named)
     │   ├── HeadersTooLarge       431 headers_too_large: the request line and headers are too large
-    │   └── CorsRefused           400 cors_refused: a CORS preflight for an origin or method not allowed
+    │   ├── CorsRefused           400 cors_refused: a CORS preflight for an origin or method not allowed
+    │   └── CannotExplain         422 cannot_explain: `explain` asked of a bundle without attention output
     ├── ReloadInProgress          409 reload_in_progress: one hot reload at a time
     ├── ReloadRejected            422 bundle_rejected: the new bundle failed verification; the old one serves
     ├── ReloadFailed              500 reload_failed: the new bundle loaded but could not be warmed up
@@ -24,6 +25,8 @@
     │   │                         cannot be answered within its deadline, or its deadline passed)
     │   ├── StoreDown             503 store_unavailable (operations that cannot degrade, e.g. writes)
     │   ├── StoreTimeout          503 store_timeout: a write was sent, no answer came; outcome unknown
+    │   ├── StorePartial          503 store_partial: Redis Cluster wrote some users' events, not all
+    │   │                         (the body names who was written, who was not, whose outcome is unknown)
     │   ├── NotReady              503 not_ready
     │   └── ShuttingDown          503 shutting_down
     └── InferenceFailed           500 inference_failed: every request of the failed batch gets it
@@ -156,6 +159,14 @@ class CorsRefused(RequestRefused):
     code = "cors_refused"
 
 
+class CannotExplain(RequestRefused):
+    """`/rank` with `explain` while the model serving has no attention output (its bundle was exported
+    before explanations existed): re-exporting it with this version's `din export` adds it."""
+
+    status = 422
+    code = "cannot_explain"
+
+
 class ReloadInProgress(DinError):
     """Another hot reload is running; this one was not started."""
 
@@ -202,6 +213,19 @@ class StoreTimeout(ServiceUnavailable):
     may not have been applied. Retrying with the same idempotency keys (event ids) is safe."""
 
     code = "store_timeout"
+
+
+class StorePartial(ServiceUnavailable):
+    """Redis Cluster: a write is atomic per user, and some users' events were written while others'
+    were not (or were sent and not confirmed). The body says exactly which: `written_users`,
+    `not_written_users`, `unknown_users`. Retrying the call with the same event ids is safe.
+    `detail` is for the log (it names nodes and Redis errors), never for clients."""
+
+    code = "store_partial"
+
+    def __init__(self, message: str, *, detail: str = "", **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.detail = detail
 
 
 class NotReady(ServiceUnavailable):

@@ -97,7 +97,10 @@ def create_app(
                 log.info("started a private redis-server at %s (data in %s)", endpoint.url, where)
             client = async_client(endpoint.url, settings.redis)
             stack.push_async_callback(client.aclose)
-            state.store = HistoryStore(client, settings.redis_prefix)
+            state.store = HistoryStore(
+                client, settings.redis_prefix, read_from_replicas=settings.redis_read_from_replicas
+            )
+            stack.push_async_callback(state.store.aclose)
             state.batcher = Batcher(
                 state.live,
                 state.store,

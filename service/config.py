@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.errors import ConfigError
 from service.store.client import RedisConfig
 from service.store.keys import DEFAULT_PREFIX
 
@@ -43,7 +44,19 @@ class Settings(BaseSettings):
     )
     redis_connect_timeout_ms: int = Field(200, gt=0, description="Redis connect timeout (ms)")
     redis_timeout_ms: int = Field(100, gt=0, description="Redis command timeout (ms); slower = degraded")
-    redis_max_connections: int = Field(64, gt=0, description="Redis connection pool size")
+    redis_max_connections: int = Field(
+        64, gt=0, description="Redis connection pool size (per node in a cluster)"
+    )
+    redis_cluster: bool = Field(
+        False,
+        description="DIN_REDIS_URL names one node of a Redis Cluster: reads are grouped by node, /events is "
+        "atomic per user, failovers are followed without a restart",
+    )
+    redis_read_from_replicas: bool = Field(
+        False,
+        description="Redis Cluster: history reads go to the replicas (round robin; their master when one "
+        "refuses); a replica may lag its master by a few milliseconds",
+    )
 
     # ---------------------------------------------------------------- http
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -54,6 +67,9 @@ class Settings(BaseSettings):
     max_id_length: int = Field(256, ge=1, description="longest user or item id (characters)")
     max_request_history: int = Field(
         1000, ge=1, description="longest explicit `history` in /rank (longer than the model's T is truncated)"
+    )
+    max_explain_top: int = Field(
+        100, ge=1, description="largest `explain_top` in /rank: behaviours listed per item with `explain`"
     )
     max_events: int = Field(1000, ge=1, description="most events per /events request")
     max_body_bytes: int = Field(
@@ -127,6 +143,25 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="log one JSON object per line")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
+    @field_validator("redis_cluster", "redis_read_from_replicas")
+    @classmethod
+    def _redis_mode(cls, value: bool, info: ValidationInfo) -> bool:
+        """Refuse what cannot work (no URL, a unix socket, braces in the prefix) here, with the
+        flag's name, rather than at the first request: `RedisConfig` says why."""
+        data = info.data
+        cluster = value if info.field_name == "redis_cluster" else data.get("redis_cluster", False)
+        replicas = value if info.field_name == "redis_read_from_replicas" else False
+        try:
+            RedisConfig(
+                url=data.get("redis_url"),
+                prefix=data.get("redis_prefix", DEFAULT_PREFIX),
+                cluster=bool(cluster),
+                read_from_replicas=bool(replicas),
+            )
+        except ConfigError as e:
+            raise ValueError(e.message) from e
+        return value
+
     @property
     def provider_list(self) -> list[str] | None:
         """Explicit providers, or None for 'auto'."""
@@ -144,4 +179,6 @@ class Settings(BaseSettings):
             connect_timeout_s=self.redis_connect_timeout_ms / 1000,
             timeout_s=self.redis_timeout_ms / 1000,
             max_connections=self.redis_max_connections,
+            cluster=self.redis_cluster,
+            read_from_replicas=self.redis_read_from_replicas,
         )

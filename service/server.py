@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         env = f"DIN_{name.upper()}"
         default = "unset" if info.default is None else str(info.default)
-        help_ = f"{info.description} [env {env}; default {default}]"
+        help_ = f"{info.description} [env {env}; default {default}]".replace("%", "%%")  # argparse formats it
         kind, extra = _flag_type(info.annotation)
         if kind == "bool":
             parser.add_argument(

@@ -8,7 +8,7 @@ import logging
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from model.errors import StoreDown, StoreTimeout, StoreUnavailable
+from model.errors import StoreDown, StorePartial, StoreTimeout, StoreUnavailable
 from service.api.deps import LiveDep, MetricsDep, StateDep, StoreDep
 from service.schemas import ERROR_RESPONSES, EventsRequest, EventsResponse, JSONResponse, RequestModels
 
@@ -27,7 +27,9 @@ _RESPONSES = {
         **ERROR_RESPONSES[503],
         "description": "`store_unavailable`: nothing was written (Redis down, or a history it cannot "
         "append to); `store_timeout`: the write was sent but not confirmed, so its outcome is unknown "
-        "and a retry with the same event_ids is safe",
+        "and a retry with the same event_ids is safe; `store_partial` (Redis Cluster only, where a call "
+        "is atomic per user): `written_users` were written, `not_written_users` were not, "
+        "`unknown_users` may or may not have been; a retry with the same event_ids is safe",
     },
 }
 
@@ -41,7 +43,8 @@ def router(models: RequestModels) -> APIRouter:
         response_model=EventsResponse,
         responses=_RESPONSES,
         summary="Append behaviours to users' histories",
-        description="One atomic Redis script: every event is written or none is. An event whose "
+        description="One atomic Redis script: every event is written or none is (with Redis Cluster: "
+        "atomic per user, see `store_partial`). An event whose "
         "`event_id` was already written (within DIN_EVENTS_DEDUP_TTL_S), or appears earlier in the "
         "call, is skipped and counted in `duplicates`, so retries are safe. A 503 `store_unavailable` "
         "means nothing was written; a 503 `store_timeout` means the outcome is unknown: retry with "
@@ -65,6 +68,10 @@ def router(models: RequestModels) -> APIRouter:
             done = await store.append_events(
                 batch, live.current.max_history, dedup_ttl_s=state.settings.events_dedup_ttl_s
             )
+        except StorePartial as e:  # its message and lists are for the client; the detail for the log
+            metrics.events_failures.labels(reason=e.code).inc()
+            log.warning("/events partly written (%d events): %s", len(batch), e.detail)
+            raise
         except StoreTimeout as e:
             metrics.events_failures.labels(reason=e.code).inc()
             log.warning("/events outcome unknown (%d events): %s", len(batch), e.message)

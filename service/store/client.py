@@ -3,7 +3,12 @@
 A URL (`redis://`, `rediss://`, `unix://`) is used as given; without one, a private redis-server is
 started on a data directory (`service.store.embedded`) and stopped, its data flushed, when the caller
 is done. `din serve`, `din seed` and `din demo` all come through `redis_endpoint` and the client
-factories below; a new deployment mode (Redis Cluster, Sentinel) plugs in here and nowhere else.
+factories below; a new deployment mode plugs in here and nowhere else.
+
+Redis Cluster (`RedisConfig.cluster`): the URL names any node; the factories return redis-py's cluster
+clients, which discover the others (CLUSTER SLOTS) and follow the topology. The async one is built
+with no retries of its own: the service answers within a deadline, so a read that fails degrades at
+once and `service.store.cluster` refreshes the topology in the background instead.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import NoBackoff
+from redis.cluster import LoadBalancingStrategy
+from redis.cluster import RedisCluster as SyncRedisCluster
+from redis.retry import Retry
 
-from model.errors import RedisDataDirInUse
+from model.errors import ConfigError, RedisDataDirInUse
 from service.store.embedded import DEFAULT_REDIS_DATA, EmbeddedRedis
 from service.store.keys import DEFAULT_PREFIX
 
@@ -29,7 +39,20 @@ class RedisConfig:
     prefix: str = DEFAULT_PREFIX  # key prefix (service.store.keys)
     connect_timeout_s: float = 10.0
     timeout_s: float = 60.0  # per command; the service sets it low (a slow read degrades)
-    max_connections: int = 64
+    max_connections: int = 64  # per node in a cluster
+    cluster: bool = False  # `url` names one node of a Redis Cluster
+    read_from_replicas: bool = False  # cluster: history reads go to the replicas (READONLY)
+
+    def __post_init__(self) -> None:
+        if self.cluster:
+            if self.url is None:
+                raise ConfigError("Redis Cluster needs a URL naming one of its nodes (DIN_REDIS_URL)")
+            if not self.url.startswith(("redis://", "rediss://")):
+                raise ConfigError(f"Redis Cluster needs a redis:// or rediss:// URL, not {self.url!r}")
+            if "{" in self.prefix or "}" in self.prefix:
+                raise ConfigError(f"in Redis Cluster the key prefix may not hold braces: {self.prefix!r}")
+        elif self.read_from_replicas:
+            raise ConfigError("reading from replicas needs Redis Cluster (DIN_REDIS_CLUSTER=true)")
 
     @property
     def private_data_dir(self) -> Path:
@@ -77,12 +100,27 @@ def _pool_options(cfg: RedisConfig) -> dict[str, Any]:
     }
 
 
-def async_client(url: str, cfg: RedisConfig) -> aioredis.Redis:
-    """One asyncio client over one connection pool (the service). Nothing connects until the first
-    command. Close it with `await client.aclose()` (it owns its pool)."""
+def _cluster_options(cfg: RedisConfig) -> dict[str, Any]:
+    strategy = LoadBalancingStrategy.ROUND_ROBIN_REPLICAS if cfg.read_from_replicas else None
+    return {
+        **_pool_options(cfg),
+        "load_balancing_strategy": strategy,  # also makes every connection READONLY (replicas answer)
+        "require_full_coverage": False,  # a refresh during a failover still takes what it can see
+    }
+
+
+def async_client(url: str, cfg: RedisConfig) -> aioredis.Redis | AsyncRedisCluster:
+    """One asyncio client (the service): over one connection pool, or `cfg.cluster`: redis-py's
+    cluster client (a pool per node). Nothing connects until the first command. Close it with
+    `await client.aclose()` (it owns its pools)."""
+    if cfg.cluster:
+        return AsyncRedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), **_cluster_options(cfg))
     return aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **_pool_options(cfg)))
 
 
-def sync_client(url: str, cfg: RedisConfig) -> redis.Redis:
-    """A blocking client (bulk loads, tools). Close it with `client.close()`."""
+def sync_client(url: str, cfg: RedisConfig) -> redis.Redis | SyncRedisCluster:
+    """A blocking client (bulk loads, tools); `cfg.cluster`: redis-py's cluster client (it retries
+    through failovers). Close it with `client.close()`."""
+    if cfg.cluster:
+        return SyncRedisCluster.from_url(url, **_cluster_options(cfg))
     return redis.Redis.from_pool(redis.ConnectionPool.from_url(url, **_pool_options(cfg)))

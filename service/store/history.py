@@ -16,19 +16,26 @@ retry safe. What a failed append tells the caller:
   may or may not have been written; a retry with the same event ids writes each of them once.
 
 The messages of both name Redis internals (keys, errors): they are for the log, not for clients.
+
+Redis Cluster (the client is redis-py's `RedisCluster`): the same keys and the same script, run by
+`service.store.cluster`: reads grouped by node, one script call per user (atomic per user, not across
+users), with `StorePartial` when some users were written and others not.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 
-from model.errors import StoreTimeout, StoreUnavailable
-from service.store.keys import DEFAULT_PREFIX, event_key, history_key
+from model.errors import StorePartial, StoreTimeout, StoreUnavailable
+from service.store.cluster import ClusterHistories
+from service.store.keys import DEFAULT_PREFIX, cluster_event_key, event_key, history_key
 
 DEFAULT_DEDUP_TTL_S = 86400
 
@@ -74,6 +81,7 @@ for u, items in pairs(push) do
 end
 return {written, dups}
 """
+_APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +93,22 @@ class Appended:
 class HistoryStore:
     """Reads and appends users' histories (item ids, newest first)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        read_from_replicas: bool = False,
+    ) -> None:
+        """`client`: from `service.store.client.async_client`; a cluster client switches to the cluster
+        paths (`read_from_replicas`: history reads go to the replicas)."""
         self.client = client
         self.prefix = prefix
-        self._append = client.register_script(_APPEND)
+        self.cluster: ClusterHistories | None = None
+        if isinstance(client, RedisCluster):
+            self.cluster = ClusterHistories(client, read_from_replicas=read_from_replicas)
+        else:
+            self._append = client.register_script(_APPEND)
 
     def key(self, user_id: str) -> str:
         return history_key(self.prefix, user_id)
@@ -102,6 +122,10 @@ class HistoryStore:
         _check(max_history)
         if not user_ids:
             return []
+        if self.cluster is not None:
+            got = await self.cluster.read([self.key(u) for u in user_ids], max_history)
+            return [h if isinstance(h, StoreUnavailable) else [_text(i) for i in h] for h in got]
+        assert isinstance(self.client, aioredis.Redis)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 for user_id in user_ids:
@@ -130,6 +154,8 @@ class HistoryStore:
             raise ValueError(f"dedup_ttl_s must be >= 1, got {dedup_ttl_s}")
         if not events:
             return Appended(0, 0)
+        if self.cluster is not None:
+            return await self._append_cluster(events, max_history, dedup_ttl_s)
         users: dict[str, int] = {}
         ids: dict[str, int] = {}
         args: list[str | int] = [max_history, dedup_ttl_s, 0]
@@ -147,9 +173,50 @@ class HistoryStore:
             raise StoreUnavailable(f"redis: not a list, nothing was written: {bad}")
         return Appended(int(first), int(second))
 
+    async def _append_cluster(
+        self, events: Sequence[EventIn], max_history: int, dedup_ttl_s: int
+    ) -> Appended:
+        """Redis Cluster: one `_APPEND` call per user (its history, then its event markers: one slot)."""
+        assert self.cluster is not None
+        calls: dict[str, tuple[list[str], list[str | int]]] = {}
+        ids: dict[str, dict[str, int]] = {}  # per user: event id -> its index among that user's keys
+        for user_id, item_id, *rest in events:
+            event_id = rest[0] if rest else None
+            if user_id not in calls:
+                calls[user_id] = ([self.key(user_id)], [max_history, dedup_ttl_s, 1])
+                ids[user_id] = {}
+            keys, args = calls[user_id]
+            k = 0
+            if event_id is not None:
+                if event_id not in ids[user_id]:
+                    ids[user_id][event_id] = len(ids[user_id]) + 1
+                    keys.append(cluster_event_key(self.prefix, user_id, event_id))
+                k = ids[user_id][event_id]
+            args += [1, item_id, k]
+        done = await self.cluster.append(calls, _APPEND, _APPEND_SHA)
+        if not done.failed_users and not done.unknown_users:
+            return Appended(done.written, done.duplicates)
+        detail = "; ".join(done.errors)
+        if done.written_users:
+            raise StorePartial(
+                "redis cluster stored the events of some users and not of others: each user's events are "
+                "written entirely or not at all; `written_users` are stored, `not_written_users` are not, "
+                "`unknown_users` may or may not be; retrying with the same event_ids is safe",
+                detail=detail,
+                written=done.written,
+                duplicates=done.duplicates,
+                written_users=done.written_users,
+                not_written_users=done.failed_users,
+                unknown_users=done.unknown_users,
+            )
+        if done.unknown_users:
+            raise StoreTimeout(f"redis cluster: no answer to the append: {detail}")
+        raise StoreUnavailable(f"redis cluster: nothing was written: {detail}")
+
     async def _run_append(self, keys: list[str], args: list[str | int]) -> list[Any]:
         # A connection of our own, connected before the script is sent: a failure to get one means
         # nothing was sent, a failure after sending leaves the outcome unknown.
+        assert isinstance(self.client, aioredis.Redis)
         conn = self.client.client()
         try:
             try:
@@ -167,11 +234,18 @@ class HistoryStore:
             await conn.aclose()
 
     async def ping(self) -> bool:
-        """True when Redis answers; False (never an exception) when it does not."""
+        """True when Redis answers (a cluster: one of its masters); False (never an exception) when not."""
+        if self.cluster is not None:
+            return await self.cluster.ping()
         try:
             return bool(await self.client.ping())
         except (RedisError, OSError):
             return False
+
+    async def aclose(self) -> None:
+        """Stop background work (a cluster's topology refresh); the client is closed by its owner."""
+        if self.cluster is not None:
+            await self.cluster.aclose()
 
 
 def _check(max_history: int) -> None:

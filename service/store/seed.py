@@ -1,7 +1,9 @@
 """`din seed`: bulk-load every user's most recent items from a SNAP reviews file into Redis.
 
 Each user's history list (key layout: `service.store.keys`) is replaced atomically (DEL + RPUSH,
-newest first, in one MULTI/EXEC per chunk of users), so running it twice leaves the same lists.
+newest first, in one MULTI/EXEC per chunk of users), so running it twice leaves the same lists. In a
+Redis Cluster (`--redis-cluster`) a transaction cannot span slots: each user's list is replaced by one
+small script (atomic per user), pipelined per node by redis-py's cluster client.
 The reviews are read by `model.data.read_reviews` (the reader `din prepare` uses, torch-free): this
 runs in the serving image.
 """
@@ -20,10 +22,17 @@ import redis
 from tqdm import tqdm
 
 from model.data import read_reviews
-from model.errors import DataError, RedisServerError
-from service.store.client import RedisConfig, redis_endpoint, sync_client
+from model.errors import ConfigError, DataError, RedisServerError
+from service.store.client import RedisConfig, SyncRedisCluster, redis_endpoint, sync_client
 from service.store.embedded import DEFAULT_REDIS_DATA
 from service.store.keys import DEFAULT_PREFIX, history_key
+
+# Replace one list atomically (a cluster's per-user transaction): DEL, then RPUSH in chunks.
+_REPLACE = """
+redis.call('DEL', KEYS[1])
+for i = 1, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+return #ARGV
+"""
 
 
 @dataclass(frozen=True)
@@ -77,10 +86,12 @@ def seed_reviews(
     *,
     batch_users: int = 1000,
     progress: bool = False,
+    cluster: bool = False,
 ) -> SeedStats:
     """Replace the history of every user in the reviews file; returns what was written.
 
-    `client_or_url` is a synchronous redis.Redis or a URL (a client is made and closed here).
+    `client_or_url` is a synchronous redis.Redis or RedisCluster, or a URL (a client is made and closed
+    here; `cluster`: the URL names a node of a Redis Cluster).
     Raises DataError on a bad file, before anything is written,
     and redis errors as they are.
     """
@@ -92,25 +103,31 @@ def seed_reviews(
     histories, n_reviews = latest_histories(reviews_path, max_history)
 
     own_client = isinstance(client_or_url, str)
+    client: redis.Redis | SyncRedisCluster
     if isinstance(client_or_url, str):
-        client = sync_client(client_or_url, RedisConfig())
-    elif isinstance(client_or_url, redis.Redis):
+        client = sync_client(client_or_url, RedisConfig(url=client_or_url, cluster=cluster, prefix=prefix))
+    elif isinstance(client_or_url, (redis.Redis, SyncRedisCluster)):
         client = client_or_url
     else:
-        raise TypeError("seed_reviews needs a synchronous redis.Redis client or a URL")
+        raise TypeError("seed_reviews needs a synchronous redis.Redis or RedisCluster client, or a URL")
+    in_cluster = isinstance(client, SyncRedisCluster)
     users = list(histories)
     items_written = 0
     try:
         with tqdm(total=len(users), unit="user", desc="seed", disable=not progress) as bar:
             for lo in range(0, len(users), batch_users):
                 chunk = users[lo : lo + batch_users]
-                # One MULTI/EXEC per chunk: no reader ever sees a user's list half written.
-                with client.pipeline(transaction=True) as pipe:
+                # No reader ever sees a user's list half written: one MULTI/EXEC per chunk, or in a
+                # cluster one script per user (the pipeline sends each node its share at once).
+                with client.pipeline(transaction=not in_cluster) as pipe:
                     for user in chunk:
                         key = history_key(prefix, user)
                         items = histories[user]
-                        pipe.delete(key)
-                        pipe.rpush(key, *items)
+                        if in_cluster:
+                            pipe.eval(_REPLACE, 1, key, *items)
+                        else:
+                            pipe.delete(key)
+                            pipe.rpush(key, *items)
                         items_written += len(items)
                     pipe.execute()
                 bar.update(len(chunk))
@@ -133,6 +150,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"without --redis-url: the embedded redis-server's data dir (default {DEFAULT_REDIS_DATA}, "
         "the one `din serve` uses); a server already running there is used as is",
     )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="--redis-url names one node of a Redis Cluster (the same keys, spread over its nodes)",
+    )
     parser.add_argument("--max-history", type=int, default=100, help="items kept per user (T)")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix: keys are PREFIX + hist:USER")
     parser.add_argument("--batch-users", type=int, default=1000, help="users per pipelined transaction")
@@ -148,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     progress = not args.no_progress and sys.stderr.isatty()
     try:
-        cfg = RedisConfig(url=args.redis_url, data_dir=args.redis_data)
+        cfg = RedisConfig(url=args.redis_url, data_dir=args.redis_data, cluster=args.redis_cluster)
+    except ConfigError as exc:
+        print(f"din seed: --redis-cluster: {exc}", file=sys.stderr)
+        return 2
+    try:
         # A `din serve` already running on that data dir: seed its server.
         with redis_endpoint(cfg, share_running=True) as endpoint:
             if args.redis_url is None:
@@ -160,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
                 args.prefix,
                 batch_users=args.batch_users,
                 progress=progress,
+                cluster=args.redis_cluster,
             )
     except DataError as exc:
         print(f"din seed: {exc}", file=sys.stderr)
