@@ -124,7 +124,7 @@ def seed_reviews(
                         key = history_key(prefix, user)
                         items = histories[user]
                         if in_cluster:
-                            pipe.eval(_REPLACE, 1, key, *items)
+                            pipe.execute_command("EVAL", _REPLACE, 1, key, *items)
                         else:
                             pipe.delete(key)
                             pipe.rpush(key, *items)
