@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def test_ranker_starts_after_redis_and_bootstrap(compose: dict[str, Any]) -> Non
         assert "/readyz" in " ".join(svc["healthcheck"]["test"])
         assert any(v.startswith("models:/models") and v.endswith(":ro") for v in svc["volumes"])
     assert compose["services"]["ranker"]["build"]["target"] == "serve"
-    assert compose["services"]["ranker"]["ports"] == ["8000:8000"]
+    assert compose["services"]["ranker-gpu"]["ports"] == ["8001:8000"]
 
 
 def test_redis_persists_on_a_named_volume(compose: dict[str, Any]) -> None:
@@ -93,11 +94,76 @@ def test_profiles_for_gpu_and_loadtest(compose: dict[str, Any]) -> None:
     lt = compose["services"]["loadtest"]
     assert lt["profiles"] == ["loadtest"]
     assert lt["entrypoint"] == ["din", "loadtest"]
-    assert "--url=http://ranker:8000" in lt["command"]
-    assert lt["depends_on"]["ranker"]["condition"] == "service_healthy"
+    assert "--url=http://lb:8000" in lt["command"]
+    assert "lb" in lt["depends_on"]
     # Services outside a profile start with a plain `docker compose up`.
     assert {n for n, s in compose["services"].items() if "profiles" not in s} == {
         "redis",
         "bootstrap",
         "ranker",
+        "lb",
     }
+
+
+# ------------------------------------------------------------------ many replicas, Redis Cluster
+
+
+def test_rankers_scale_behind_a_health_checking_load_balancer(compose: dict[str, Any]) -> None:
+    cfg = (ROOT / "docker" / "haproxy.cfg").read_text()
+    for ranker, lb, port in (("ranker", "lb", "8000"), ("ranker-cluster", "lb-cluster", "8002")):
+        svc = compose["services"][ranker]
+        # `--scale` needs replicas without a fixed name or a published host port
+        assert "container_name" not in svc and "ports" not in svc and svc["expose"] == ["8000"]
+        balancer = compose["services"][lb]
+        image, tag = balancer["image"].split(":")
+        assert image == "haproxy" and re.match(r"\d+\.\d+\.\d+", tag), balancer["image"]  # official, pinned
+        assert balancer["ports"] == [f"{port}:8000"]
+        assert balancer["environment"]["RANKER_HOST"] == ranker
+        assert balancer["depends_on"][ranker]["condition"] == "service_healthy"
+        assert "./docker/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]
+    # every replica Docker's DNS returns is a server, checked on /readyz (draining replicas drop out)
+    assert re.search(r'server-template \w+ 1-\d+ "\$\{RANKER_HOST\}":8000 check resolvers docker', cfg)
+    assert "option httpchk GET /readyz" in cfg and "http-check expect status 200" in cfg
+    assert "nameserver dns1 127.0.0.11:53" in cfg  # Docker's embedded DNS
+
+
+def test_the_cluster_profile_is_three_masters_and_three_replicas(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    nodes = sorted(n for n in services if n.startswith("redis-node-"))
+    assert len(nodes) == 6
+    for name in nodes:
+        node = services[name]
+        assert node["profiles"] == ["cluster"] and node["image"] == services["redis"]["image"]
+        assert "--cluster-enabled yes" in node["command"] and "--appendonly yes" in node["command"]
+        assert node["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+        assert node["hostname"] == name and node["volumes"][0].split(":")[0] in compose["volumes"]
+    create = services["redis-cluster-create"]
+    assert {n for n, d in create["depends_on"].items() if d["condition"] == "service_healthy"} == set(nodes)
+    script = (ROOT / "docker" / "redis-cluster-create.sh").read_text()
+    assert "redis-cli --cluster create" in script and "--cluster-replicas 1" in script
+    assert all(n in script for n in nodes)
+    boot = services["bootstrap-cluster"]
+    assert boot["depends_on"]["redis-cluster-create"]["condition"] == "service_completed_successfully"
+    assert boot["environment"]["DIN_REDIS_CLUSTER"] == "true"
+    assert (
+        '"${DIN_REDIS_CLUSTER:-false}" = "true" ] && cluster="--redis-cluster"'
+        in (ROOT / "docker" / "bootstrap.sh").read_text()
+    )
+    ranker = services["ranker-cluster"]
+    assert ranker["environment"]["DIN_REDIS_CLUSTER"] == "true"
+    assert ranker["environment"]["DIN_REDIS_URL"].startswith("redis://redis-node-")
+    assert ranker["depends_on"]["bootstrap-cluster"]["condition"] == "service_completed_successfully"
+    assert all(services[n]["profiles"] == ["cluster"] for n in ("redis-cluster-create", "bootstrap-cluster",
+                                                             "ranker-cluster", "lb-cluster"))  # fmt: skip
+
+
+def test_every_din_setting_compose_sets_is_a_setting(compose: dict[str, Any]) -> None:
+    from service.config import Settings
+
+    bootstrap_only = {"DIN_MODELS", "DIN_SYNTH_USERS", "DIN_SYNTH_ITEMS", "DIN_EPOCHS", "DIN_REDIS_CLUSTER"}
+    for name, svc in compose["services"].items():
+        env = svc.get("environment") or {}
+        for var in env:
+            if not var.startswith("DIN_") or (name.startswith("bootstrap") and var in bootstrap_only):
+                continue
+            assert var.removeprefix("DIN_").lower() in Settings.model_fields, (name, var)
