@@ -28,6 +28,9 @@ OUTPUTS: dict[str, list[str]] = {"ctr": ["N"]}
 # weight of every behaviour for every candidate, what `/rank`'s `explain` reads.
 OPTIONAL_OUTPUTS: dict[str, list[str]] = {"attention": ["N", "T"]}
 ATTENTION_OUTPUT = "attention"
+# An optional file (bundles exported before it lack it): line i is the category id of item index i.
+# For people (the ranking explorer labels behaviours with it); the graph holds its own item -> category table.
+ITEM_CATEGORIES = "item_categories.txt"
 
 
 def sha256_file(path: Path) -> str:
@@ -48,6 +51,7 @@ class Bundle:
     manifest: dict[str, Any]
     vocab: Vocab
     graph_bytes: bytes = field(repr=False, compare=False)
+    item_categories: list[str] | None = field(default=None, repr=False, compare=False)  # per item index
 
     @property
     def model_version(self) -> str:
@@ -135,7 +139,16 @@ def load_bundle(path: str | Path) -> Bundle:
     n_items = manifest.get("vocab", {}).get("items")
     if n_items is not None and n_items != len(items):
         raise BundleError(f"bundle {path}: items.txt has {len(items)} ids, manifest says {n_items}")
-    return Bundle(path=path, manifest=manifest, vocab=Vocab(items), graph_bytes=graph)
+    item_categories = None
+    if ITEM_CATEGORIES in files:
+        item_categories = read_vocab(path / ITEM_CATEGORIES)
+        if len(item_categories) != len(items):
+            raise BundleError(
+                f"bundle {path}: {ITEM_CATEGORIES} has {len(item_categories)} lines, items.txt {len(items)}"
+            )
+    return Bundle(
+        path=path, manifest=manifest, vocab=Vocab(items), graph_bytes=graph, item_categories=item_categories
+    )
 
 
 def _outside(root: Path, name: object) -> str | None:

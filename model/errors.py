@@ -16,6 +16,7 @@
     │   ├── PayloadTooLarge       413 payload_too_large: the body is larger than the limit (named)
     │   ├── HeadersTooLarge       431 headers_too_large: the request line and headers are too large
     │   ├── CorsRefused           400 cors_refused: a CORS preflight for an origin or method not allowed
+    │   ├── NotFound              404 not_found: a file the service does not have (the explorer's, the docs')
     │   └── CannotExplain         422 cannot_explain: `explain` asked of a bundle without attention output
     ├── ReloadInProgress          409 reload_in_progress: one hot reload at a time
     ├── ReloadRejected            422 bundle_rejected: the new bundle failed verification; the old one serves
@@ -157,6 +158,11 @@ class CorsRefused(RequestRefused):
     """A CORS preflight asked for an origin, method or headers that DIN_CORS_ORIGINS does not allow."""
 
     code = "cors_refused"
+
+
+class NotFound(RequestRefused):
+    status = 404
+    code = "not_found"
 
 
 class CannotExplain(RequestRefused):

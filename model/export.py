@@ -36,7 +36,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.bundle import FORMAT_VERSION, INPUTS, OPTIONAL_OUTPUTS, OUTPUTS, check_model, sha256_file
+from model.bundle import (
+    FORMAT_VERSION,
+    INPUTS,
+    ITEM_CATEGORIES,
+    OPTIONAL_OUTPUTS,
+    OUTPUTS,
+    check_model,
+    sha256_file,
+)
 from model.din import DIN
 from model.errors import BundleError, ExportError
 from model.vocab import FIRST_ID, OOV, PAD, write_vocab
@@ -291,16 +299,21 @@ def export_model(
     name: str | None = None,
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    categories: list[str] | None = None,
 ) -> dict[str, Any]:
     """Export, check parity, and write the bundle, replacing any at out_dir atomically. Returns the manifest.
 
     items: item id for every item index (index 0 "<pad>", 1 "<oov>"), len == n_items.
+    categories: category id for every category index (len == n_categories); when given, the bundle
+    also holds item_categories.txt (line i: the category id of item index i), for people to read.
     model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
     """
     model = model.eval()
     cfg = model.cfg
     if len(items) != cfg.n_items:
         raise ExportError(f"{len(items)} item ids for a model with n_items={cfg.n_items}")
+    if categories is not None and len(categories) != cfg.n_categories:
+        raise ExportError(f"{len(categories)} category ids for a model with n_categories={cfg.n_categories}")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -327,7 +340,11 @@ def export_model(
                 f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
             )
         write_vocab(staging / "items.txt", items)
-        files = {name: sha256_file(staging / name) for name in ("model.onnx", "items.txt")}
+        written = ["model.onnx", "items.txt"]
+        if categories is not None:
+            write_vocab(staging / ITEM_CATEGORIES, [categories[c] for c in model.item_cate.tolist()])
+            written.append(ITEM_CATEGORIES)
+        files = {name: sha256_file(staging / name) for name in written}
         if model_version is None:  # the content decides the version: a retrained model is a new one
             model_version = f"{name or 'din-' + cfg.pooling}-{files['model.onnx'][:12]}"
         manifest = {
@@ -373,6 +390,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         name=run_dir.resolve().name,
         metrics=test,
         source={"run_dir": str(run_dir.resolve()), "best_epoch": ckpt.best_epoch},
+        categories=list(ckpt.categories),
     )
 
 

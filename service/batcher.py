@@ -11,7 +11,9 @@ The shape of text-embeddings-inference's queue and Ray Serve's `@serve.batch`:
   in one pipelined round trip (Redis down: empty histories, marked degraded), run the model in a
   worker thread while the consumer already collects the next batch, deliver;
 - a batch takes the live model once (`LiveModel.current`) and uses it from start to end;
-- a failed batch sets the error on every future of that batch.
+- a failed batch sets the error on every future of that batch;
+- a batch with a request that asks for an explanation fetches the attention output too, and hands it
+  (with the history the model saw) to those requests only; a batch without one asks for ctr alone.
 
 Deadlines (admission control): every request carries its deadline. At the door, a request whose
 expected wait (the candidates ahead of it and its own, at the recently measured cost per candidate,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -37,7 +40,7 @@ import numpy as np
 from model.errors import DinError, InferenceFailed, Overloaded, ShuttingDown, StoreUnavailable
 from service.live import LiveModel
 from service.metrics import Metrics
-from service.ranker import Ranker
+from service.ranker import Ranker, Scored
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ class RankResult:
     history_length: int  # behaviours the model saw, after truncation to T
     degraded: str | None  # why the history could not be read, or None
     model_version: str  # the model that computed these scores
+    # with explain: float32 (n_candidates, history_length), the weight of every behaviour the model saw
+    attention: np.ndarray | None = None
+    history: list[str] | None = None  # with explain: the behaviours the model saw, newest first
 
 
 @dataclass(slots=True)
@@ -68,6 +74,7 @@ class _Job:
     future: asyncio.Future[RankResult]
     enqueued_at: float  # time.perf_counter()
     deadline: float  # time.perf_counter() by which the answer is due
+    explain: bool = False  # wants the attention weights behind its scores
 
 
 class Batcher:
@@ -147,9 +154,16 @@ class Batcher:
         return ahead * self._candidate_s + self._redis_s
 
     async def submit(
-        self, user_id: str, candidates: list[str], history: list[str] | None, deadline: float | None = None
+        self,
+        user_id: str,
+        candidates: list[str],
+        history: list[str] | None,
+        deadline: float | None = None,
+        *,
+        explain: bool = False,
     ) -> RankResult:
-        """Queue one request and wait for its scores, until `deadline` (time.perf_counter()).
+        """Queue one request and wait for its scores (and with `explain`, their weights), until
+        `deadline` (time.perf_counter()).
 
         Raises Overloaded at once when the queue is full or the request cannot be answered by its
         deadline, and when the deadline passes while it waits."""
@@ -163,7 +177,7 @@ class Batcher:
             raise self.shed("deadline", _CANNOT_MEET_DEADLINE)
         self._typical_candidates = round(_ewma(self._typical_candidates, len(candidates)))
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
-        job = _Job(user_id, candidates, history, future, now, deadline)
+        job = _Job(user_id, candidates, history, future, now, deadline, explain)
         self._queue.append(job)
         self._queued_candidates += len(candidates)
         self._wakeup.set()
@@ -261,9 +275,13 @@ class Batcher:
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read
             if not jobs:
                 return
+            if not ranker.can_explain:  # a bundle without attention (after a reload, say) explains nothing
+                jobs = [i for i in jobs if not self._refuse_explain(batch[i], ranker)]
             histories = [histories[i] for i in jobs]
             degraded = [degraded[i] for i in jobs]
             live = [batch[i] for i in jobs]
+            if not live:
+                return
             scores = await self._infer(ranker, live, histories)
         except TimeoutError:  # the Redis read outlived every caller's deadline
             self._fail(batch, Overloaded("the request's deadline passed", reason="timeout"))
@@ -274,7 +292,15 @@ class Batcher:
         T = ranker.max_history
         for job, hist, s, why in zip(live, histories, scores, degraded, strict=True):
             if not job.future.done():
-                job.future.set_result(RankResult(s, min(len(hist), T), why, ranker.model_version))
+                n = min(len(hist), T)
+                explained = (s.attention, hist[:T]) if job.explain else (None, None)
+                job.future.set_result(RankResult(s.scores, n, why, ranker.model_version, *explained))
+
+    @staticmethod
+    def _refuse_explain(job: _Job, ranker: Ranker) -> bool:
+        if job.explain and not job.future.done():
+            job.future.set_exception(ranker.cannot_explain())
+        return job.explain
 
     def _still_waiting(self, batch: list[_Job]) -> list[int]:
         keep = [i for i, job in enumerate(batch) if not job.future.done()]
@@ -313,14 +339,18 @@ class Batcher:
                 histories[i] = hist
         return histories, degraded
 
-    async def _infer(self, ranker: Ranker, jobs: list[_Job], histories: list[list[str]]) -> list[np.ndarray]:
-        """One ONNX Runtime call for the whole batch, in the worker thread."""
+    async def _infer(self, ranker: Ranker, jobs: list[_Job], histories: list[list[str]]) -> list[Scored]:
+        """One ONNX Runtime call for the whole batch, in the worker thread (with the attention output
+        only when one of its requests explains)."""
         rows = [(job.candidates, hist) for job, hist in zip(jobs, histories, strict=True)]
+        explain = any(job.explain for job in jobs)
         n_cand = sum(len(c) for c, _ in rows)
         t0 = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(self._executor, ranker.score_batch, rows)
+            scores = await loop.run_in_executor(
+                self._executor, functools.partial(ranker.score_batch, rows, explain=explain)
+            )
         except Exception as e:
             # the detail is logged (with the request ids of the batch), never sent to clients
             raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests") from e

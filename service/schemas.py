@@ -39,6 +39,14 @@ _EVENTS_EXAMPLE: dict[str, Any] = {
 }
 
 
+DEFAULT_EXPLAIN_TOP = 5
+_EXPLAIN_DOC = (
+    "add to each item `because`: the behaviours of the user's history that weigh most in its score "
+    "(DIN's attention weights, exactly as the model computed them)"
+)
+_EXPLAIN_TOP_DOC = "with `explain`: how many behaviours each item's `because` lists at most"
+
+
 class RankRequest(BaseModel):
     """Rank `candidates` for `user_id`. Duplicate candidates are scored once (first occurrence kept)."""
 
@@ -51,6 +59,8 @@ class RankRequest(BaseModel):
         None,
         description="the user's history, newest first; replaces the Redis read (truncated to the model's T)",
     )
+    explain: bool = Field(False, description=_EXPLAIN_DOC)
+    explain_top: int = Field(DEFAULT_EXPLAIN_TOP, description=_EXPLAIN_TOP_DOC)
 
 
 _EVENT_ID_DOC = (
@@ -83,10 +93,19 @@ class EventsRequest(BaseModel):
     events: list[Event]
 
 
+class ItemsRequest(BaseModel):
+    """Item ids to look up in the served model's catalogue (the ranking explorer labels its heatmap)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"item_ids": ["B00ITEM001"]}]})
+
+    item_ids: list[str]
+
+
 @dataclass(frozen=True)
 class RequestModels:
     rank: type[RankRequest]
     events: type[EventsRequest]
+    items: type[ItemsRequest]
 
 
 def request_models(settings: Settings) -> RequestModels:
@@ -126,6 +145,17 @@ def request_models(settings: Settings) -> RequestModels:
                 "(truncated to the model's T)",
             ),
         ),
+        explain=(bool, Field(False, strict=True, description=_EXPLAIN_DOC)),
+        explain_top=(
+            int,
+            Field(
+                min(DEFAULT_EXPLAIN_TOP, settings.max_explain_top),
+                ge=1,
+                le=settings.max_explain_top,
+                strict=True,
+                description=_EXPLAIN_TOP_DOC,
+            ),
+        ),
     )
     event = create_model(
         "Event",
@@ -140,15 +170,37 @@ def request_models(settings: Settings) -> RequestModels:
         __doc__=EventsRequest.__doc__,
         events=(list[event], Field(min_length=1, max_length=settings.max_events)),  # type: ignore[valid-type]
     )
-    return RequestModels(rank=rank, events=events)
+    items = create_model(
+        "ItemsRequest",
+        __base__=ItemsRequest,
+        __doc__=ItemsRequest.__doc__,
+        item_ids=(
+            list[Id],
+            Field(min_length=1, max_length=settings.max_candidates + settings.max_request_history),
+        ),
+    )
+    return RequestModels(rank=rank, events=events, items=items)
 
 
 # ------------------------------------------------------------------ responses
 
 
+class Because(BaseModel):
+    item_id: str = Field(description="a behaviour of the user's history")
+    position: int = Field(description="its index in the history the model saw: 0 = newest")
+    weight: float = Field(
+        description="its attention weight for this item: how much it counts in the user's interest vector"
+    )
+
+
 class ScoredItem(BaseModel):
     item_id: str
     score: float = Field(description="predicted click-through rate in (0, 1)")
+    because: list[Because] | None = Field(
+        None,
+        description="with `explain`: the behaviours with the largest weights for this item, at most "
+        "`explain_top`, by weight descending (empty when nothing is explained)",
+    )
 
 
 class RankResponse(BaseModel):
@@ -174,6 +226,12 @@ class RankResponse(BaseModel):
     items: list[ScoredItem] = Field(description="sorted by score, descending")
     history_length: int = Field(description="behaviours the model saw (after truncation to T)")
     degraded: bool = Field(description="true when Redis could not be read and an empty history was used")
+    explained: bool | None = Field(
+        None,
+        description="with `explain`: true when `because` lists the weights behind the scores; false when "
+        "nothing is explained (a degraded answer: the history could not be read)",
+    )
+    explain_note: str | None = Field(None, description="with `explain`, when `explained` is false: why")
 
 
 class EventsResponse(BaseModel):
@@ -181,6 +239,33 @@ class EventsResponse(BaseModel):
 
     written: int = Field(description="events appended to histories")
     duplicates: int = Field(description="events skipped: their event_id was already written")
+
+
+class CatalogueItem(BaseModel):
+    item_id: str
+    known: bool = Field(
+        description="in the served model's vocabulary (unknown ids are scored as one OOV item)"
+    )
+    category: str | None = Field(
+        description="its category id; null when unknown, or when the bundle has no item_categories.txt"
+    )
+
+
+class ItemsResponse(BaseModel):
+    items: list[CatalogueItem] = Field(description="in the order asked")
+
+
+class Suggestions(BaseModel):
+    """What the ranking explorer (/ui) starts from: some users with a history, a sample of the catalogue,
+    and the limits of this service."""
+
+    model_version: str
+    can_explain: bool = Field(description="the served model has the attention output `explain` reads")
+    max_history: int = Field(description="T: behaviours the model sees, newest first")
+    max_candidates: int
+    max_explain_top: int
+    users: list[str] = Field(description="a few users with a history in Redis (empty when it cannot be read)")
+    items: list[CatalogueItem] = Field(description="a random sample of the served model's catalogue")
 
 
 class FieldError(BaseModel):

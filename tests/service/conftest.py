@@ -67,7 +67,10 @@ def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_H
             p.mul_(3.0)
     model.eval()
     items = ["<pad>", "<oov>", *(f"i{k}" for k in range(2, N_ITEMS))]
-    manifest = export_model(model, items, path, model_version=version, metrics={"auc": 0.5})
+    categories = ["<pad>", "<oov>", *(f"c{k}" for k in range(2, N_CATE))]
+    manifest = export_model(
+        model, items, path, model_version=version, metrics={"auc": 0.5}, categories=categories
+    )
     return BundleInfo(model, items, path, manifest)
 
 

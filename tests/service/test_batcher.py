@@ -61,7 +61,7 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
 
 def test_concurrent_submits_share_one_call_and_keep_their_scores(ranker: Ranker, redis_url: str) -> None:
     rows = [([f"i{k}", f"i{k + 1}", "unknown"], [f"i{k + 50}"] * (k % 5)) for k in range(2, 22)]
-    want = ranker.score_batch([(c, h) for c, h in rows])
+    want = [row.scores for row in ranker.score_batch([(c, h) for c, h in rows])]
 
     async def go() -> None:
         async with running(ranker, redis_url, max_delay_s=0.2) as b:
@@ -120,7 +120,8 @@ def test_histories_come_from_redis_in_the_batch(ranker: Ranker, redis_url: str) 
             ra, rb, rc = await asyncio.gather(
                 b.submit("a", ["i2"], None), b.submit("b", ["i2"], None), b.submit("a", ["i2"], ["i3"])
             )
-            want = ranker.score_batch([(["i2"], ["i8", "i7"]), (["i2"], ["i9"]), (["i2"], ["i3"])])
+            rows = [(["i2"], ["i8", "i7"]), (["i2"], ["i9"]), (["i2"], ["i3"])]
+            want = [row.scores for row in ranker.score_batch(rows)]
             for got, expected in zip((ra, rb, rc), want, strict=True):
                 np.testing.assert_allclose(got.scores, expected, atol=TOL, rtol=0)
             assert (ra.history_length, rb.history_length, rc.history_length) == (2, 1, 1)
@@ -137,7 +138,9 @@ def test_redis_down_degrades_only_redis_reads(ranker: Ranker) -> None:
         async with running(ranker, url, max_delay_s=0.05) as b:
             cold, explicit = await asyncio.gather(b.submit("a", ["i2"], None), b.submit("a", ["i2"], ["i5"]))
             assert cold.degraded == "redis_unavailable" and cold.history_length == 0
-            np.testing.assert_allclose(cold.scores, ranker.score_batch([(["i2"], [])])[0], atol=TOL, rtol=0)
+            np.testing.assert_allclose(
+                cold.scores, ranker.score_batch([(["i2"], [])])[0].scores, atol=TOL, rtol=0
+            )
             assert explicit.degraded is None and explicit.history_length == 1
             assert sample(b, "din_degraded_responses_total", {"reason": "redis_unavailable"}) == 1
 

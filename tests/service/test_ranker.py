@@ -93,7 +93,7 @@ def test_score_batch_equals_pytorch(ranker: Ranker, bundle: BundleInfo) -> None:
         cands = [*rng.choice(known, size=ncand).tolist(), "unknown"]
         hist = rng.choice(known, size=hlen).tolist()
         rows.append((cands, hist))
-    out = ranker.score_batch(rows)
+    out = [row.scores for row in ranker.score_batch(rows)]
     assert [len(s) for s in out] == [len(c) for c, _ in rows]
     for (cands, hist), scores in zip(rows, out, strict=True):
         assert scores.dtype == np.float32
@@ -102,8 +102,10 @@ def test_score_batch_equals_pytorch(ranker: Ranker, bundle: BundleInfo) -> None:
 
 def test_batch_composition_does_not_change_scores(ranker: Ranker) -> None:
     """A user's scores are the same alone or stacked with longer histories (padding is inert)."""
-    alone = ranker.score_batch([(["i2", "i3"], ["i4"])])[0]
-    stacked = ranker.score_batch([(["i9"], [f"i{k}" for k in range(2, 22)]), (["i2", "i3"], ["i4"])])[1]
+    alone = ranker.score_batch([(["i2", "i3"], ["i4"])])[0].scores
+    stacked = ranker.score_batch([(["i9"], [f"i{k}" for k in range(2, 22)]), (["i2", "i3"], ["i4"])])[
+        1
+    ].scores
     np.testing.assert_allclose(alone, stacked, atol=1e-6, rtol=0)
 
 
@@ -155,5 +157,8 @@ def test_cuda_scores_equal_cpu(bundle: BundleInfo, ranker: Ranker) -> None:
         (rng.choice(known, size=n).tolist(), rng.choice(known, size=h).tolist())
         for n, h in [(1, 0), (50, 5), (1000, 20), (30, 13)]
     ]
-    for cpu_scores, gpu_scores in zip(ranker.score_batch(rows), gpu.score_batch(rows), strict=True):
-        np.testing.assert_allclose(gpu_scores, cpu_scores, atol=TOL, rtol=0)
+    for cpu, gpu_row in zip(
+        ranker.score_batch(rows, explain=True), gpu.score_batch(rows, explain=True), strict=True
+    ):
+        np.testing.assert_allclose(gpu_row.scores, cpu.scores, atol=TOL, rtol=0)
+        np.testing.assert_allclose(gpu_row.attention, cpu.attention, atol=TOL, rtol=0)
