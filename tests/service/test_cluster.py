@@ -113,3 +113,37 @@ def test_a_master_killed_under_load_degrades_then_recovers_without_restart(
     late = [a for a in after if a.body["degraded"]]
     assert not late, f"{len(late)} answers still degraded {RECOVERY_S}s after the promotion\n{out.tail()}"
     assert {a.user for a in after} >= set(on_victim), "the dead master's users were not served again"
+
+
+def test_events_partly_written_answer_503_naming_who_was_written(
+    bundle: BundleInfo, cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    users = [f"user-{k}" for k in range(12)]
+    refusing = redis_cluster.master_of(history_key("din:", users[0]))
+    on_it = {u for u in users if redis_cluster.master_of(history_key("din:", u)) is refusing}
+    assert 0 < len(on_it) < len(users)
+    body = {"events": [{"user_id": u, "item_id": "i5", "event_id": f"e-{u}"} for u in users]}
+    settings = make_settings(bundle.path, cluster_url, redis_cluster=True)
+    with LiveServer(settings) as server, server.client() as c:
+        server.wait_ready()
+        with refusing.client() as r:  # that master refuses the scripts (NOPERM); the others write
+            r.execute_command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+        try:
+            resp = c.post("/events", json=body)
+        finally:
+            with refusing.client() as r:
+                r.execute_command("ACL", "SETUSER", "default", "+@all")
+        assert resp.status_code == 503, resp.text
+        got = resp.json()
+        assert got["error"] == "store_partial" and "nothing was written" not in got["message"]
+        assert set(got["written_users"]) == set(users) - on_it and set(got["not_written_users"]) == on_it
+        assert got["unknown_users"] == [] and got["written"] == len(users) - len(on_it)
+        assert "127.0.0.1" not in resp.text and "NOPERM" not in resp.text  # Redis internals stay in the log
+        # what the answer says is what /rank sees; the retry writes the rest and skips the others
+        for u in users:
+            r = c.post("/rank", json={"user_id": u, "candidates": ["i5", "i6"]}).json()
+            assert r["history_length"] == (0 if u in on_it else 1), (u, r)
+        assert c.post("/events", json=body).json() == {
+            "written": len(on_it),
+            "duplicates": len(users) - len(on_it),
+        }
