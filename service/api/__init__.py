@@ -1,5 +1,6 @@
-"""The HTTP API, one module per resource: rank, events, ops, admin, docs. `deps` holds the app's state and
-the typed dependencies. A new endpoint goes into the module of its resource (or a new one, included here)."""
+"""The HTTP API, one module per resource: rank, events, ops, admin, docs, ui (the ranking explorer).
+`deps` holds the app's state and the typed dependencies. A new endpoint goes into the module of its
+resource (or a new one, included here)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.api import admin, docs, events, ops, rank
+from service.api import admin, docs, events, ops, rank, ui
 from service.api.deps import api_key_guard
 from service.schemas import ErrorBody, RequestModels
 from service.security import ApiKeys
@@ -25,6 +26,8 @@ def api_router(models: RequestModels, keys: ApiKeys, *, metrics_auth: bool = Fal
 
     # Open: liveness and readiness probes (orchestrators hold no key); /metrics unless metrics_auth.
     api.include_router(ops.probes)
+    # Open: the ranking explorer's page and files (no data: what it reads is behind the keys below).
+    api.include_router(ui.page)
     api.include_router(
         ops.metrics_router,
         dependencies=guard if metrics_auth else [],
@@ -38,5 +41,6 @@ def api_router(models: RequestModels, keys: ApiKeys, *, metrics_auth: bool = Fal
     protected.include_router(ops.router)
     protected.include_router(admin.router)
     protected.include_router(docs.router)
+    protected.include_router(ui.router(models))
     api.include_router(protected)
     return api

@@ -1,0 +1,298 @@
+// din-rank's ranking explorer: plain JavaScript, no build step, nothing loaded from elsewhere.
+// It uses the public API only: GET ui/suggestions, POST ui/items, POST rank with explain.
+// URLs are relative, so the page works behind a proxy that serves the API under a prefix.
+"use strict";
+
+const SVG = "http://www.w3.org/2000/svg";
+const $ = (sel) => document.querySelector(sel);
+let limits = null; // from ui/suggestions: max_history, max_candidates, max_explain_top, can_explain
+let pinned = null; // the clicked cell, {row, col}
+
+// ------------------------------------------------------------------ API
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const detail = body && Array.isArray(body.detail)
+      ? " (" + body.detail.map((d) => d.field + ": " + d.message).join("; ") + ")" : "";
+    super((body && body.message ? body.message : "HTTP " + status) + detail);
+    this.status = status;
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const key = $("#key").value.trim();
+  if (key) headers.Authorization = "Bearer " + key;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  let data = null;
+  try { data = await resp.json(); } catch (e) { data = null; }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+// ------------------------------------------------------------------ small helpers
+
+function ids(text) {
+  return text.split(/[\s,]+/).map((s) => s.trim()).filter((s) => s.length > 0);
+}
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function hue(text) { // a stable colour per category
+  let h = 0;
+  for (const ch of String(text)) h = (h * 31 + ch.codePointAt(0)) % 360;
+  return h;
+}
+
+function shade(t) { // 0..1 -> white .. deep blue
+  const light = 97 - 62 * t;
+  return "hsl(222, " + Math.round(35 + 45 * t) + "%, " + light.toFixed(1) + "%)";
+}
+
+const fmt = (x, n) => Number(x).toFixed(n === undefined ? 4 : n);
+
+// ------------------------------------------------------------------ start: suggestions
+
+async function loadSuggestions() {
+  try {
+    const s = await api("GET", "ui/suggestions?users=8&items=" + sampleSize());
+    limits = s;
+    $("#model").textContent = "model " + s.model_version + " · T = " + s.max_history +
+      (s.can_explain ? "" : " · this model cannot explain (re-export it)");
+    const list = $("#users");
+    const chips = $("#user-chips");
+    list.replaceChildren();
+    chips.replaceChildren();
+    for (const user of s.users) {
+      list.append(el("option", { value: user }));
+      const chip = el("button", { type: "button", "data-user": user }, user);
+      chip.addEventListener("click", () => { $("#user").value = user; $("#history").value = ""; });
+      chips.append(chip);
+    }
+    if (!$("#user").value && s.users.length) $("#user").value = s.users[0];
+    if (!$("#candidates").value.trim()) $("#candidates").value = s.items.map((i) => i.item_id).join("\n");
+    showError("");
+  } catch (e) {
+    $("#model").textContent = "";
+    showError(e.status === 401 ? "This service needs an API key: enter it above, then press Enter." : String(e.message));
+  }
+}
+
+function sampleSize() {
+  const n = parseInt($("#sample-n").value, 10);
+  return Number.isFinite(n) ? Math.min(200, Math.max(1, n)) : 12;
+}
+
+async function sample() {
+  try {
+    const s = await api("GET", "ui/suggestions?users=0&items=" + sampleSize());
+    $("#candidates").value = s.items.map((i) => i.item_id).join("\n");
+    showError("");
+  } catch (e) {
+    showError(String(e.message));
+  }
+}
+
+// ------------------------------------------------------------------ rank
+
+async function rank(event) {
+  event.preventDefault();
+  const button = $("#rank");
+  button.disabled = true;
+  showError("");
+  try {
+    if (!limits) await loadSuggestions();
+    const candidates = [...new Set(ids($("#candidates").value))];
+    const pasted = ids($("#history").value);
+    const body = {
+      user_id: $("#user").value.trim(),
+      candidates,
+      explain: true,
+      explain_top: limits ? Math.min(limits.max_explain_top, limits.max_history) : 5,
+    };
+    if (pasted.length) body.history = pasted;
+    const answer = await api("POST", "rank", body);
+    const T = limits ? limits.max_history : pasted.length;
+    const history = behaviours(answer, pasted.slice(0, T));
+    const wanted = [...new Set([...answer.items.map((i) => i.item_id), ...history.filter((h) => h !== null)])];
+    const catalogue = {};
+    for (const item of (await api("POST", "ui/items", { item_ids: wanted })).items) catalogue[item.item_id] = item;
+    show(answer, history, catalogue);
+  } catch (e) {
+    showError(String(e.message));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The behaviour at each position the model saw: from the pasted history, else from the `because` lists.
+function behaviours(answer, pasted) {
+  const n = answer.history_length;
+  if (pasted.length) return pasted.slice(0, n);
+  const out = new Array(n).fill(null);
+  for (const item of answer.items) for (const b of item.because || []) out[b.position] = b.item_id;
+  return out;
+}
+
+// ------------------------------------------------------------------ draw
+
+function show(answer, history, catalogue) {
+  pinned = null;
+  $("#results").hidden = false;
+  const badges = [
+    ["user " + answer.user_id, ""],
+    [answer.history_length + " behaviours seen", ""],
+    [answer.items.length + " candidates", ""],
+  ];
+  if (answer.degraded) badges.push(["degraded: the history could not be read", "warn"]);
+  if (answer.explained === false) badges.push(["not explained", "warn"]);
+  const summary = $("#summary");
+  summary.replaceChildren(...badges.map(([text, cls]) => el("span", { class: "badge " + cls }, text)));
+  if (answer.explain_note) summary.append(el("span", { class: "muted" }, answer.explain_note));
+
+  const body = $("#ranked tbody");
+  body.replaceChildren();
+  const top = Math.max(...answer.items.map((i) => i.score), 1e-9);
+  answer.items.forEach((item, r) => {
+    const tr = el("tr", { "data-row": r });
+    tr.append(el("td", { class: "num" }, String(r + 1)), el("td", {}, item.item_id));
+    tr.append(el("td", {}, category(catalogue, item.item_id)));
+    const cell = el("td", { class: "num" });
+    cell.append(el("span", { class: "bar", style: "width:" + Math.round(60 * item.score / top) + "px" }));
+    cell.append(document.createTextNode(fmt(item.score)));
+    tr.append(cell);
+    body.append(tr);
+  });
+  drawHeatmap(answer, history, catalogue);
+}
+
+function category(catalogue, id) {
+  const item = catalogue[id];
+  if (!item) return "?";
+  if (!item.known) return "unknown item";
+  return item.category === null ? "?" : item.category;
+}
+
+function drawHeatmap(answer, history, catalogue) {
+  const wrap = $("#heatmap-wrap");
+  const n = history.length;
+  const rows = answer.items;
+  const weights = rows.map((item) => {
+    const w = new Array(n).fill(null);
+    for (const b of item.because || []) w[b.position] = b.weight;
+    return w;
+  });
+  const known = weights.flat().filter((w) => w !== null);
+  const lo = known.length ? Math.min(...known) : 0;
+  const hi = known.length ? Math.max(...known) : 1;
+  const scale = (w) => (hi > lo ? (w - lo) / (hi - lo) : 1);
+
+  const cw = Math.max(10, Math.min(30, Math.floor(900 / Math.max(n, 1))));
+  const ch = 20;
+  const left = 190;
+  const topH = 120;
+  const width = left + Math.max(n, 1) * cw + 10;
+  const height = topH + rows.length * ch + 10;
+  const root = svg("svg", { id: "heatmap", width, height, viewBox: "0 0 " + width + " " + height, role: "img" });
+  root.append(svg("title", {}, "attention weights: candidates x behaviours"));
+  const defs = svg("defs");
+  const pattern = svg("pattern", { id: "unlisted", width: 6, height: 6, patternUnits: "userSpaceOnUse" });
+  pattern.append(svg("rect", { width: 6, height: 6, fill: "#f1f2f5" }), svg("path", { d: "M0 6 L6 0", stroke: "#c9ccd4" }));
+  defs.append(pattern);
+  root.append(defs);
+
+  // columns: the behaviours, newest first, labelled with their category (colour band) and position
+  const cols = svg("g", { class: "cols" });
+  history.forEach((item, t) => {
+    const cat = item === null ? "?" : category(catalogue, item);
+    const g = svg("g", { class: "col", "data-col": t });
+    const x = left + t * cw;
+    g.append(svg("rect", { x, y: topH - 12, width: cw - 1, height: 8, fill: "hsl(" + hue(cat) + ", 60%, 60%)" }));
+    const label = svg("text", { x: x + cw / 2, y: topH - 16, transform: "rotate(-60 " + (x + cw / 2) + " " + (topH - 16) + ")" },
+      cat + " · " + t);
+    g.append(label);
+    g.append(svg("title", {}, "position " + t + ": " + (item === null ? "(not listed)" : item) + " (" + cat + ")"));
+    cols.append(g);
+  });
+  root.append(cols);
+
+  // rows: the candidates in ranked order
+  rows.forEach((item, r) => {
+    const y = topH + r * ch;
+    const g = svg("g", { class: "row", "data-row": r, "data-item": item.item_id });
+    const cat = category(catalogue, item.item_id);
+    g.append(svg("rect", { x: 2, y: y + 3, width: 6, height: ch - 6, fill: "hsl(" + hue(cat) + ", 60%, 60%)" }));
+    g.append(svg("text", { class: "label", x: 12, y: y + ch / 2 + 4 }, item.item_id + " (" + cat + ")"));
+    weights[r].forEach((w, t) => {
+      const attrs = { class: "cell" + (w === null ? " missing" : ""), x: left + t * cw, y, width: cw, height: ch, "data-row": r, "data-col": t };
+      if (w !== null) { attrs.fill = shade(scale(w)); attrs["data-weight"] = w; }
+      const rect = svg("rect", attrs);
+      rect.addEventListener("mouseenter", () => describe(answer, history, catalogue, weights, r, t));
+      rect.addEventListener("click", () => { pinned = { row: r, col: t }; describe(answer, history, catalogue, weights, r, t); });
+      g.append(rect);
+    });
+    root.append(g);
+  });
+  root.addEventListener("mouseleave", () => { if (pinned) describe(answer, history, catalogue, weights, pinned.row, pinned.col); });
+  wrap.replaceChildren(root);
+
+  const listed = answer.items.length ? (answer.items[0].because || []).length : 0;
+  const legend = $("#legend");
+  if (answer.explained === false) legend.textContent = "Nothing is explained: " + (answer.explain_note || "");
+  else if (!n) legend.textContent = "This user has no behaviours: the scores rest on the candidates alone.";
+  else {
+    legend.textContent = "Colour: weight from " + fmt(lo) + " (white) to " + fmt(hi) + " (dark)." +
+      (listed < n ? " Hatched: past the " + listed + " behaviours listed per candidate (DIN_MAX_EXPLAIN_TOP)." : "");
+  }
+  $("#details").textContent = n ? "Hover or click a cell." : "";
+}
+
+function describe(answer, history, catalogue, weights, r, t) {
+  const item = answer.items[r];
+  const behaviour = history[t];
+  const w = weights[r][t];
+  const rankOf = w === null ? null : weights[r].filter((x) => x !== null && x > w).length + 1;
+  const box = $("#details");
+  box.replaceChildren(
+    el("strong", {}, item.item_id), document.createTextNode(" (" + category(catalogue, item.item_id) + "), score " + fmt(item.score) + " — behaviour "),
+    el("strong", {}, behaviour === null ? "(not listed)" : behaviour),
+    document.createTextNode(" (" + (behaviour === null ? "?" : category(catalogue, behaviour)) + ") at position " + t + " (0 = newest): " +
+      (w === null ? "weight not listed" : "weight " + fmt(w, 6) + ", #" + rankOf + " for this candidate")),
+  );
+  for (const node of document.querySelectorAll(".selected")) node.classList.remove("selected");
+  for (const node of document.querySelectorAll(".cell.pinned")) node.classList.remove("pinned");
+  document.querySelectorAll('[data-row="' + r + '"]').forEach((n) => { if (!n.classList.contains("cell")) n.classList.add("selected"); });
+  const col = document.querySelector('.col[data-col="' + t + '"]');
+  if (col) col.classList.add("selected");
+  if (pinned) {
+    const cell = document.querySelector('.cell[data-row="' + pinned.row + '"][data-col="' + pinned.col + '"]');
+    if (cell) cell.classList.add("pinned");
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+
+$("#query").addEventListener("submit", rank);
+$("#sample").addEventListener("click", sample);
+$("#key").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); loadSuggestions(); } });
+$("#key").addEventListener("change", loadSuggestions);
+loadSuggestions();
