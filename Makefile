@@ -34,11 +34,12 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 # The serving graph alone, the whole service against the seed-style baseline, then the service at
-# 1x, 2x and 5x its capacity (JSON in bench/results).
+# 1x, 2x and 5x its capacity, and what `explain` costs (JSON in bench/results).
 bench: $(STAMP)
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/overload.py
+	$(BIN)/python bench/explain.py
 
 demo: $(STAMP)
 	$(BIN)/din demo

@@ -206,12 +206,15 @@ function drawHeatmap(answer, history, catalogue) {
   const hi = known.length ? Math.max(...known) : 1;
   const scale = (w) => (hi > lo ? (w - lo) / (hi - lo) : 1);
 
-  const cw = Math.max(10, Math.min(30, Math.floor(900 / Math.max(n, 1))));
+  const left = 215;
+  const room = Math.max(400, (wrap.clientWidth || 900) - left - 12);
+  const cw = Math.max(6, Math.min(30, Math.floor(room / Math.max(n, 1))));
   const ch = 20;
-  const left = 190;
-  const topH = 120;
-  const width = left + Math.max(n, 1) * cw + 10;
-  const height = topH + rows.length * ch + 10;
+  const topH = 112;
+  const font = Math.min(11, cw - 1);
+  const every = font >= 8 ? 1 : Math.ceil(8 / cw); // label every column while the labels fit
+  const width = left + Math.max(n, 1) * cw + 12;
+  const height = topH + rows.length * ch + 24;
   const root = svg("svg", { id: "heatmap", width, height, viewBox: "0 0 " + width + " " + height, role: "img" });
   root.append(svg("title", {}, "attention weights: candidates x behaviours"));
   const defs = svg("defs");
@@ -227,9 +230,11 @@ function drawHeatmap(answer, history, catalogue) {
     const g = svg("g", { class: "col", "data-col": t });
     const x = left + t * cw;
     g.append(svg("rect", { x, y: topH - 12, width: cw - 1, height: 8, fill: "hsl(" + hue(cat) + ", 60%, 60%)" }));
-    const label = svg("text", { x: x + cw / 2, y: topH - 16, transform: "rotate(-60 " + (x + cw / 2) + " " + (topH - 16) + ")" },
-      cat + " · " + t);
-    g.append(label);
+    if (t % every === 0) {
+      const cx = x + cw / 2 + font / 3;
+      g.append(svg("text", { x: cx, y: topH - 16, style: "font-size:" + Math.max(font, 8) + "px", transform: "rotate(-90 " + cx + " " + (topH - 16) + ")" }, cat));
+    }
+    if (t % 5 === 0) g.append(svg("text", { x, y: topH + rows.length * ch + 14, class: "pos" }, String(t)));
     g.append(svg("title", {}, "position " + t + ": " + (item === null ? "(not listed)" : item) + " (" + cat + ")"));
     cols.append(g);
   });
@@ -260,7 +265,8 @@ function drawHeatmap(answer, history, catalogue) {
   if (answer.explained === false) legend.textContent = "Nothing is explained: " + (answer.explain_note || "");
   else if (!n) legend.textContent = "This user has no behaviours: the scores rest on the candidates alone.";
   else {
-    legend.textContent = "Colour: weight from " + fmt(lo) + " (white) to " + fmt(hi) + " (dark)." +
+    legend.textContent = "Colour: weight from " + fmt(lo) + " (white) to " + fmt(hi) + " (dark). " +
+      "Columns: labelled by category (colour band), numbered by position (0 = newest)." +
       (listed < n ? " Hatched: past the " + listed + " behaviours listed per candidate (DIN_MAX_EXPLAIN_TOP)." : "");
   }
   $("#details").textContent = n ? "Hover or click a cell." : "";
