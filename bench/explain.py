@@ -7,9 +7,13 @@ For each batch shape (users x candidates each, full T-item histories), `Ranker.s
 - old graph, ctr: the serving graph before the attention output existed;
 - new graph, ctr: what a batch without an explaining request runs (ONNX Runtime is asked for ctr alone);
 - new graph, ctr + attention: what a batch with an explaining request runs (the weights fetched too);
+- and a second session of the old graph, ctr: the same work twice, so the table shows how far apart
+  two measurements of one thing land here (the noise floor to read the others against);
 
-interleaved round after round (so drift hits all three alike), median and p10-p90 of `--rounds`. Then the
-service's own work for an explained answer: picking each item's `because` (top `explain_top` of T).
+interleaved round after round in a shuffled order (so drift and neighbours' load hit all three alike),
+median and p10-p90 of `--rounds`. One ONNX Runtime thread by default: the comparison is of the work
+each variant does, and one thread keeps other load on a small shared machine from deciding it. Then
+the service's own work for an explained answer: picking each item's `because` (top `explain_top` of T).
 
     python bench/explain.py            # writes bench/results/explain.json
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -93,9 +98,9 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=60, help="timed rounds per shape and variant")
+    ap.add_argument("--rounds", type=int, default=100, help="timed rounds per shape and variant")
     ap.add_argument("--history", type=int, default=100, help="T, and every user's history length")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = ORT default)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0 = ORT default)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "explain.json")
     args = ap.parse_args()
     T = args.history
@@ -103,26 +108,31 @@ def main() -> int:
         new_path, old_path = make_bundles(Path(tmp), T)
         kw: dict[str, Any] = {"providers": ["CPUExecutionProvider"], "intra_op_threads": args.threads}
         new, old = Ranker(load_bundle(new_path), **kw), Ranker(load_bundle(old_path), **kw)
+        old_again = Ranker(load_bundle(old_path), **kw)
     assert new.can_explain and not old.can_explain
     rng = np.random.default_rng(0)
     known = new.vocab.known()
     results: list[dict[str, Any]] = []
     print(f"CPU: {cpu_line()}; T = {T}; {args.rounds} rounds; ORT threads {args.threads or 'default'}")
-    head = ("users x cands", "old ctr", "new ctr", "ctr+att", "no-explain", "explain")
-    print("{:>14} {:>10} {:>10} {:>10} {:>11} {:>9}".format(*head))
+    head = ("users x cands", "old ctr", "new ctr", "ctr+att", "no-explain", "explain", "old vs old")
+    print("{:>14} {:>10} {:>10} {:>10} {:>11} {:>9} {:>11}".format(*head))
     for users, cands in SHAPES:
         rows = [(rng.choice(known, cands).tolist(), rng.choice(known, T).tolist()) for _ in range(users)]
         variants: dict[str, Callable[[], object]] = {
             "old_ctr": lambda rows=rows: old.score_batch(rows),
             "new_ctr": lambda rows=rows: new.score_batch(rows),
             "new_ctr_attention": lambda rows=rows: new.score_batch(rows, explain=True),
+            "old_ctr_again": lambda rows=rows: old_again.score_batch(rows),
         }
         for fn in variants.values():  # warm-up
             for _ in range(5):
                 fn()
         times: dict[str, list[float]] = {name: [] for name in variants}
+        order = list(variants.items())
+        shuffler = random.Random(users * 7919 + cands)
         for _ in range(args.rounds):
-            for name, fn in variants.items():
+            shuffler.shuffle(order)
+            for name, fn in order:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -134,11 +144,13 @@ def main() -> int:
             **stats,
             "no_explain_overhead_pct": 100 * (plain / base - 1),
             "explain_overhead_pct": 100 * (explained / plain - 1),
+            "same_work_twice_pct": 100 * (stats["old_ctr_again"]["median_ms"] / base - 1),
         }
         results.append(row)
         print(
             f"{users:>5} x {cands:<6} {base:>8.2f}ms {plain:>8.2f}ms {explained:>8.2f}ms "
-            f"{row['no_explain_overhead_pct']:>+10.1f}% {row['explain_overhead_pct']:>+8.1f}%"
+            f"{row['no_explain_overhead_pct']:>+10.1f}% {row['explain_overhead_pct']:>+8.1f}% "
+            f"{row['same_work_twice_pct']:>+10.1f}%"
         )
 
     # the handler's part of an explained answer: each returned item's top behaviours
