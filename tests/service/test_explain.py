@@ -411,3 +411,21 @@ def test_docs_assets_are_served_by_the_service(server: LiveServer) -> None:
         redoc_js = c.get("/docs/assets/redoc.standalone.js")
         assert redoc_js.status_code == 200 and "cdn.redoc.ly" not in redoc_js.text  # its one remote file
         assert c.get("/docs/assets/nope.js").status_code == 404
+
+
+def test_item_categories_must_match_the_vocabulary(bundle: BundleInfo, tmp_path: Path) -> None:
+    from model.errors import BundleError, ExportError
+    from model.export import export_model
+
+    with pytest.raises(ExportError, match="category ids for a model with n_categories"):
+        export_model(bundle.model, bundle.items, tmp_path / "out", categories=["<pad>", "<oov>", "c2"])
+    assert not (tmp_path / "out").exists()
+    path = tmp_path / "bundle"
+    shutil.copytree(bundle.path, path)
+    lines = (path / ITEM_CATEGORIES).read_text().splitlines()[:-1]  # one item short
+    (path / ITEM_CATEGORIES).write_text("".join(f"{c}\n" for c in lines))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][ITEM_CATEGORIES] = hashlib.sha256((path / ITEM_CATEGORIES).read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"{ITEM_CATEGORIES} has {len(lines)} lines"):
+        load_bundle(path)
