@@ -6,9 +6,11 @@ Three forward passes over the same weights:
   reference every other path must match.
 - `forward_fast`: the same function for training, with the first attention layer split as
   (Wq+Wd)q + (Wk-Wd)k + Wp(q*k), so the [B, T, 4E] concatenation is never built.
-- `serve`: the ONNX serving graph. A batch of users, each with many candidates; everything about a
-  user's history is computed once per user, and the first attention layer of all of that user's
-  (candidate, behaviour) pairs is one GEMM against a per-user key matrix (see `serve`).
+- `serve_explained` (and `serve`, its ctr alone): the ONNX serving graph. A batch of users, each
+  with many candidates; everything about a user's history is computed once per user; the item half
+  of the first attention layer of all of that user's (candidate, behaviour) pairs is one GEMM
+  against a per-user key matrix, and the category half is computed once per distinct category of
+  the history, then gathered onto the behaviours (see `serve_explained`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from model.vocab import OOV, PAD
 
@@ -224,6 +227,28 @@ class DIN(nn.Module):
         torch._check(n_max <= N)
         return target_user * n_max + rank, n_max
 
+    def _serve_categories(self, hist_items: Tensor) -> tuple[Tensor, Tensor, int]:
+        """The distinct categories of each user's history, without a data-dependent op per user.
+
+        hist_items (U, T) -> cats (U, C): each user's distinct categories in order of first
+        appearance, padded with PAD; cat_slot (U, T): the column of cats holding behaviour t's
+        category; C: the most distinct categories any user has.
+        """
+        U, T = hist_items.shape
+        cate = self.item_cate[hist_items]  # (U, T)
+        # One sentinel column (category -1) keeps every reduction non-empty when T = 0.
+        ext = torch.cat([cate, torch.full((U, 1), -1, dtype=cate.dtype)], 1)  # (U, T+1)
+        same = (ext.unsqueeze(2) == ext.unsqueeze(1)).to(torch.float32)  # (U, T+1, T+1)
+        first = torch.argmax(same, dim=2)[:, :T]  # (U, T): the first position with the same category
+        is_first = first == torch.arange(T).unsqueeze(0)  # (U, T)
+        rank = torch.cumsum(is_first.to(torch.int64), 1) - 1  # (U, T)
+        cat_slot = torch.gather(rank, 1, first)  # (U, T)
+        C = int(is_first.sum(1).max().item()) if T > 0 else 0
+        torch._check(C >= 0)
+        torch._check(C <= T)
+        cats = torch.zeros(U, T, dtype=cate.dtype).scatter(1, cat_slot, cate)[:, :C]
+        return cats, cat_slot, C
+
     def _serve_attention_weights(self) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
         """The local activation unit in the serving graph's "ones-unit" form (weights only).
 
@@ -287,7 +312,11 @@ class DIN(nn.Module):
             K[e, (t, j)] = k[t, e] Wp[j, e] + (Wq+Wd)[j, e]            (E rows, built once per user)
             K[E, (t, j)] = (Wk-Wd)[j] . k[t] + b[j]                     (the per-behaviour term)
 
-        so there is no (N, T, E) tensor and no per-candidate copy of the history. Users are batched
+        so there is no (N, T, E) tensor and no per-candidate copy of the history. The embedding is
+        [item, category], so the category rows of that GEMM depend on a behaviour only through its
+        category: they are computed once per distinct category of the history (C, a handful, instead
+        of T columns) and each behaviour takes its category's row (a gather and an add over
+        (n, T, H1)); the GEMM over all T keeps only the item rows. Users are batched
         as (U, n_max, E+1) @ (U, E+1, T*H1): candidates are placed in a per-user grid of slots (any
         order of target_user), and the interest vectors are gathered back from it. Biases ride on a
         constant unit (see _ONE_LOGIT); the pooling is one batched GEMM.
@@ -305,16 +334,29 @@ class DIN(nn.Module):
 
         pair, hist, hidden, out = self._serve_attention_weights()
         H = pair.shape[-1]  # H1 + 1 (the constant unit)
+        Ei = self.cfg.item_dim
+        Ec = E - Ei
         slot, n_max = self._serve_slots(target_user, U, N)
         ones = torch.ones(N, 1, dtype=q.dtype)
-        q_grid = torch.zeros(U * n_max, E + 1, dtype=q.dtype).index_put((slot,), torch.cat([q, ones], 1))
+        grid = torch.zeros(U * n_max, Ei + 1, dtype=q.dtype)
+        q_item = grid.index_put((slot,), torch.cat([q[:, :Ei], ones], 1)).view(U, n_max, Ei + 1)
+        q_cate = torch.zeros(U * n_max, Ec, dtype=q.dtype).index_put((slot,), q[:, Ei:]).view(U, n_max, Ec)
 
-        kt = k.transpose(1, 2).unsqueeze(-1)  # (U, E, T, 1)
-        key_pair = torch.matmul(torch.cat([kt, torch.ones_like(kt)], -1), pair)  # (U, E, T, H)
+        # The item half of the pair term, the per-behaviour term and the biases: one GEMM per user.
+        kt = k[..., :Ei].transpose(1, 2).unsqueeze(-1)  # (U, Ei, T, 1)
+        key_pair = torch.matmul(torch.cat([kt, torch.ones_like(kt)], -1), pair[:Ei])  # (U, Ei, T, H)
         key_hist = torch.matmul(k, hist[:E]) + hist[E]  # (U, T, H)
-        keys = torch.cat([key_pair.reshape(U, E, T * H), key_hist.reshape(U, 1, T * H)], 1)  # (U, E+1, T*H)
+        keys = torch.cat([key_pair.reshape(U, Ei, T * H), key_hist.reshape(U, 1, T * H)], 1)  # (U, Ei+1, T*H)
+        h_item = torch.matmul(q_item, keys)  # (U, n_max, T*H)
 
-        h = torch.matmul(q_grid.view(U, n_max, E + 1), keys)  # (U, n_max, T*H): the first layer
+        # The category half depends on the behaviour only through its category: one GEMM per user
+        # against the C distinct categories of its history, then every behaviour takes its row.
+        cats, cat_slot, C = self._serve_categories(hist_items)  # (U, C), (U, T)
+        kc = self.cate_emb(cats).transpose(1, 2).unsqueeze(-1)  # (U, Ec, C, 1)
+        cate_keys = torch.matmul(torch.cat([kc, torch.ones_like(kc)], -1), pair[Ei:])  # (U, Ec, C, H)
+        h_cate = torch.matmul(q_cate, cate_keys.reshape(U, Ec, C * H))  # (U, n_max, C*H)
+        rows = torch.arange(U * n_max).view(U, n_max, 1) * C + cat_slot.unsqueeze(1)  # (U, n_max, T)
+        h = h_item.view(U, n_max, T, H) + F.embedding(rows, h_cate.reshape(U * n_max * C, H))  # 1st layer
         a = torch.sigmoid(h).reshape(U * n_max * T, H)
         for W in hidden:
             a = torch.sigmoid(torch.matmul(a, W))
