@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 # a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
-from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running
+from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running, write_report
 
 from loadtest.closedloop import run_closed
 from loadtest.openloop import find_max
@@ -168,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - t0,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -202,6 +202,13 @@ def measure(name: str, url: str, mix: Mix, args: argparse.Namespace, open_loop: 
     return out
 
 
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """A benchmark's JSON report, where `make bench` keeps them."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -283,9 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_vs_baseline": ratio,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import resource
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 # a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
-from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running
+from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running, write_report
 
 from loadtest.closedloop import run_closed, run_open
 from service.store.embedded import free_port
@@ -149,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "levels": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 import torch
 import uvicorn
 
@@ -29,6 +31,7 @@ from service.app import create_app
 from service.config import Settings
 from service.protocol import uvicorn_options
 from service.store.embedded import free_port
+from service.store.keys import history_key
 
 N_ITEMS, N_CATE, MAX_HISTORY = 300, 12, 20
 
@@ -162,17 +165,24 @@ def live(bundle: BundleInfo, redis_url: str) -> Iterator[LiveServer]:
 
 class GatedProxy:
     """A TCP proxy in front of the real redis-server whose client -> server direction can be held:
-    a deterministic "slow Redis" (CLIENT PAUSE would block CLIENT UNPAUSE too on Redis 7.0)."""
+    a deterministic "slow Redis" (CLIENT PAUSE would block CLIENT UNPAUSE too on Redis 7.0).
 
-    def __init__(self, upstream_url: str) -> None:
-        u = urlsplit(upstream_url)
-        self.upstream = (u.hostname or "127.0.0.1", u.port or 6379)
+    Given several upstreams it is also a round-robin load balancer: each new connection goes to the
+    next one, and `served` records which (its index) in order."""
+
+    def __init__(self, upstream_url: str | list[str]) -> None:
+        urls = [upstream_url] if isinstance(upstream_url, str) else upstream_url
+        parts = [urlsplit(u) for u in urls]
+        self.upstreams = [(u.hostname or "127.0.0.1", u.port or 6379) for u in parts]
+        self._next = itertools.cycle(range(len(self.upstreams)))
+        self.served: list[int] = []
         self.flowing = threading.Event()
         self.flowing.set()
         self._closing = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        port = self._listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0" if parts[0].scheme == "redis" else f"http://127.0.0.1:{port}"
         self._threads: list[threading.Thread] = []
         self._socks: list[socket.socket] = []
 
@@ -205,7 +215,9 @@ class GatedProxy:
                 client, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            server = socket.create_connection(self.upstream)
+            k = next(self._next)
+            self.served.append(k)
+            server = socket.create_connection(self.upstreams[k])
             for sk in (client, server):
                 sk.settimeout(0.05)
                 self._socks.append(sk)
@@ -231,6 +243,18 @@ class GatedProxy:
                 break
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+def seed_histories(url: str, histories: dict[str, list[str]], prefix: str = "din:") -> None:
+    """Replace each user's history in the Redis at `url` (lists newest first, as the service reads them)."""
+    r = redis.Redis.from_url(url)
+    try:
+        for user, hist in histories.items():
+            key = history_key(prefix, user)
+            r.delete(key)
+            r.rpush(key, *hist)
+    finally:
+        r.close()
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:

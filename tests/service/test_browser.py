@@ -13,10 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 
 from service.store.embedded import EmbeddedRedis
-from tests.service.conftest import BundleInfo, LiveServer, make_settings
+from tests.service.conftest import BundleInfo, LiveServer, make_settings, seed_histories
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
 
@@ -83,19 +82,11 @@ def open_page(browser: Any, base: str) -> tuple[Any, Any, Watched]:
     return context, page, watched
 
 
-def seed(url: str, histories: dict[str, list[str]]) -> None:
-    r = redis.Redis.from_url(url)
-    try:
-        for user, hist in histories.items():
-            r.delete(f"din:hist:{user}")
-            r.rpush(f"din:hist:{user}", *hist)
-    finally:
-        r.close()
-
-
 @pytest.fixture(scope="module")
 def server(bundle: BundleInfo, redis_server: EmbeddedRedis) -> Iterator[LiveServer]:
-    seed(redis_server.url, {"ui-alice": [f"i{k}" for k in range(40, 70)], "ui-bob": ["i5", "i9", "i13"]})
+    seed_histories(
+        redis_server.url, {"ui-alice": [f"i{k}" for k in range(40, 70)], "ui-bob": ["i5", "i9", "i13"]}
+    )
     with LiveServer(make_settings(bundle.path, redis_server.url)) as s:
         s.wait_ready()
         yield s

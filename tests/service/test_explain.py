@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import redis
 import torch
 
 from model.bundle import ATTENTION_OUTPUT, ITEM_CATEGORIES, load_bundle
@@ -23,7 +22,7 @@ from model.errors import CannotExplain
 from model.vocab import Vocab
 from service.ranker import Ranker
 from service.store.embedded import EmbeddedRedis
-from tests.service.conftest import BundleInfo, LiveServer, make_settings
+from tests.service.conftest import BundleInfo, LiveServer, make_settings, seed_histories
 
 TOL = 1e-5
 T = 20  # the test bundle's max_history
@@ -66,16 +65,6 @@ def assert_explained(
         left_out = np.delete(weights, [b["position"] for b in because])
         if because and left_out.size:
             assert float(left_out.max()) <= because[-1]["weight"] + TOL
-
-
-def _seed(url: str, histories: dict[str, list[str]]) -> None:
-    r = redis.Redis.from_url(url)
-    try:
-        for user, hist in histories.items():
-            r.delete(f"din:hist:{user}")
-            r.rpush(f"din:hist:{user}", *hist)
-    finally:
-        r.close()
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +135,7 @@ def test_explain_with_redis_histories_equals_the_reference(
         "ex-short": ["i5", "i7", "i9"],
         "ex-unknown": ["i100", "never-seen", "i200", "i100"],  # an OOV behaviour and a repeated one
     }
-    _seed(redis_server.url, histories)
+    seed_histories(redis_server.url, histories)
     candidates = [f"i{k}" for k in range(2, 60)] + ["unknown-candidate"]
     with server.client() as c:
         for user, hist in histories.items():
@@ -200,7 +189,7 @@ def test_concurrent_requests_with_and_without_explain_share_batches(
     """Explaining and plain requests batched together: each gets what it asked for, scores unchanged."""
     import asyncio
 
-    _seed(redis_url, {f"u{k}": [f"i{k + j}" for j in range(2, 12)] for k in range(12)})
+    seed_histories(redis_url, {f"u{k}": [f"i{k + j}" for j in range(2, 12)] for k in range(12)})
     settings = make_settings(bundle.path, redis_url, batch_max_delay_ms=30.0, request_timeout_ms=5000)
 
     async def go(server: LiveServer) -> list[dict]:
@@ -269,7 +258,7 @@ def test_a_degraded_answer_explains_nothing_and_says_so(bundle: BundleInfo, tmp_
     try:
         with LiveServer(make_settings(bundle.path, redis_srv.url)) as server, server.client() as c:
             server.wait_ready()
-            _seed(redis_srv.url, {"gone": ["i4", "i5"]})
+            seed_histories(redis_srv.url, {"gone": ["i4", "i5"]})
             redis_srv.stop()
             resp = c.post("/rank", json={"user_id": "gone", "candidates": ["i2", "i3"], "explain": True})
             assert resp.status_code == 200, resp.text
@@ -355,7 +344,7 @@ def test_the_explorer_page_and_its_files_are_served(server: LiveServer) -> None:
 def test_suggestions_and_item_lookups(
     server: LiveServer, bundle: BundleInfo, redis_server: EmbeddedRedis
 ) -> None:
-    _seed(redis_server.url, {"sugg-a": ["i4"], "sugg-b": ["i5", "i6"], "x*[y]": ["i7"]})
+    seed_histories(redis_server.url, {"sugg-a": ["i4"], "sugg-b": ["i5", "i6"], "x*[y]": ["i7"]})
     cats = load_bundle(bundle.path).item_categories
     assert cats is not None
     with server.client() as c:
