@@ -162,31 +162,32 @@ class DIN(nn.Module):
 
     def forward(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
         """The paper's form. target (B,), hist (B, T) newest first, hist_len (B,) -> logits (B,)."""
+        return self.forward_explained(target, hist, hist_len)[0]
+
+    def attention(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
+        """How much each behaviour counts for each target, in the paper's form (see `forward_explained`).
+        Same inputs as `forward` -> (B, T), 0 past hist_len."""
+        return self.forward_explained(target, hist, hist_len)[1]
+
+    def forward_explained(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward`'s logits (B,) and the weights its pooling multiplies the history by (B, T): masked;
+        after the softmax when trained with it; 1 for every real behaviour with sum pooling. One pass
+        for both (`din score --explain`, export's parity reference)."""
         T = hist.shape[1]
         q = self.embed(target)  # (B, E)
         k = self.embed(hist)  # (B, T, E)
         mask = self._mask(hist_len, T)  # (B, T)
         if self.cfg.pooling == "sum":
-            return self._head(self._pool(mask.to(k.dtype), k, mask), q)
-        scores = self._tiled_scores(q, k)  # (B, T)
-        return self._head(self._pool(scores, k, mask), q)
+            ones = mask.to(k.dtype)
+            return self._head(self._pool(ones, k, mask), q), ones
+        weights = self._weights(self._tiled_scores(q, k), mask)  # (B, T)
+        return self._head(torch.matmul(weights.unsqueeze(1), k).squeeze(1), q), weights
 
     def _tiled_scores(self, q: Tensor, k: Tensor) -> Tensor:
         """The local activation unit as the paper draws it: q (B, E), k (B, T, E) -> scores (B, T)."""
         qt = q.unsqueeze(1).expand(-1, k.shape[1], -1)  # (B, T, E): the target tiled against its history
         x = torch.cat([qt, k, qt - k, qt * k], dim=-1)  # (B, T, 4E)
         return self._att_tail(self.att_layers[0](x))
-
-    def attention(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
-        """How much each behaviour counts for each target, in the paper's form: the weights `_pool`
-        multiplies the history by (masked; after the softmax when trained with it; 1 for every real
-        behaviour with sum pooling). Same inputs as `forward` -> (B, T), 0 past hist_len."""
-        T = hist.shape[1]
-        mask = self._mask(hist_len, T)
-        if self.cfg.pooling == "sum":
-            return mask.to(self.item_emb.weight.dtype)
-        scores = self._tiled_scores(self.embed(target), self.embed(hist))
-        return self._weights(scores, mask)
 
     def _weights(self, scores: Tensor, mask: Tensor) -> Tensor:
         """Raw scores (..., T) and mask (..., T) -> the pooling weights (..., T), exactly as `_pool`."""

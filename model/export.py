@@ -259,8 +259,8 @@ def _reference(model: DIN, case: dict[str, Any]) -> tuple[np.ndarray, np.ndarray
     hist_len = torch.from_numpy(case["hist_len"])[tu]
     target = torch.from_numpy(case["target_items"])
     with torch.no_grad():
-        ctr = torch.sigmoid(model(target, hist, hist_len)).numpy()
-        return ctr, model.attention(target, hist, hist_len).numpy()
+        logits, attention = model.forward_explained(target, hist, hist_len)
+        return torch.sigmoid(logits).numpy(), attention.numpy()
 
 
 def check_parity(model: DIN, onnx_path: Path, max_history: int) -> dict[str, Any]:

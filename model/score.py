@@ -4,7 +4,7 @@ Input rows `{"history": [item ids, newest first], "candidates": [item ids]}`, on
 line; output rows `{"scores": [ctr per candidate, in candidate order]}`. With `--explain`, each row
 also has `"attention"`: per candidate, the weight of every behaviour as the model saw the history
 (newest first, cut to T), by `DIN.attention` (the reference for `/rank`'s `explain`). The service's
-ONNX path is checked against `score_rows` and `explain_rows`.
+ONNX path is checked against `score_rows` and `explain_rows` (one pass: `score_and_explain`).
 """
 
 from __future__ import annotations
@@ -91,39 +91,53 @@ def _normalise(rows: list[dict[str, Any]]) -> list[dict[str, list[str]]]:
 
 
 @torch.no_grad()
-def score_rows(
-    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
-) -> list[list[float]]:
-    """CTR of every candidate of every row, by `model.forward` (the reference), in input order."""
+def score_and_explain(
+    model: DIN,
+    ckpt: Checkpoint,
+    rows: list[dict[str, Any]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    *,
+    explain: bool = True,
+) -> tuple[list[list[float]], list[list[list[float]]] | None]:
+    """One pass of `model.forward_explained` (the reference) over every (row, candidate) pair: per row
+    the CTR of each candidate, in input order, and with `explain` per candidate the weight of each
+    behaviour of the history as the model sees it (newest first, the most recent T); else None."""
     model.eval()
     rows = _normalise(rows)
     targets, hists, rows_of = _pairs(rows, ckpt)
     scores: list[float] = []
+    weights: list[list[float]] = []
     for target, hist, hist_len in _batches(targets, hists, batch_size):
-        scores += torch.sigmoid(model(target, hist, hist_len)).tolist()
+        logits, att = model.forward_explained(target, hist, hist_len)  # att (B, L), 0 past hist_len
+        scores += torch.sigmoid(logits).tolist()
+        if explain:
+            weights += [w[:n] for w, n in zip(att.tolist(), hist_len.tolist(), strict=True)]
     out: list[list[float]] = [[] for _ in rows]
     for r, s in zip(rows_of, scores, strict=True):
         out[r].append(s)
-    return out
+    if not explain:
+        return out, None
+    per_row: list[list[list[float]]] = [[] for _ in rows]
+    for r, w in zip(rows_of, weights, strict=True):
+        per_row[r].append(w)
+    return out, per_row
 
 
-@torch.no_grad()
+def score_rows(
+    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[float]]:
+    """CTR of every candidate of every row, by `model.forward` (the reference), in input order."""
+    return score_and_explain(model, ckpt, rows, batch_size, explain=False)[0]
+
+
 def explain_rows(
     model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
 ) -> list[list[list[float]]]:
     """Per row, per candidate: the weight of each behaviour (`model.attention`, the reference), one
     per behaviour of the history as the model sees it (newest first, the most recent T)."""
-    model.eval()
-    rows = _normalise(rows)
-    targets, hists, rows_of = _pairs(rows, ckpt)
-    weights: list[list[float]] = []
-    for target, hist, hist_len in _batches(targets, hists, batch_size):
-        att = model.attention(target, hist, hist_len)  # (B, L), 0 past hist_len
-        weights += [w[:n] for w, n in zip(att.tolist(), hist_len.tolist(), strict=True)]
-    out: list[list[list[float]]] = [[] for _ in rows]
-    for r, w in zip(rows_of, weights, strict=True):
-        out[r].append(w)
-    return out
+    attention = score_and_explain(model, ckpt, rows, batch_size, explain=True)[1]
+    assert attention is not None
+    return attention
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
     attention: list[list[list[float]]] = []
     for start in tqdm(range(0, len(rows), group), desc="scoring", unit="group", file=sys.stderr):
         chunk = rows[start : start + group]
-        results += score_rows(model, ckpt, chunk, batch_size=args.batch_size)
-        if args.explain:
-            attention += explain_rows(model, ckpt, chunk, batch_size=args.batch_size)
+        scores, weights = score_and_explain(model, ckpt, chunk, args.batch_size, explain=args.explain)
+        results += scores
+        attention += weights or []
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
