@@ -226,14 +226,11 @@ class ClusterHistories:
         if bad:
             raise StoreUnavailable(f"redis: not a list, nothing was written: {', '.join(bad)}")
         outcome = ClusterAppend()
-        groups: dict[str, list[str]] = {}
-        for user, key in zip(users, history_keys, strict=True):
-            node = self._primary(key)
-            if node is None:
-                outcome.failed_users.append(user)
-                outcome.errors.append(f"no node serves the slot of {key}")
-                continue
-            groups.setdefault(node.name, []).append(user)
+        positions, uncovered = self._groups(history_keys, reads=False)  # by master
+        for i in uncovered:
+            outcome.failed_users.append(users[i])
+            outcome.errors.append(f"no node serves the slot of {history_keys[i]}")
+        groups = {name: [users[i] for i in at] for name, at in positions.items()}
         nodes = self.client.nodes_manager.nodes_cache
         results = await asyncio.gather(
             *(self._append_on(nodes[n], [calls[u] for u in us], script, sha) for n, us in groups.items())
