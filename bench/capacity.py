@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 # a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
-from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running, write_report
+from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, max_rate_at_p99, running, write_report
 
 from loadtest.closedloop import run_closed
-from loadtest.openloop import find_max
 from loadtest.report import fmt
 from service.store.client import RedisConfig, sync_client
 from service.store.embedded import free_port
@@ -74,22 +73,14 @@ def measure(bundle: Path, candidates: int, args: argparse.Namespace, log_dir: Pa
             closed = asyncio.run(
                 run_closed(url, mix.payloads(2000, seed=1), connections=8, duration=args.closed_duration)
             )
-            steps, best = asyncio.run(
-                find_max(
-                    url,
-                    mix,
-                    start_rate=max(5.0, closed.throughput / 2),
-                    max_rate=max(10.0, closed.throughput * 1.5),
-                    step_duration=args.step_duration,
-                    p99_ms=args.p99_ms,
-                    max_error_rate=0.0,
-                    bisect_steps=args.bisect_steps,
-                    max_requests=5000,
-                    connections=64,
-                    timeout=5.0,
-                    seed=7,
-                    log=lambda line: print("    " + line, flush=True),
-                )
+            steps, best = max_rate_at_p99(
+                url,
+                mix,
+                closed.throughput,
+                args.step_duration,
+                args.p99_ms,
+                up_to=1.5,
+                bisect_steps=args.bisect_steps,
             )
             rss = server_rss_mib(port)
         per_user = redis_bytes_per_user(redis_url, args.users)

@@ -162,6 +162,37 @@ def running(name: str, cmd: list[str], port: int, log_dir: Path) -> Iterator[str
             proc.wait()
 
 
+def max_rate_at_p99(
+    url: str,
+    mix: Mix,
+    closed_rps: float,
+    step_duration: float,
+    p99_ms: float,
+    *,
+    up_to: float = 2.0,
+    bisect_steps: int = 3,
+) -> tuple[list[Any], Any]:
+    """The open-loop search for the highest rate with p99 under `p99_ms` and no error, between half
+    the closed-loop rate and `up_to` times it (`loadtest.openloop.find_max`): (steps, best or None)."""
+    return asyncio.run(
+        find_max(
+            url,
+            mix,
+            start_rate=max(5.0, closed_rps / 2),
+            max_rate=max(10.0, closed_rps * up_to),
+            step_duration=step_duration,
+            p99_ms=p99_ms,
+            max_error_rate=0.0,
+            bisect_steps=bisect_steps,
+            max_requests=5000,
+            connections=64,
+            timeout=5.0,
+            seed=7,
+            log=lambda line: print("    " + line, flush=True),
+        )
+    )
+
+
 def measure(name: str, url: str, mix: Mix, args: argparse.Namespace, open_loop: bool) -> dict[str, Any]:
     warm = mix.payloads(30, seed=99)
     asyncio.run(run_closed(url, warm, connections=2, duration=2.0))
@@ -176,23 +207,7 @@ def measure(name: str, url: str, mix: Mix, args: argparse.Namespace, open_loop: 
     )
     out: dict[str, Any] = {"closed_loop": closed.to_json()}
     if open_loop:
-        steps, best = asyncio.run(
-            find_max(
-                url,
-                mix,
-                start_rate=max(5.0, closed.throughput / 2),
-                max_rate=max(10.0, closed.throughput * 2),
-                step_duration=args.step_duration,
-                p99_ms=args.p99_ms,
-                max_error_rate=0.0,
-                bisect_steps=3,
-                max_requests=5000,
-                connections=64,
-                timeout=5.0,
-                seed=7,
-                log=lambda line: print("    " + line, flush=True),
-            )
-        )
+        steps, best = max_rate_at_p99(url, mix, closed.throughput, args.step_duration, args.p99_ms)
         out["open_loop"] = {
             "p99_objective_ms": args.p99_ms,
             "max_rate": best.offered_rate if best else None,

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import torch
 
-from model.bundle import ATTENTION_OUTPUT, load_bundle
+from model.bundle import ATTENTION_OUTPUT, load_bundle, sha256_file
 from model.din import DINConfig, build_model
 from model.export import export_model
 from model.vocab import FIRST_ID
@@ -82,10 +82,8 @@ def make_bundles(root: Path, T: int) -> tuple[Path, Path]:
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
     onnx.save(proto, str(old / "model.onnx"))
-    import hashlib
-
     manifest = json.loads((old / "manifest.json").read_text())
-    manifest["files"]["model.onnx"] = hashlib.sha256((old / "model.onnx").read_bytes()).hexdigest()
+    manifest["files"]["model.onnx"] = sha256_file(old / "model.onnx")
     manifest["outputs"] = {"ctr": ["N"]}
     (old / "manifest.json").write_text(json.dumps(manifest))
     return new, old
