@@ -108,9 +108,16 @@ def create_app(
                 max_delay_s=settings.batch_max_delay_ms / 1000,
                 max_candidates=settings.batch_max_candidates,
                 queue_max=settings.queue_max,
-                max_inflight=settings.max_inflight_batches,
+                max_inflight=settings.inflight_batches,
+                workers=settings.workers,
             )
             state.batcher.start()
+            log.info(
+                "inference: %d workers x %d ONNX Runtime threads, %d batches in flight",
+                settings.workers,
+                settings.threads_per_call,
+                settings.inflight_batches,
+            )
             stack.push_async_callback(state.batcher.stop)
             describe(state.metrics, r)
             _reload_on_sighup(state, stack)

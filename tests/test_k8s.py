@@ -116,7 +116,8 @@ def test_resources_threads_bundle_and_scaling(docs: dict[str, dict[str, Any]]) -
     c = _container(docs)
     res = c["resources"]
     assert res["requests"] == res["limits"]  # Guaranteed QoS: the capacity plan's whole cores
-    assert docs["ConfigMap"]["data"]["DIN_INTRA_OP_THREADS"] == str(res["limits"]["cpu"])
+    data = docs["ConfigMap"]["data"]  # the cores ONNX Runtime uses are the CPU limit's
+    assert int(data["DIN_INFERENCE_WORKERS"]) * int(data["DIN_INTRA_OP_THREADS"]) == int(res["limits"]["cpu"])
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     bundle = docs["ConfigMap"]["data"]["DIN_BUNDLE"]

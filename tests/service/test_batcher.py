@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ import pytest
 from model.bundle import load_bundle
 from model.errors import InferenceFailed, Overloaded, ShuttingDown
 from model.vocab import Vocab
-from service.batcher import Batcher, RankResult
+from service.batcher import Batcher, RankResult, _RecentMedian
 from service.live import LiveModel
 from service.metrics import Metrics
 from service.ranker import Ranker
@@ -259,3 +260,65 @@ def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, 
             assert sample(b, "din_queue_rejections_total", {"reason": "timeout"}) == 2
 
     run(go)
+
+
+class _Overlap(Ranker):
+    """The real ranker, counting how many of its ONNX Runtime calls run at the same moment."""
+
+    def __init__(self, base: Ranker) -> None:
+        self.__dict__.update(base.__dict__)
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def score_batch(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().score_batch(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_run_batches_side_by_side_and_keep_each_users_scores(
+    ranker: Ranker, redis_url: str, workers: int
+) -> None:
+    """With N inference workers, up to N batches are computed at once (never more), and every request
+    still gets the scores of its own candidates against its own history."""
+    rng = np.random.default_rng(workers)
+    rows = [
+        (
+            [f"i{k}" for k in rng.integers(2, 300, 150)],
+            [f"i{k}" for k in rng.integers(2, 300, int(rng.integers(0, 40)))],
+        )
+        for _ in range(24)
+    ]
+    want = [row.scores for row in ranker.score_batch(rows)]
+    counting = _Overlap(ranker)
+
+    async def go() -> None:
+        opts = {"max_candidates": 150, "max_inflight": workers + 2, "workers": workers, "queue_max": 64}
+        async with running(counting, redis_url, **opts) as b:
+            results = await asyncio.gather(*(b.submit(f"u{k}", c, h) for k, (c, h) in enumerate(rows)))
+            for got, expected in zip(results, want, strict=True):
+                np.testing.assert_allclose(got.scores, expected, atol=TOL, rtol=0)
+            assert b.batches == len(rows)  # 150 candidates a batch: one request each
+
+    run(go)
+    assert counting.most == workers
+
+
+def test_cost_estimate_ignores_one_slow_call() -> None:
+    """The admission estimate is the median of recent calls: one stall does not shed a burst."""
+    recent = _RecentMedian(size=15)
+    assert recent.value == 0.0
+    for _ in range(10):
+        recent.add(1e-4)
+    recent.add(5e-2)  # one call 500 times slower (a VM stall)
+    assert recent.value == 1e-4
+    for _ in range(15):
+        recent.add(2e-4)  # but a lasting change is followed
+    assert recent.value == 2e-4

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.config import Settings
+from service.config import Settings, usable_cores
 from service.server import add_arguments
 from tests.service.conftest import BundleInfo, start_serve
 
@@ -42,6 +42,21 @@ def test_every_setting_is_a_flag() -> None:
         assert "--" + name.replace("_", "-") in flags, name
     args = parser.parse_args(["--redis-url", "redis://x:1/0", "--max-candidates", "7", "--log-json"])
     assert vars(args) == {"redis_url": "redis://x:1/0", "max_candidates": "7", "log_json": True}
+
+
+def test_workers_and_threads_default_to_the_usable_cores() -> None:
+    """Auto: one ONNX Runtime call per usable core, one thread each; explicit values win; the workers
+    never outnumber the batches in flight."""
+    cores = usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    auto = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert auto.workers == min(8, cores)
+    assert auto.workers * auto.threads_per_call <= max(cores, auto.workers)
+    assert auto.inflight_batches == auto.workers + 2
+    one = Settings(_env_file=None, inference_workers=1)  # type: ignore[call-arg]
+    assert (one.workers, one.threads_per_call, one.inflight_batches) == (1, cores, 3)
+    fixed = Settings(_env_file=None, inference_workers=3, intra_op_threads=2, max_inflight_batches=1)  # type: ignore[call-arg]
+    assert (fixed.workers, fixed.threads_per_call, fixed.inflight_batches) == (3, 2, 3)
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "items.txt"])
