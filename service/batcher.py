@@ -22,8 +22,9 @@ Deadlines (admission control): every request carries its deadline. At the door, 
 expected wait (the candidates ahead of it, drained by `workers` calls at once, and its own, at the
 median cost per candidate of recent calls, plus a Redis read) would not fit in half the time left
 is shed at once with 503 overloaded + Retry-After, instead of queueing work that would be late
-anyway; so the queue never holds more than half a budget's worth of work. A caller stops waiting at its deadline (503 overloaded, reason timeout), and a
-request whose deadline has passed is dropped when its batch is taken: it is never computed.
+anyway; so the queue never holds more than half a budget's worth of work. A caller stops waiting
+at its deadline (503 overloaded, reason timeout), and a request whose deadline has passed is
+dropped when its batch is taken: it is never computed.
 """
 
 from __future__ import annotations
