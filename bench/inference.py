@@ -35,6 +35,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import Tensor
 import model.export as export_mod
 from model.din import DIN, DINConfig, build_model
 from model.vocab import FIRST_ID, OOV, PAD
+from service.config import usable_cores
 
 # Distinct categories in a user's last 100 behaviours: median 22 (p90 27) in `din synth` data
 # (--users 2000 --items 20000 --events-per-user 150); Amazon histories are as concentrated.
@@ -231,6 +233,28 @@ def session(path: Path, **kw: Any) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def calls_per_second(
+    s: ort.InferenceSession, f: dict[str, np.ndarray], threads: int, seconds: float
+) -> float:
+    """Calls a second with `threads` Python threads calling `s` at once (ORT releases the GIL)."""
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        s.run(["ctr"], f)  # warm
+        while time.perf_counter() < stop:
+            s.run(["ctr"], f)
+            done[i] += 1
+
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(done) / (time.perf_counter() - t0)
+
+
 def make_feeds(
     rng: np.random.Generator, U: int, C: int, T: int, K: int, by_category: list[np.ndarray]
 ) -> dict[str, np.ndarray]:
@@ -286,6 +310,7 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     settings: list[dict[str, Any]] = []
+    throughput: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: Path(tmp) / f"{name}.onnx" for name in GRAPHS}
         export_with(model, None, paths["graph"])
@@ -389,6 +414,23 @@ def main() -> int:
             settings.append({"setting": name, "ms": ms[name], "gflops": gf, "share_of_sgemm": gf / sgemm})
             print(f"  {name:<48} {ms[name]:7.2f} ms {gf:6.0f} GF/s {gf / sgemm:5.0%}")
 
+        # Throughput on every core: one call at a time on all of them (intra-op threads), or one call
+        # per core side by side, one thread each (the service's default: DIN_INFERENCE_WORKERS).
+        cores = usable_cores()
+        side = session(paths["graph"], threads=1)
+        shared = session(paths["graph"])
+        rates: dict[str, list[float]] = {
+            "one call at a time, all cores": [],
+            f"{cores} calls side by side": [],
+        }
+        for _ in range(3):
+            rates["one call at a time, all cores"].append(calls_per_second(shared, f, 1, 2 * args.seconds))
+            rates[f"{cores} calls side by side"].append(calls_per_second(side, f, cores, 2 * args.seconds))
+        print(f"\nthroughput on {cores} cores, graph at 1 x {C} x T={T} (median of 3 interleaved rounds)")
+        for name, values in rates.items():
+            throughput.append({"how": name, "calls_per_s": float(np.median(values)), "rounds": values})
+            print(f"  {name:<48} {np.median(values):7.1f} calls/s  ({', '.join(f'{v:.1f}' for v in values)})")
+
     report = {
         "command": "python bench/inference.py (make bench)",
         "machine": {
@@ -418,6 +460,7 @@ def main() -> int:
         },
         "grid": rows,
         "ort_settings": settings,
+        "throughput": throughput,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -166,7 +166,7 @@ class Batcher:
         own, at the recent cost per candidate, plus a Redis read. 0 until a batch has been measured."""
         ahead = self._inflight_candidates + self._queued_candidates
         # the work ahead drains `workers` batches at a time; its own batch takes one call's time
-        return (ahead / self.workers + candidates) * self._candidate_s.value + self._redis_s.value
+        return (ahead / self.workers + candidates) * self._candidate_s.value() + self._redis_s.value()
 
     async def submit(
         self,
@@ -392,15 +392,27 @@ def _timed(fn: Callable[..., list[Scored]], *args: Any, **kwargs: Any) -> tuple[
 
 
 class _RecentMedian:
-    """The median of the last `size` samples (0 before the first), recomputed when one arrives."""
+    """The median of the last `size` samples of the last `max_age` seconds; 0 (unknown) before the
+    first and once the newest is older than `max_age`. An estimate nobody has confirmed for a while is
+    not trusted: when everything is being shed no batch runs to measure anything, and a stale high
+    estimate (a Redis stall that has since ended) would otherwise shed every request for ever."""
 
-    def __init__(self, size: int = 15) -> None:
-        self._samples: deque[float] = deque(maxlen=size)
-        self.value = 0.0
+    def __init__(self, size: int = 15, max_age: float = 1.0) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=size)
+        self.max_age = max_age
+        self._value = 0.0
 
-    def add(self, sample: float) -> None:
-        self._samples.append(sample)
-        self.value = float(np.median(self._samples))
+    def add(self, sample: float, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        self._samples.append((now, sample))
+        while self._samples[0][0] < now - self.max_age:
+            self._samples.popleft()
+        self._value = float(np.median([v for _, v in self._samples]))
+
+    def value(self, now: float | None = None) -> float:
+        now = time.perf_counter() if now is None else now
+        fresh = self._samples and self._samples[-1][0] >= now - self.max_age
+        return self._value if fresh else 0.0
 
 
 def _ewma(previous: float, sample: float, weight: float = 0.2) -> float:

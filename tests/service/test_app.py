@@ -395,7 +395,13 @@ def test_concurrent_requests_share_batches(bundle: BundleInfo, redis_url: str) -
     proxy = GatedProxy(redis_url)
     # Redis is held on purpose: the budget must outlast the hold (deadlines are tested elsewhere)
     settings = make_settings(
-        bundle.path, proxy.url, redis_timeout_ms=10_000, batch_max_delay_ms=1, request_timeout_ms=30_000
+        bundle.path,
+        proxy.url,
+        redis_timeout_ms=10_000,
+        batch_max_delay_ms=1,
+        request_timeout_ms=30_000,
+        inference_workers=1,
+        max_inflight_batches=1,  # one slot: what arrives while it is busy waits for the next batch
     )
 
     def rank(ac: httpx.AsyncClient, k: int) -> asyncio.Task[httpx.Response]:
@@ -436,6 +442,8 @@ def test_full_queue_answers_503_with_retry_after_at_once(bundle: BundleInfo, red
         max_candidates=4,
         batch_max_candidates=4,  # one request per batch
         batch_max_delay_ms=0,
+        inference_workers=1,
+        max_inflight_batches=1,  # one batch computing, the queue behind it
     )
     body = {"user_id": "u", "candidates": ["i2", "i3", "i4", "i5"]}
     with proxy, LiveServer(settings) as server, server.client() as c:

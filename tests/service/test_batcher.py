@@ -311,14 +311,22 @@ def test_workers_run_batches_side_by_side_and_keep_each_users_scores(
     assert counting.most == workers
 
 
-def test_cost_estimate_ignores_one_slow_call() -> None:
-    """The admission estimate is the median of recent calls: one stall does not shed a burst."""
-    recent = _RecentMedian(size=15)
-    assert recent.value == 0.0
-    for _ in range(10):
-        recent.add(1e-4)
-    recent.add(5e-2)  # one call 500 times slower (a VM stall)
-    assert recent.value == 1e-4
-    for _ in range(15):
-        recent.add(2e-4)  # but a lasting change is followed
-    assert recent.value == 2e-4
+def test_cost_estimate_ignores_one_slow_call_and_forgets_old_ones() -> None:
+    """The admission estimate is the median of recent calls: one stall does not shed a burst, and an
+    estimate older than a second is dropped (else a stale high one would shed every request, and with
+    nothing admitted nothing would ever correct it)."""
+    recent = _RecentMedian(size=15, max_age=1.0)
+    assert recent.value(0.0) == 0.0
+    for k in range(10):
+        recent.add(1e-4, now=k * 0.01)
+    recent.add(5e-2, now=0.1)  # one call 500 times slower (a VM stall)
+    assert recent.value(0.1) == 1e-4
+    for k in range(15):
+        recent.add(2e-4, now=0.2 + k * 0.01)  # but a lasting change is followed
+    assert recent.value(0.4) == 2e-4
+    for k in range(15):
+        recent.add(0.5, now=1.0 + k * 0.01)  # a slow spell (Redis stalled)...
+    assert recent.value(1.2) == 0.5
+    assert recent.value(2.5) == 0.0  # ...then nothing for over a second: unknown, nothing shed on it
+    recent.add(1e-4, now=2.6)  # the next measurement stands alone: the slow spell has aged out
+    assert recent.value(2.6) == 1e-4
