@@ -33,6 +33,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -117,7 +119,9 @@ class Batcher:
         # ONNX Runtime runs `workers` batches at a time (one session, run concurrently from that many
         # threads); with max_inflight > workers the next batch reads its histories from Redis meanwhile,
         # so the model never waits for a round trip.
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="din-infer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="din-infer", initializer=_yield_to_event_loop
+        )
         self._closing = False
         self.batches = 0  # ONNX Runtime calls made (also in the metrics' histogram count)
         # Recent costs, for the expected wait of a new request: the median of the last few batches, so
@@ -383,6 +387,14 @@ class Batcher:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(err)
+
+
+def _yield_to_event_loop() -> None:
+    """Run this inference worker at a lower CPU priority (nice +5; Linux threads have their own): with
+    a worker busy on every core, the event loop still gets a core at once when a request arrives, so a
+    refusal or an answer is not held behind a batch's time slice."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
 
 
 def _timed(fn: Callable[..., list[Scored]], *args: Any, **kwargs: Any) -> tuple[list[Scored], float]:
