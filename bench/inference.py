@@ -21,8 +21,10 @@ Nominal FLOPs count the attention MLP per (candidate, behaviour) pair at its nom
 2 * (E*H1 + H1*H2 + H2), whatever the graph actually computes (deduplicated work counts in full).
 The sgemm reference is numpy's (N*T, E) @ (E, H1), the shape of the pair term's GEMM in the plain formulation.
 
-Sessions use the service's settings (service/ranker.py: ORT_ENABLE_ALL, default intra-op threads,
-default spinning); a second table varies the ONNX Runtime settings for the new graph.
+Latencies are one call on all cores (ORT_ENABLE_ALL, default intra-op threads and spinning); a
+second table varies the ONNX Runtime settings for the new graph; a third compares throughput on all
+cores: one such call at a time, or one call per core side by side with one thread each (what the
+service runs: DIN_INFERENCE_WORKERS, DIN_INTRA_OP_THREADS auto).
 
     python bench/inference.py [--seconds 0.6] [--out bench/results]      (make bench)
 """
@@ -220,7 +222,7 @@ def time_interleaved(
 
 
 def session(path: Path, **kw: Any) -> ort.InferenceSession:
-    """An ORT session with the service's settings unless overridden."""
+    """An ORT session: ORT_ENABLE_ALL, default threads and spinning, unless overridden."""
     so = ort.SessionOptions()
     so.graph_optimization_level = kw.get("level", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     if kw.get("threads"):
@@ -394,7 +396,7 @@ def main() -> int:
         f = make_feeds(rng, U, C, T, HISTORY_CATEGORIES, by_category)
         L = ort.GraphOptimizationLevel
         variants: dict[str, dict[str, Any]] = {
-            "service (ENABLE_ALL, default threads, spinning)": {},
+            "ENABLE_ALL, default threads, spinning": {},
             "intra_op_num_threads=1": {"threads": 1},
             "spinning off": {"spinning": False},
             "threads=1, spinning off": {"threads": 1, "spinning": False},
@@ -419,13 +421,11 @@ def main() -> int:
         cores = usable_cores()
         side = session(paths["graph"], threads=1)
         shared = session(paths["graph"])
-        rates: dict[str, list[float]] = {
-            "one call at a time, all cores": [],
-            f"{cores} calls side by side": [],
-        }
+        one, many = "one call at a time, all cores", f"{cores} calls side by side, 1 thread each"
+        rates: dict[str, list[float]] = {one: [], many: []}
         for _ in range(3):
-            rates["one call at a time, all cores"].append(calls_per_second(shared, f, 1, 2 * args.seconds))
-            rates[f"{cores} calls side by side"].append(calls_per_second(side, f, cores, 2 * args.seconds))
+            rates[one].append(calls_per_second(shared, f, 1, 2 * args.seconds))
+            rates[many].append(calls_per_second(side, f, cores, 2 * args.seconds))
         print(f"\nthroughput on {cores} cores, graph at 1 x {C} x T={T} (median of 3 interleaved rounds)")
         for name, values in rates.items():
             throughput.append({"how": name, "calls_per_s": float(np.median(values)), "rounds": values})
@@ -449,7 +449,7 @@ def main() -> int:
             "E": E,
             "att_hidden": [H1, H2],
             "nominal_flops_per_pair": pair_flops,
-            "session": "ORT_ENABLE_ALL, default intra-op threads and spinning (the service's)",
+            "session": "ORT_ENABLE_ALL, default intra-op threads and spinning (one call on all cores)",
             "timing": "median per call over interleaved blocks; sgemm = numpy float32 (N*T, E) @ (E, H1)",
         },
         "graphs": {
