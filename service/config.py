@@ -144,7 +144,7 @@ class Settings(BaseSettings):
         ge=0,
         description="ONNX Runtime calls run at once, from one session (0 = auto: one per usable core, "
         "at most 8; usable = the CPU affinity, capped by a cgroup CPU limit). Batches side by side, one "
-        "core each, beat one batch split across the cores: 25% more /rank throughput on 2 cores (make bench)",
+        "core each, beat one batch split across the cores: 16-25% more /rank throughput on 2 cores (README)",
     )
     max_inflight_batches: int = Field(
         0,
