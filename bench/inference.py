@@ -3,9 +3,11 @@
 - graph    : the exported serving graph (DIN.serve_explained, what `din export` writes): per user,
              the item half of the first attention layer for every (candidate, behaviour) pair is one
              GEMM [q_item, 1] @ K; the category half is computed once per distinct category of the
-             history (a GEMM against C << T columns) and gathered onto the behaviours
-- previous : the serving graph before that (PREVIOUS_SERVE below, commit a6baf08, kept for
-             comparison only): the whole first layer as one GEMM [q, 1] (n, E+1) @ K (E+1, T*H1)
+             history (a GEMM against C << T columns) and gathered onto the behaviours; from that GEMM
+             to the scores it runs in slices of the history (~3k pairs each), so the activations
+             stay in cache
+- previous : the serving graph before the slicing (PREVIOUS_SERVE below, the previous stop's graph,
+             kept for comparison only): the same algebra over the whole (U, n, T, H1) tensor at once
 - tiled    : the training form (DIN.forward) exported as-is: every candidate re-reads its tiled
              history through the [q, k, q-k, q*k] (N, T, 4E) input
 
@@ -23,8 +25,9 @@ The sgemm reference is numpy's (N*T, E) @ (E, H1), the shape of the pair term's 
 
 Latencies are one call on all cores (ORT_ENABLE_ALL, default intra-op threads and spinning); a
 second table varies the ONNX Runtime settings for the new graph; a third compares throughput on all
-cores: one such call at a time, or one call per core side by side with one thread each (what the
-service runs: DIN_INFERENCE_WORKERS, DIN_INTRA_OP_THREADS auto).
+cores, for this graph and the previous one: one such call at a time, or one call per core side by
+side with one thread each (what the service runs: DIN_INFERENCE_WORKERS, DIN_INTRA_OP_THREADS auto).
+The slicing pays most there: two calls side by side share the memory bus and the L3.
 
     python bench/inference.py [--seconds 0.6] [--out bench/results]      (make bench)
 """
@@ -47,6 +50,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 import model.export as export_mod
 from model.din import DIN, DINConfig, build_model
@@ -69,8 +73,10 @@ GRAPHS = ("graph", "previous", "tiled")
 def PREVIOUS_SERVE(
     self: DIN, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """BENCHMARK ONLY: DIN.serve_explained as it was before the category half was deduplicated
-    (commit a6baf08): per user, the whole first layer as one GEMM [q, 1] (n, E+1) @ K (E+1, T*H).
+    """BENCHMARK ONLY: DIN.serve_explained as it was before the attention ran in slices of the history
+    (the graph of the previous stop): the same algebra, but the first layer's (U, n, T, H1+1)
+    activations are one tensor that the GEMM writes and the gather-add, the sigmoid and the next
+    layer each read back from memory.
 
     Kept verbatim (attention pooling, no softmax: the benchmark's model) so the benchmark can export
     and time it next to the current graph; nothing else uses it.
@@ -83,16 +89,26 @@ def PREVIOUS_SERVE(
     mask = self._mask(hist_len, T)  # (U, T)
     pair, hist, hidden, out = self._serve_attention_weights()
     H = pair.shape[-1]  # H1 + 1 (the constant unit)
+    Ei = self.cfg.item_dim
+    Ec = E - Ei
     slot, n_max = self._serve_slots(target_user, U, N)
     ones = torch.ones(N, 1, dtype=q.dtype)
-    q_grid = torch.zeros(U * n_max, E + 1, dtype=q.dtype).index_put((slot,), torch.cat([q, ones], 1))
+    grid = torch.zeros(U * n_max, Ei + 1, dtype=q.dtype)
+    q_item = grid.index_put((slot,), torch.cat([q[:, :Ei], ones], 1)).view(U, n_max, Ei + 1)
+    q_cate = torch.zeros(U * n_max, Ec, dtype=q.dtype).index_put((slot,), q[:, Ei:]).view(U, n_max, Ec)
 
-    kt = k.transpose(1, 2).unsqueeze(-1)  # (U, E, T, 1)
-    key_pair = torch.matmul(torch.cat([kt, torch.ones_like(kt)], -1), pair)  # (U, E, T, H)
+    kt = k[..., :Ei].transpose(1, 2).unsqueeze(-1)  # (U, Ei, T, 1)
+    key_pair = torch.matmul(torch.cat([kt, torch.ones_like(kt)], -1), pair[:Ei])  # (U, Ei, T, H)
     key_hist = torch.matmul(k, hist[:E]) + hist[E]  # (U, T, H)
-    keys = torch.cat([key_pair.reshape(U, E, T * H), key_hist.reshape(U, 1, T * H)], 1)  # (U, E+1, T*H)
+    keys = torch.cat([key_pair.reshape(U, Ei, T * H), key_hist.reshape(U, 1, T * H)], 1)  # (U, Ei+1, T*H)
+    h_item = torch.matmul(q_item, keys)  # (U, n_max, T*H)
 
-    h = torch.matmul(q_grid.view(U, n_max, E + 1), keys)  # (U, n_max, T*H): the first layer
+    cats, cat_slot, C = self._serve_categories(hist_items)  # (U, C), (U, T)
+    kc = self.cate_emb(cats).transpose(1, 2).unsqueeze(-1)  # (U, Ec, C, 1)
+    cate_keys = torch.matmul(torch.cat([kc, torch.ones_like(kc)], -1), pair[Ei:])  # (U, Ec, C, H)
+    h_cate = torch.matmul(q_cate, cate_keys.reshape(U, Ec, C * H))  # (U, n_max, C*H)
+    rows = torch.arange(U * n_max).view(U, n_max, 1) * C + cat_slot.unsqueeze(1)  # (U, n_max, T)
+    h = h_item.view(U, n_max, T, H) + F.embedding(rows, h_cate.reshape(U * n_max * C, H))  # 1st layer
     a = torch.sigmoid(h).reshape(U * n_max * T, H)
     for W in hidden:
         a = torch.sigmoid(torch.matmul(a, W))
@@ -419,17 +435,35 @@ def main() -> int:
         # Throughput on every core: one call at a time on all of them (intra-op threads), or one call
         # per core side by side, one thread each (the service's default: DIN_INFERENCE_WORKERS).
         cores = usable_cores()
-        side = session(paths["graph"], threads=1)
-        shared = session(paths["graph"])
-        one, many = "one call at a time, all cores", f"{cores} calls side by side, 1 thread each"
-        rates: dict[str, list[float]] = {one: [], many: []}
-        for _ in range(3):
-            rates[one].append(calls_per_second(shared, f, 1, 2 * args.seconds))
-            rates[many].append(calls_per_second(side, f, cores, 2 * args.seconds))
-        print(f"\nthroughput on {cores} cores, graph at 1 x {C} x T={T} (median of 3 interleaved rounds)")
-        for name, values in rates.items():
-            throughput.append({"how": name, "calls_per_s": float(np.median(values)), "rounds": values})
-            print(f"  {name:<48} {np.median(values):7.1f} calls/s  ({', '.join(f'{v:.1f}' for v in values)})")
+        print(f"\nthroughput on {cores} cores (median of 3 interleaved rounds)")
+        for U in (1, 2):
+            f = make_feeds(rng, U, C, T, HISTORY_CATEGORIES, by_category)
+            for name in ("graph", "previous"):
+                side = session(paths[name], threads=1)
+                shared = session(paths[name])
+                one, many = "one call at a time, all cores", f"{cores} calls side by side, 1 thread each"
+                rates: dict[str, list[float]] = {one: [], many: []}
+                for _ in range(3):
+                    rates[one].append(calls_per_second(shared, f, 1, 2 * args.seconds))
+                    rates[many].append(calls_per_second(side, f, cores, 2 * args.seconds))
+                for how, values in rates.items():
+                    rate = float(np.median(values))
+                    throughput.append(
+                        {
+                            "graph": name,
+                            "users": U,
+                            "candidates_per_user": C,
+                            "T": T,
+                            "how": how,
+                            "calls_per_s": rate,
+                            "users_per_s": U * rate,
+                            "rounds": values,
+                        }
+                    )
+                    print(
+                        f"  {U} x {C} x T={T}  {name:<8} {how:<34} {rate:7.1f} calls/s"
+                        f" {U * rate:7.1f} users/s  ({', '.join(f'{v:.1f}' for v in values)})"
+                    )
 
     report = {
         "command": "python bench/inference.py (make bench)",
@@ -454,8 +488,8 @@ def main() -> int:
         },
         "graphs": {
             "graph": "DIN.serve_explained: per user, the item half as one GEMM [q_item,1] @ K, the category "
-            "half once per distinct history category, then gathered",
-            "previous": "PREVIOUS_SERVE in bench/inference.py: the whole first layer as one GEMM per user",
+            "half once per distinct history category, then gathered; the attention in slices of the history",
+            "previous": "PREVIOUS_SERVE in bench/inference.py: the same, over the whole history at once",
             "tiled": "DIN.forward behind the serving inputs: (N, T, 4E) attention input",
         },
         "grid": rows,
