@@ -42,12 +42,17 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
 )
 
 from model.errors import StoreUnavailable
+
+# What a cluster call raises when nodes fail. redis-py's RedisClusterException family ("cannot be
+# connected", no node for a slot) is not a RedisError: catching RedisError alone let it out as a 500.
+FAILURES = (RedisError, RedisClusterException, OSError)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ class ClusterHistories:
         """The first call discovers the cluster (redis-py's own initialisation)."""
         try:
             await self.client.initialize()
-        except (RedisError, OSError) as exc:
+        except FAILURES as exc:
             raise StoreUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
 
     def refresh_soon(self) -> None:
@@ -99,7 +104,7 @@ class ClusterHistories:
     async def _refresh(self) -> None:
         try:
             await self.client.nodes_manager.initialize()
-        except (RedisError, OSError) as exc:  # the next error tries again
+        except FAILURES as exc:  # the next error tries again
             log.warning("redis cluster: topology refresh failed: %s: %s", type(exc).__name__, exc)
 
     async def aclose(self) -> None:
@@ -162,7 +167,7 @@ class ClusterHistories:
         for name, result in zip(names, done, strict=True):
             positions = groups[name]
             if isinstance(result, BaseException):
-                if not isinstance(result, (RedisError, OSError)):
+                if not isinstance(result, FAILURES):
                     raise result
                 log.warning("redis cluster: node %s: %s: %s", name, type(result).__name__, result)
                 topology_changed = True
@@ -170,7 +175,7 @@ class ClusterHistories:
             for i, res in zip(positions, result, strict=True):
                 answered = answered or not isinstance(res, StoreUnavailable)
                 if isinstance(res, (MovedError, AskError)):  # the slot moved: the client follows it
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(*FAILURES):
                         res = await self.client.execute_command(command[0], keys[i], *command[1:])
                 if isinstance(res, _TOPOLOGY_REPLIES):
                     topology_changed = True
@@ -191,7 +196,7 @@ class ClusterHistories:
         if master is not None and master.name != failed:
             try:
                 return await self._pipeline(master, keys, command)
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 error = f"{type(exc).__name__}: {exc}"
         else:
             error = f"node {failed} could not be read"
@@ -268,7 +273,7 @@ class ClusterHistories:
         try:
             try:
                 await conn.connect()
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 return [exc] * len(calls)
             try:
                 pending = list(range(len(calls)))
@@ -285,7 +290,7 @@ class ClusterHistories:
                         )
                     )
                     await _read_replies(conn, pending, replies)
-            except (RedisError, OSError) as exc:
+            except FAILURES as exc:
                 with contextlib.suppress(Exception):
                     await conn.disconnect()
                 for k in pending:
@@ -304,7 +309,7 @@ class ClusterHistories:
             answers = await asyncio.gather(
                 *(node.execute_command("PING") for node in primaries), return_exceptions=True
             )
-        except (RedisError, OSError, StoreUnavailable):
+        except (*FAILURES, StoreUnavailable):
             return False
         if any(isinstance(a, BaseException) for a in answers):
             self.refresh_soon()

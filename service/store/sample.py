@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import re
 
-from redis.exceptions import RedisError
-
+from service.store.cluster import FAILURES
 from service.store.history import HistoryStore
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
@@ -21,7 +20,7 @@ async def sample_users(store: HistoryStore, limit: int, timeout_s: float = 0.5) 
     head = store.key("")  # the history key of the empty user id: the part every key starts with
     pattern = _GLOB_SPECIAL.sub(r"\\\1", head) + "*"
     users: list[str] = []
-    with contextlib.suppress(TimeoutError, RedisError, OSError):
+    with contextlib.suppress(TimeoutError, *FAILURES):
         async with asyncio.timeout(timeout_s):
             async for key in store.client.scan_iter(match=pattern, count=200):
                 text = key.decode() if isinstance(key, bytes) else str(key)

@@ -144,6 +144,26 @@ def test_a_wrong_typed_key_fails_its_user_alone_on_read(cluster_url: str) -> Non
     asyncio.run(go())
 
 
+def test_a_cluster_no_node_of_which_answers_is_unavailable_not_an_error() -> None:
+    """redis-py raises RedisClusterException (not a RedisError) when no startup node can be reached:
+    reads and appends must say StoreUnavailable (the service degrades; it answered 500 before), and
+    ping says False."""
+    from service.store.embedded import free_port
+
+    async def go() -> None:
+        store = _store(f"redis://127.0.0.1:{free_port()}")
+        try:
+            with pytest.raises(StoreUnavailable, match="cannot be connected"):
+                await store.get_histories(["u1", "u2"], 100)
+            with pytest.raises(StoreUnavailable):
+                await store.append_events([("u1", "a")], 100)
+            assert await store.ping() is False
+        finally:
+            await _close(store)
+
+    asyncio.run(go())
+
+
 # ------------------------------------------------------------------ appends
 
 
