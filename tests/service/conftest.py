@@ -458,6 +458,9 @@ class ServeOutput:
         import collections
 
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        # errors and tracebacks, kept apart: a storm of warnings would push them out of `lines`
+        self.errors: collections.deque[str] = collections.deque(maxlen=keep)
+        self._in_traceback = False
         self._streams = [s for s in (proc.stdout, proc.stderr) if s is not None]
         self._threads = [
             threading.Thread(target=self._read, args=(stream,), daemon=True)
@@ -470,10 +473,21 @@ class ServeOutput:
     def _read(self, stream: Any) -> None:
         with contextlib.suppress(ValueError, OSError):
             for line in stream:
-                self.lines.append(line.rstrip("\n"))
+                line = line.rstrip("\n")
+                self.lines.append(line)
+                if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
+                    self._in_traceback = True
+                elif line[:1].isdigit():  # a new log record (they start with the time)
+                    self._in_traceback = False
+                if self._in_traceback:
+                    self.errors.append(line)
 
     def tail(self, n: int = 60) -> str:
-        return "\n".join(list(self.lines)[-n:])
+        """The last n lines, after any errors and tracebacks from earlier on."""
+        last = list(self.lines)[-n:]
+        earlier = [line for line in self.errors if line not in last]
+        head = ["errors logged earlier:", *earlier[-n:], "--- last lines:"] if earlier else []
+        return "\n".join([*head, *last])
 
     def close(self) -> None:
         """Once the process has exited: the rest of its output, then the pipes closed."""
