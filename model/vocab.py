@@ -9,6 +9,7 @@ files; training, scoring, the service, the demo and the load tests read them thr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -68,5 +69,4 @@ class Vocab:
     def lookup(self, ids: Iterable[str] | Sequence[str]) -> np.ndarray:
         """ids -> int64 (len(ids),) indices, OOV for unknown ids."""
         ids = ids if isinstance(ids, Sequence) else list(ids)
-        get = self._index.get
-        return np.fromiter((get(i, OOV) for i in ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(map(self._index.get, ids, itertools.repeat(OOV)), dtype=np.int64, count=len(ids))

@@ -34,6 +34,7 @@ import contextlib
 import functools
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -419,7 +420,7 @@ class _RecentMedian:
         self._samples.append((now, sample))
         while self._samples[0][0] < now - self.max_age:
             self._samples.popleft()
-        self._value = float(np.median([v for _, v in self._samples]))
+        self._value = statistics.median(v for _, v in self._samples)
 
     def value(self, now: float | None = None) -> float:
         now = time.perf_counter() if now is None else now
