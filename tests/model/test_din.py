@@ -166,6 +166,39 @@ def test_serve_without_history_columns(variant):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 12, 17])
+def test_serve_slices_cover_every_behaviour(T, monkeypatch):
+    """The attention runs in slices of the history; with the slice floor at 1 pair every T here is
+    cut into ceil(T / 8)-wide slices (some partial, some empty) and the scores and weights are still
+    forward's. Several users with different lengths, interleaved."""
+    monkeypatch.setattr(DIN, "_SERVE_CHUNK_PAIRS", 1)
+    steps = [DIN._serve_chunk(12, T)]
+    assert steps[0] == -(-T // DIN._SERVE_CHUNKS)  # the slices cover T, at most _SERVE_CHUNKS of them
+    model = make_model()
+    g = torch.Generator().manual_seed(T)
+    U = 3
+    hist_len = torch.tensor([T, 0, max(T - 3, 1)])
+    hist = torch.randint(2, N_ITEMS, (U, T), generator=g)
+    users = torch.tensor([2, 0, 1, 0, 2, 2, 0, 1, 0, 2, 0, 0])
+    target = torch.randint(2, N_ITEMS, (len(users),), generator=g)
+    with torch.no_grad():
+        ctr, att = model.serve_explained(target, users, hist, hist_len)
+        want = model.attention(target, hist[users], hist_len[users])
+        ref = torch.sigmoid(model(target, hist[users], hist_len[users]))
+    torch.testing.assert_close(att, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ctr, ref, rtol=0, atol=1e-6)
+
+
+def test_serve_slice_width():
+    """At least T / 8 behaviours a slice, and at least _SERVE_CHUNK_PAIRS pairs: a ranking call
+    (200 x 100) is cut in ~3k-pair slices, a small one runs in one slice."""
+    K, P = DIN._SERVE_CHUNKS, DIN._SERVE_CHUNK_PAIRS
+    assert DIN._serve_chunk(200, 100) == -(-P // 200)  # 16 behaviours, 3,200 pairs
+    assert DIN._serve_chunk(50, 20) >= 20  # one slice
+    assert DIN._serve_chunk(5000, 100) == -(-100 // K)  # 8 slices of 13
+    assert DIN._serve_chunk(0, 100) >= 100  # no candidates: one (empty) slice
+
+
 def test_serve_constant_unit_is_exactly_one():
     """serve carries the attention biases on a unit whose sigmoid must be 1.0 exactly in float32."""
     assert torch.sigmoid(torch.tensor(DIN._ONE_LOGIT, dtype=torch.float32)).item() == 1.0

@@ -226,6 +226,28 @@ def test_graph_never_builds_a_per_candidate_history(bundle: tuple[DIN, Path, dic
         assert not bad, f"{name}: {shape}"
 
 
+def test_graph_never_holds_the_whole_first_layer(bundle: tuple[DIN, Path, dict]) -> None:
+    """At a ranking call's size the first attention layer's (N, T, H1+1) activations exist only a slice
+    of the history at a time (DIN._SERVE_CHUNKS): no value has the N, T and H1+1 axes at once, and
+    the slices are there. N, T, H1+1 are distinct here so each axis is recognisable."""
+    model, out, _ = bundle
+    N, T, H = 97, 53, model.cfg.att_hidden[0] + 1
+    rng = np.random.default_rng(1)
+    feeds = {
+        "target_items": rng.integers(2, N_ITEMS, N),
+        "target_user": np.zeros(N, dtype=np.int64),
+        "hist_items": rng.integers(2, N_ITEMS, (1, T)),
+        "hist_len": np.array([T]),
+    }
+    shapes = _runtime_shapes(out / "model.onnx", feeds)
+    whole = [(n, s) for n, s in shapes.items() if N in s and T in s and H in s]
+    assert not whole, whole
+    step = DIN._serve_chunk(N, T)
+    assert 0 < step < T
+    sliced = [s for s in shapes.values() if s == (1, N, step, H)]
+    assert len(sliced) >= 2 * (T // step)  # the GEMM's output and the first layer, per full slice
+
+
 def test_onnx_matches_torch_with_interleaved_users(bundle: tuple[DIN, Path, dict]) -> None:
     """Candidates of several users in any order, junk past hist_len: the same scores as grouped."""
     model, out, _ = bundle
