@@ -206,19 +206,24 @@ def _runtime_shapes(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, tuple
     return {o.name: tuple(np.shape(v)) for o, v in zip(sess.get_outputs(), values, strict=True)}
 
 
-def test_graph_never_builds_a_per_candidate_history(bundle: tuple[DIN, Path, dict]) -> None:
-    """No (N, T, E) or (N, T, 4E) value in any axis order: no q*k, no per-candidate copy of the history
-    (the previous graph had both). N, T, E are distinct here so each axis is recognisable."""
-    model, out, _ = bundle
-    N, T, E = 37, 23, model.cfg.embed_dim
-    rng = np.random.default_rng(0)
+def _one_user_shapes(path: Path, N: int, T: int, seed: int) -> dict[str, tuple[int, ...]]:
+    """`_runtime_shapes` for one user with N random candidates and a full history of T."""
+    rng = np.random.default_rng(seed)
     feeds = {
         "target_items": rng.integers(2, N_ITEMS, N),
         "target_user": np.zeros(N, dtype=np.int64),
         "hist_items": rng.integers(2, N_ITEMS, (1, T)),
         "hist_len": np.array([T]),
     }
-    shapes = _runtime_shapes(out / "model.onnx", feeds)
+    return _runtime_shapes(path, feeds)
+
+
+def test_graph_never_builds_a_per_candidate_history(bundle: tuple[DIN, Path, dict]) -> None:
+    """No (N, T, E) or (N, T, 4E) value in any axis order: no q*k, no per-candidate copy of the history
+    (the previous graph had both). N, T, E are distinct here so each axis is recognisable."""
+    model, out, _ = bundle
+    N, T, E = 37, 23, model.cfg.embed_dim
+    shapes = _one_user_shapes(out / "model.onnx", N, T, seed=0)
     assert shapes["ctr"] == (N,)
     assert len(shapes) > 20
     for name, shape in shapes.items():
@@ -232,14 +237,7 @@ def test_graph_never_holds_the_whole_first_layer(bundle: tuple[DIN, Path, dict])
     the slices are there. N, T, H1+1 are distinct here so each axis is recognisable."""
     model, out, _ = bundle
     N, T, H = 97, 53, model.cfg.att_hidden[0] + 1
-    rng = np.random.default_rng(1)
-    feeds = {
-        "target_items": rng.integers(2, N_ITEMS, N),
-        "target_user": np.zeros(N, dtype=np.int64),
-        "hist_items": rng.integers(2, N_ITEMS, (1, T)),
-        "hist_len": np.array([T]),
-    }
-    shapes = _runtime_shapes(out / "model.onnx", feeds)
+    shapes = _one_user_shapes(out / "model.onnx", N, T, seed=1)
     whole = [(n, s) for n, s in shapes.items() if N in s and T in s and H in s]
     assert not whole, whole
     step = DIN._serve_chunk(N, T)
