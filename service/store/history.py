@@ -32,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from model.errors import StorePartial, StoreTimeout, StoreUnavailable
 from service.store.cluster import ClusterHistories
@@ -126,13 +127,20 @@ class HistoryStore:
             got = await self.cluster.read([self.key(u) for u in user_ids], max_history)
             return [h if isinstance(h, StoreUnavailable) else [_text(i) for i in h] for h in got]
         assert isinstance(self.client, aioredis.Redis)
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for user_id in user_ids:
-                    pipe.lrange(self.key(user_id), 0, max_history - 1)
-                results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        # A read may be sent again: a pooled connection that died with a restarted Redis fails the
+        # first command sent on it, so a dropped connection gets one immediate retry (a fresh one).
+        for attempt in (1, 2):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for user_id in user_ids:
+                        pipe.lrange(self.key(user_id), 0, max_history - 1)
+                    results = await pipe.execute(raise_on_error=False)
+                break
+            except (RedisConnectionError, ConnectionError) as exc:
+                if attempt == 2:
+                    raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         out: list[list[str] | StoreUnavailable] = []
         for user_id, res in zip(user_ids, results, strict=True):
             if isinstance(res, ResponseError) and str(res).startswith("WRONGTYPE"):

@@ -180,6 +180,46 @@ def test_unavailable_when_server_dies_under_a_live_client(tmp_path: Path) -> Non
         server.stop()
 
 
+def test_a_restarted_server_is_read_at_once_through_every_pooled_connection(tmp_path: Path) -> None:
+    """Connections pooled before Redis restarted are dead; the first read on each must not degrade.
+    Four reads at once fill the pool with four connections; Redis is killed and started again on the
+    same port and data; four reads at once then take those four stale connections and must all
+    succeed (one immediate retry on a fresh connection), as must everything after."""
+    import os
+    import signal
+
+    data = tmp_path / "restarts"
+    server = EmbeddedRedis(data, port=0, unix_socket=False).start()
+    users = [f"u{k}" for k in range(4)]
+    try:
+
+        async def go() -> None:
+            nonlocal server
+            client = _client(server.url, timeout=0.5)
+            store = HistoryStore(client)
+            try:
+                await store.append_events([(u, "a") for u in users], 100)
+                await client.config_set("appendfsync", "always")
+                await store.append_events([(u, "b") for u in users], 100)
+                reads = [store.get_histories([u], 100) for u in users]
+                assert await asyncio.gather(*reads) == [[["b", "a"]]] * 4
+                assert len(client.connection_pool._available_connections) >= 2  # several pooled
+                port = server.port
+                assert server.pid is not None
+                os.kill(server.pid, signal.SIGKILL)
+                server.stop(timeout=5)
+                server = EmbeddedRedis(data, port=port, unix_socket=False).start()
+                reads = [store.get_histories([u], 100) for u in users]
+                assert await asyncio.gather(*reads) == [[["b", "a"]]] * 4
+                assert await store.get_histories(users, 100) == [["b", "a"]] * 4
+            finally:
+                await client.aclose()
+
+        _run(go())
+    finally:
+        server.stop()
+
+
 def test_unavailable_on_closed_port() -> None:
     async def go() -> None:
         client = _client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
