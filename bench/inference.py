@@ -466,16 +466,15 @@ def main() -> int:
         # Throughput on every core: one call at a time on all of them (intra-op threads), or one call
         # per core side by side, one thread each (the service's default: DIN_INFERENCE_WORKERS).
         cores = usable_cores()
+        one, many = "one call at a time, all cores", f"{cores} calls side by side, 1 thread each"
+        single_thread = {name: session(paths[name], threads=1) for name in ("graph", "previous")}
         print(f"\nthroughput on {cores} cores (median of 3 interleaved rounds)")
         for U in (1, 2):
             f = make_feeds(rng, U, C, T, HISTORY_CATEGORIES, by_category)
-            for name in ("graph", "previous"):
-                side = session(paths[name], threads=1)
-                shared = session(paths[name])
-                one, many = "one call at a time, all cores", f"{cores} calls side by side, 1 thread each"
+            for name, side in single_thread.items():
                 rates: dict[str, list[float]] = {one: [], many: []}
                 for _ in range(3):
-                    rates[one].append(calls_per_second(shared, f, 1, 2 * args.seconds))
+                    rates[one].append(calls_per_second(sessions[name], f, 1, 2 * args.seconds))
                     rates[many].append(calls_per_second(side, f, cores, 2 * args.seconds))
                 for how, values in rates.items():
                     rate = float(np.median(values))
