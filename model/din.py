@@ -10,7 +10,9 @@ Three forward passes over the same weights:
   with many candidates; everything about a user's history is computed once per user; the item half
   of the first attention layer of all of that user's (candidate, behaviour) pairs is one GEMM
   against a per-user key matrix, and the category half is computed once per distinct category of
-  the history, then gathered onto the behaviours (see `serve_explained`).
+  the history, then gathered onto the behaviours (see `_serve_interest`).
+- `serve_contributions`: the explaining graph, for the few items a request returns: the same, plus
+  what removing each behaviour does to each score, exactly (`leave_one_out` is its literal reference).
 """
 
 from __future__ import annotations
@@ -318,6 +320,48 @@ class DIN(nn.Module):
         -> ctr (N,) in (0, 1), equal to sigmoid(forward(target, hist[target_user], ...)), and
         attention (N, T), equal to attention(target, hist[target_user], ...): the weight of every
         behaviour for every candidate, which the pooling computes anyway (a (N, T) gather more).
+        How the interest vectors are computed: `_serve_interest`.
+        """
+        q, _, _, u, weights, _ = self._serve_interest(target_items, target_user, hist_items, hist_len)
+        return torch.sigmoid(self._serve_head(u, q)), weights
+
+    def serve_contributions(
+        self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The explaining graph (bundle's explain.onnx): `serve_explained`'s two outputs, and
+        contribution (N, T): for each candidate n and behaviour t of its user's history,
+        ctr(whole history) - ctr(the history without behaviour t), in CTR space, exactly (no
+        approximation: `leave_one_out` is the literal reference); 0 past hist_len. Same inputs.
+
+        In DIN a behaviour's weight for a candidate does not depend on the other behaviours, so the
+        interest vector without behaviour t needs no second pass through the attention: without
+        softmax it is u - w_t k_t; with softmax the other weights are renormalised (a masked softmax
+        over the same scores, not (u - w_t k_t) / (1 - w_t), which cancels catastrophically as w_t
+        nears 1). Both are one (N, T, T) @ (N, T, E) product; then the head runs once more on N x T
+        rows. Everything about the history is shared with the ctr: this is for the few items a
+        request returns, not for every candidate (the head alone is ~93k multiply-adds a row).
+        """
+        q, k, mask, u, weights, scores = self._serve_interest(target_items, target_user, hist_items, hist_len)
+        N, T, E = target_items.shape[0], hist_items.shape[1], self.cfg.embed_dim
+        ctr = torch.sigmoid(self._serve_head(u, q))  # (N,)
+        real = mask[target_user]  # (N, T)
+        t = torch.arange(T)
+        keep = real.unsqueeze(1) & (t.unsqueeze(0) != t.unsqueeze(1)).unsqueeze(0)  # (N, T, T): row t drops t
+        if self.cfg.pooling == "sum":
+            loo = keep.to(q.dtype)  # (N, T, T): every other real behaviour weighs 1
+        else:
+            loo = self._weights(scores.unsqueeze(1).expand(N, T, T), keep)  # (N, T, T): weights without t
+        u_loo = torch.matmul(loo, k[target_user])  # (N, T, T) @ (N, T, E) -> (N, T, E)
+        q_rows = q.unsqueeze(1).expand(N, T, E).reshape(-1, E)  # (N*T, E)
+        ctr_loo = torch.sigmoid(self._serve_head(u_loo.reshape(-1, E), q_rows)).view(N, T)
+        return ctr, weights, (ctr.unsqueeze(1) - ctr_loo).masked_fill(~real, 0.0)
+
+    def _serve_interest(
+        self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The serving graphs' shared part: N candidates of U users (inputs as `serve_explained`) ->
+        q (N, E), k (U, T, E), mask (U, T), interest vectors u (N, E), pooling weights (N, T) (0 past
+        hist_len) and the raw attention scores (N, T) the weights come from (before any softmax).
 
         With W = [Wq | Wk | Wd | Wp] the first attention layer, its pre-activation for candidate q and
         behaviour k is (Wq+Wd) q + (Wk-Wd) k + b + Wp (q*k). For one user, all of it, for every
@@ -348,9 +392,9 @@ class DIN(nn.Module):
         k = self.embed(hist_items)  # (U, T, E): once per user
         mask = self._mask(hist_len, T)  # (U, T)
         if self.cfg.pooling == "sum":
-            weights = mask.to(k.dtype)  # (U, T)
-            u_user = torch.matmul(weights.unsqueeze(1), k).squeeze(1)  # (U, E)
-            return torch.sigmoid(self._serve_head(u_user[target_user], q)), weights[target_user]
+            ones = mask.to(k.dtype)  # (U, T)
+            u_user = torch.matmul(ones.unsqueeze(1), k).squeeze(1)  # (U, E)
+            return q, k, mask, u_user[target_user], ones[target_user], ones[target_user]
 
         pair, hist, hidden, out = self._serve_attention_weights()
         H = pair.shape[-1]  # H1 + 1 (the constant unit)
@@ -389,6 +433,7 @@ class DIN(nn.Module):
                 a = torch.sigmoid(torch.matmul(a, W))
             parts.append(torch.matmul(out, a.T).reshape(U, n_max, m))
         scores = torch.cat(parts, 2)  # (U, n_max, T)
+        raw = scores.reshape(U * n_max, T)[slot]  # (N, T)
 
         if self.cfg.att_softmax:
             scores = self._weights(scores, mask.unsqueeze(1))  # (U, n_max, T)
@@ -396,9 +441,29 @@ class DIN(nn.Module):
             weights = scores.reshape(U * n_max, T)[slot]
         else:  # zero the padded behaviours once per user instead of the (N, T) scores
             u_grid = torch.matmul(scores, k * mask.unsqueeze(-1).to(k.dtype))
-            weights = scores.reshape(U * n_max, T)[slot].masked_fill(~mask[target_user], 0.0)
+            weights = raw.masked_fill(~mask[target_user], 0.0)
         u = u_grid.reshape(U * n_max, E)[slot]  # (N, E)
-        return torch.sigmoid(self._serve_head(u, q)), weights
+        return q, k, mask, u, weights, raw
+
+    # ---------------------------------------------------------------- the reference for explanations
+
+    def leave_one_out(self, target: Tensor, hist: Tensor, hist_len: Tensor) -> Tensor:
+        """What each behaviour did to each target's score, by definition: target (B,), hist (B, T),
+        hist_len (B,) -> (B, T), sigmoid(forward(whole history)) - sigmoid(forward(the history with
+        behaviour t removed)), 0 past hist_len. Literally: `forward` (the paper's form) on B x T
+        shortened histories; the reference for the serving graph's `contribution`."""
+        B, T = hist.shape
+        full = torch.sigmoid(self.forward(target, hist, hist_len))  # (B,)
+        if T == 0:
+            return torch.zeros(B, 0, dtype=full.dtype)
+        others = [[s for s in range(T) if s != t] or [0] for t in range(T)]  # (T, max(T-1, 1))
+        short = hist[:, torch.tensor(others)]  # (B, T, T-1): row t is the history without t
+        if T == 1:
+            short = torch.zeros_like(short)
+        real = self._mask(hist_len, T)  # (B, T)
+        short_len = hist_len.unsqueeze(1) - real.to(hist_len.dtype)  # (B, T): one fewer where t is real
+        logits = self.forward(target.repeat_interleave(T), short.reshape(B * T, -1), short_len.reshape(-1))
+        return (full.unsqueeze(1) - torch.sigmoid(logits).view(B, T)).masked_fill(~real, 0.0)
 
 
 def build_model(cfg: DINConfig, item_cate: Tensor, seed: int = 0) -> DIN:

@@ -240,3 +240,54 @@ def test_padding_and_oov_rows_are_zero():
 def test_config_round_trip():
     cfg = DINConfig(n_items=10, n_categories=4, pooling="sum", att_hidden=(16, 8), extra={"note": "x"})
     assert DINConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_leave_one_out_is_the_score_without_the_behaviour():
+    """The reference, checked against its definition one history at a time: the ctr with the whole
+    history minus the ctr with behaviour t deleted from the list (later ones move up), 0 past the end."""
+    model = make_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # scores that move when a behaviour goes
+        target, hist, hist_len = make_batch(6, 7, seed=3)
+        hist_len[0], hist[0] = 0, PAD
+        hist_len[1], hist[1, 1:] = 1, PAD
+        got = model.leave_one_out(target, hist, hist_len)
+        assert got.shape == (6, 7)
+        for b in range(6):
+            items = hist[b, : hist_len[b]].tolist()
+
+            def ctr(h: list[int], b: int = b) -> float:
+                x = torch.tensor([h or [PAD]])
+                return float(torch.sigmoid(model(target[b : b + 1], x, torch.tensor([len(h)]))))
+
+            for t in range(7):
+                want = ctr(items) - ctr(items[:t] + items[t + 1 :]) if t < len(items) else 0.0
+                assert abs(float(got[b, t]) - want) <= 1e-6, (b, t)
+        real = torch.arange(7).unsqueeze(0) < hist_len.unsqueeze(1)
+        assert int(real.sum()) > 10 and bool((got[real] != 0).all())  # every real behaviour moved its score
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_contributions_equal_the_leave_one_out_reference(variant):
+    """serve_contributions: its ctr and attention are serve_explained's, and its contribution is
+    `leave_one_out` (the definition, through the paper's form), for users in any order, an empty and
+    a one-behaviour history among them."""
+    model = make_model(**variant)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+        target, hist, hist_len = make_batch(24, 10, seed=5)
+        hist_len[:6], hist[:6] = 0, PAD
+        hist_len[6:12], hist[6:12, 1:] = 1, PAD
+        users = torch.tensor([3, 0, 2, 1]).repeat_interleave(6)  # users interleaved with their rows
+        hist_u, len_u = hist[::6], hist_len[::6]
+        ctr, att, contribution = model.serve_contributions(target, users, hist_u, len_u)
+        want_ctr, want_att = model.serve_explained(target, users, hist_u, len_u)
+        torch.testing.assert_close(ctr, want_ctr, rtol=0, atol=1e-7)
+        torch.testing.assert_close(att, want_att, rtol=0, atol=0)
+        want = model.leave_one_out(target, hist_u[users], len_u[users])
+        torch.testing.assert_close(contribution, want, rtol=0, atol=1e-6)
+        assert float(want.abs().max()) > 1e-3  # the behaviours do move these scores
+        past_end = torch.arange(10).unsqueeze(0) >= len_u[users].unsqueeze(1)
+        assert bool((contribution[past_end] == 0).all())
