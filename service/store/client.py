@@ -22,10 +22,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.cluster import RedisCluster as SyncRedisCluster
-from redis.retry import Retry
 
 from model.errors import ConfigError, RedisDataDirInUse
 from service.store.embedded import DEFAULT_REDIS_DATA, EmbeddedRedis
@@ -114,7 +114,7 @@ def async_client(url: str, cfg: RedisConfig) -> aioredis.Redis | AsyncRedisClust
     cluster client (a pool per node). Nothing connects until the first command. Close it with
     `await client.aclose()` (it owns its pools)."""
     if cfg.cluster:
-        return AsyncRedisCluster.from_url(url, retry=Retry(NoBackoff(), 0), **_cluster_options(cfg))
+        return AsyncRedisCluster.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **_cluster_options(cfg))
     return aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **_pool_options(cfg)))
 
 
