@@ -1,7 +1,8 @@
 """The bundle contract shared by `din export` (writes it) and the service (reads it): the format
-version, the serving graph's inputs and output, the checksums, and `load_bundle`, which verifies a
-bundle before anything serves it. No torch and no onnx here: the serving image imports this module,
-so model.onnx is checked with a small protobuf reader of its own (the end of this module)."""
+version, the serving graph's inputs and outputs (and the explaining graph's), the checksums, and
+`load_bundle`, which verifies a bundle before anything serves it. No torch and no onnx here: the
+serving image imports this module, so model.onnx is checked with a small protobuf reader of its own
+(the end of this module)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ OUTPUTS: dict[str, list[str]] = {"ctr": ["N"]}
 # weight of every behaviour for every candidate, what `/rank`'s `explain` reads.
 OPTIONAL_OUTPUTS: dict[str, list[str]] = {"attention": ["N", "T"]}
 ATTENTION_OUTPUT = "attention"
+# The explaining graph (`DIN.serve_contributions`), an optional file beside model.onnx: the same inputs,
+# run only on the items an explained request returns. ONNX Runtime runs every node of a graph whatever
+# outputs are asked for, so these outputs cannot live in model.onnx without costing every request.
+# Bundles exported before it lack it, serve, and cannot explain.
+EXPLAIN_GRAPH = "explain.onnx"
+CONTRIBUTION_OUTPUT = "contribution"
+EXPLAIN_OUTPUTS: dict[str, list[str]] = {"ctr": ["N"], "attention": ["N", "T"], "contribution": ["N", "T"]}
 # An optional file (bundles exported before it lack it): line i is the category id of item index i.
 # For people (the ranking explorer labels behaviours with it); the graph holds its own item -> category table.
 ITEM_CATEGORIES = "item_categories.txt"
@@ -52,6 +60,7 @@ class Bundle:
     vocab: Vocab
     graph_bytes: bytes = field(repr=False, compare=False)
     item_categories: list[str] | None = field(default=None, repr=False, compare=False)  # per item index
+    explain_bytes: bytes | None = field(default=None, repr=False, compare=False)  # explain.onnx, if any
 
     @property
     def model_version(self) -> str:
@@ -67,8 +76,8 @@ class Bundle:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read manifest.json, verify the sha256 of every file it lists, check model.onnx, read the
-    item vocabulary.
+    """Read manifest.json, verify the sha256 of every file it lists, check model.onnx (and
+    explain.onnx, when the manifest lists one), read the item vocabulary.
 
     Every file the manifest lists must lie inside the bundle directory (checked before any is read).
     model.onnx must be self-contained (no external data), use only operators ONNX Runtime has built
@@ -114,16 +123,16 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"bundle {path}: manifest.json lists {name!r}, which {why}; "
                 "a bundle's files must lie inside its directory"
             )
-    graph = b""
+    graphs: dict[str, bytes] = {}
     for name, want in files.items():
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"bundle {path}: {name} is missing")
-        if name == "model.onnx":  # hashed and checked from the same bytes
+        if name in ("model.onnx", EXPLAIN_GRAPH):  # hashed and checked from the same bytes
             if fpath.stat().st_size > _MAX_PROTOBUF:
-                raise BundleError(f"bundle {path}: model.onnx is over 2 GiB, more than protobuf can hold")
-            graph = fpath.read_bytes()
-            got = hashlib.sha256(graph).hexdigest()
+                raise BundleError(f"bundle {path}: {name} is over 2 GiB, more than protobuf can hold")
+            graphs[name] = fpath.read_bytes()
+            got = hashlib.sha256(graphs[name]).hexdigest()
         else:
             got = sha256_file(fpath)
         if got != want:
@@ -131,8 +140,11 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"bundle {path}: checksum mismatch for {name} (sha256 {got[:12]}..., "
                 f"manifest says {str(want)[:12]}...): the file is corrupt or was changed after export"
             )
+    graph, explain = graphs["model.onnx"], graphs.get(EXPLAIN_GRAPH)
     try:
         check_model(graph)
+        if explain is not None:
+            check_model(explain, name=EXPLAIN_GRAPH, outputs=EXPLAIN_OUTPUTS, optional={})
     except BundleError as e:
         raise BundleError(f"bundle {path}: {e}") from None
     items = read_vocab(path / "items.txt")
@@ -147,7 +159,12 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"bundle {path}: {ITEM_CATEGORIES} has {len(item_categories)} lines, items.txt {len(items)}"
             )
     return Bundle(
-        path=path, manifest=manifest, vocab=Vocab(items), graph_bytes=graph, item_categories=item_categories
+        path=path,
+        manifest=manifest,
+        vocab=Vocab(items),
+        graph_bytes=graph,
+        item_categories=item_categories,
+        explain_bytes=explain,
     )
 
 
@@ -248,7 +265,7 @@ class _Malformed(Exception):
 
 
 class _Refused(Exception):
-    """A well-formed model that breaks a rule; the message completes "model.onnx ..."."""
+    """A well-formed model that breaks a rule; the message completes "model.onnx ..." (or its name)."""
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -334,18 +351,24 @@ class _Message:
         return values[-1]
 
 
-def check_model(data: bytes) -> None:
-    """Check the bytes of model.onnx: self-contained, built-in operators only, the contract's inputs
-    and output. Raises BundleError("model.onnx ...") saying why not."""
+def check_model(
+    data: bytes,
+    *,
+    name: str = "model.onnx",
+    outputs: dict[str, list[str]] = OUTPUTS,
+    optional: dict[str, list[str]] = OPTIONAL_OUTPUTS,
+) -> None:
+    """Check the bytes of a graph (model.onnx; explain.onnx with EXPLAIN_OUTPUTS): self-contained,
+    built-in operators only, the contract's inputs and outputs. Raises BundleError("<name> ...")."""
     try:
-        _check_model(data)
+        _check_model(data, outputs, optional)
     except _Malformed as e:
-        raise BundleError(f"model.onnx cannot be loaded: not a valid ONNX model ({e})") from None
+        raise BundleError(f"{name} cannot be loaded: not a valid ONNX model ({e})") from None
     except _Refused as e:
-        raise BundleError(f"model.onnx {e}") from None
+        raise BundleError(f"{name} {e}") from None
 
 
-def _check_model(data: bytes) -> None:
+def _check_model(data: bytes, outputs: dict[str, list[str]], optional: dict[str, list[str]]) -> None:
     model = _Message(memoryview(data))
     if not model.has(_Model.GRAPH):
         raise _Refused("has no graph")
@@ -356,7 +379,7 @@ def _check_model(data: bytes) -> None:
     }
     _check_opsets(model.messages(_Model.OPSET_IMPORT), local, "")
     graph = model.message(_Model.GRAPH)
-    _check_interface(graph)
+    _check_interface(graph, outputs, optional)
     _check_graph(graph, local, "", 0)
     for f in functions:
         where = f" in function {f.string(_Function.DOMAIN)}::{f.string(_Function.NAME)}"
@@ -450,20 +473,20 @@ def _describe(found: tuple[int, int | None] | None) -> str:
     return f"{dtype} of unknown rank" if rank is None else f"{dtype} of rank {rank}"
 
 
-def _check_interface(graph: _Message) -> None:
-    """Inputs exactly INPUTS (int64, their ranks); outputs include OUTPUTS (float32, their ranks), and
-    OPTIONAL_OUTPUTS, where present, are float32 of their ranks."""
+def _check_interface(graph: _Message, required: dict[str, list[str]], optional: dict[str, list[str]]) -> None:
+    """Inputs exactly INPUTS (int64, their ranks); outputs include `required` (float32, their ranks),
+    and `optional`, where present, are float32 of their ranks."""
     inputs = graph.messages(_Graph.INPUT)
     names = [value.string(_ValueInfo.NAME) for value in inputs]
     if sorted(names) != sorted(INPUTS):
         raise _Refused(f"has inputs {names}, the contract is {list(INPUTS)}")
     outputs = {value.string(_ValueInfo.NAME): value for value in graph.messages(_Graph.OUTPUT)}
-    missing = [name for name in OUTPUTS if name not in outputs]
+    missing = [name for name in required if name not in outputs]
     if missing:
         raise _Refused(f"has no output {missing[0]!r} (its outputs: {list(outputs)})")
     wanted = [(n, "input", _Type.INT64, INPUTS[n], v) for n, v in zip(names, inputs, strict=True)]
-    wanted += [(n, "output", _Type.FLOAT, dims, outputs[n]) for n, dims in OUTPUTS.items()]
-    wanted += [(n, "output", _Type.FLOAT, d, outputs[n]) for n, d in OPTIONAL_OUTPUTS.items() if n in outputs]
+    wanted += [(n, "output", _Type.FLOAT, dims, outputs[n]) for n, dims in required.items()]
+    wanted += [(n, "output", _Type.FLOAT, d, outputs[n]) for n, d in optional.items() if n in outputs]
     for name, kind, elem, dims, value in wanted:
         found = _tensor_type(value)
         if found != (elem, len(dims)):

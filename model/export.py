@@ -7,6 +7,12 @@ full histories, unknown items, one and 1,000 candidates, several users at once, 
 candidates are interleaved (with junk past hist_len) and a user without candidates; the largest
 absolute difference must be within 1e-5 and is kept in the manifest.
 
+Beside it, explain.onnx: `DIN.serve_contributions` (ctr, attention, and every behaviour's exact
+leave-one-out contribution), which the service runs on the items an explained request returns. Its
+contributions are compared with `DIN.leave_one_out` (the definition: `forward` on each history with one
+behaviour removed) on the same cases, the first EXPLAIN_PARITY_CANDIDATES candidates of each (the
+reference costs T forward passes a candidate), to the same tolerance.
+
 The bundle is written into a staging directory beside OUT and swapped into place only once complete:
 OUT holds a whole bundle, the old one or the new one, at every instant where the two directories
 can be exchanged in one step (Linux renameat2), and is otherwise missing only between two renames.
@@ -37,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from model.bundle import (
+    EXPLAIN_GRAPH,
+    EXPLAIN_OUTPUTS,
     FORMAT_VERSION,
     INPUTS,
     ITEM_CATEGORIES,
@@ -50,6 +58,7 @@ from model.errors import BundleError, ExportError
 from model.vocab import FIRST_ID, OOV, PAD, write_vocab
 
 TOLERANCE = 1e-5
+EXPLAIN_PARITY_CANDIDATES = 24  # per parity case, for explain.onnx: the reference is T forwards each
 
 
 class _Serving(nn.Module):
@@ -65,8 +74,22 @@ class _Serving(nn.Module):
         return self.din.serve_explained(target_items, target_user, hist_items, hist_len)
 
 
-def _export_onnx(model: DIN, path: Path) -> None:
-    """Trace DIN.serve with dynamic N, U and T into a single self-contained ONNX file."""
+class _Explaining(nn.Module):
+    """Exposes DIN.serve_contributions as forward: the explaining graph (explain.onnx)."""
+
+    def __init__(self, din: DIN) -> None:
+        super().__init__()
+        self.din = din
+
+    def forward(
+        self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self.din.serve_contributions(target_items, target_user, hist_items, hist_len)
+
+
+def _export_onnx(model: DIN, path: Path, *, explaining: bool = False) -> None:
+    """Trace DIN.serve (`explaining`: DIN.serve_contributions) with dynamic N, U and T into a single
+    self-contained ONNX file."""
     n_items = model.cfg.n_items
     g = torch.Generator().manual_seed(0)
     # Example sizes all different and > 1, so the exporter keeps every dimension symbolic.
@@ -95,11 +118,11 @@ def _export_onnx(model: DIN, path: Path) -> None:
         logging.getLogger("torch").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                _Serving(model).eval(),
+                (_Explaining if explaining else _Serving)(model).eval(),
                 args,
                 dynamo=True,
                 input_names=list(INPUTS),
-                output_names=[*OUTPUTS, *OPTIONAL_OUTPUTS],
+                output_names=list(EXPLAIN_OUTPUTS) if explaining else [*OUTPUTS, *OPTIONAL_OUTPUTS],
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,
@@ -290,6 +313,50 @@ def check_parity(model: DIN, onnx_path: Path, max_history: int) -> dict[str, Any
     }
 
 
+def _first_candidates(case: dict[str, Any], n: int) -> dict[str, Any]:
+    """A parity case cut to its first n candidates (every user kept, some then without any)."""
+    return {**case, "target_items": case["target_items"][:n], "target_user": case["target_user"][:n]}
+
+
+def check_explain_parity(model: DIN, onnx_path: Path, max_history: int) -> dict[str, Any]:
+    """explain.onnx through ONNX Runtime against the PyTorch reference: ctr and attention as
+    `check_parity`, contribution against `DIN.leave_one_out` (forward on every shortened history)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    results = []
+    for full in parity_cases(model.cfg.n_items, max_history):
+        case = _first_candidates(full, EXPLAIN_PARITY_CANDIDATES)
+        got = session.run(list(EXPLAIN_OUTPUTS), {name: case[name] for name in INPUTS})
+        want_ctr, want_att = _reference(model, case)
+        tu = torch.from_numpy(case["target_user"])
+        with torch.no_grad():
+            want_loo = model.leave_one_out(
+                torch.from_numpy(case["target_items"]),
+                torch.from_numpy(case["hist_items"])[tu],
+                torch.from_numpy(case["hist_len"])[tu],
+            ).numpy()
+        diffs = [
+            float(np.max(np.abs(g - w), initial=0.0))
+            for g, w in zip(got, (want_ctr, want_att, want_loo), strict=True)
+        ]
+        results.append(
+            {
+                "name": case["name"],
+                "users": len(case["hist_len"]),
+                "candidates": len(case["target_items"]),
+                "max_abs_diff": max(diffs),
+                "contribution_max_abs_diff": diffs[2],
+            }
+        )
+    return {
+        "max_abs_diff": max(r["max_abs_diff"] for r in results),
+        "tolerance": TOLERANCE,
+        "reference": "PyTorch DIN.forward and DIN.leave_one_out (tiled training form), float32, CPU",
+        "cases": results,
+    }
+
+
 def export_model(
     model: DIN,
     items: list[str],
@@ -331,6 +398,15 @@ def export_model(
             raise ExportError(
                 f"the exported graph breaks the bundle contract: {e}; no bundle written"
             ) from None
+        explain_path = staging / EXPLAIN_GRAPH
+        _export_onnx(model, explain_path, explaining=True)
+        onnx.checker.check_model(onnx.load(str(explain_path)), full_check=True)
+        try:
+            check_model(explain_path.read_bytes(), name=EXPLAIN_GRAPH, outputs=EXPLAIN_OUTPUTS, optional={})
+        except BundleError as e:
+            raise ExportError(
+                f"the exported explaining graph breaks the bundle contract: {e}; no bundle written"
+            ) from None
         export_s = time.perf_counter() - t0
         parity = check_parity(model, onnx_path, cfg.max_history)
         if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN
@@ -339,8 +415,16 @@ def export_model(
                 f"parity check failed: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "
                 f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
             )
+        explain_parity = check_explain_parity(model, explain_path, cfg.max_history)
+        if not explain_parity["max_abs_diff"] <= TOLERANCE:
+            worst = max(explain_parity["cases"], key=lambda c: c["max_abs_diff"])
+            raise ExportError(
+                f"parity check failed: {EXPLAIN_GRAPH} differs from PyTorch by "
+                f"{explain_parity['max_abs_diff']:.3g} (> {TOLERANCE:g}) on case {worst['name']!r}; "
+                "no bundle written"
+            )
         write_vocab(staging / "items.txt", items)
-        written = ["model.onnx", "items.txt"]
+        written = ["model.onnx", EXPLAIN_GRAPH, "items.txt"]
         if categories is not None:
             write_vocab(staging / ITEM_CATEGORIES, [categories[c] for c in model.item_cate.tolist()])
             written.append(ITEM_CATEGORIES)
@@ -362,6 +446,7 @@ def export_model(
             "vocab": {"items": cfg.n_items, "categories": cfg.n_categories},
             "metrics": metrics or {},
             "parity": parity,
+            "explain": {"graph": EXPLAIN_GRAPH, "outputs": EXPLAIN_OUTPUTS, "parity": explain_parity},
             "export_seconds": round(export_s, 2),
             "source": source or {},
             "files": files,
@@ -408,6 +493,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'case':<42} {'users':>5} {'cands':>6} {'max |onnx - torch|':>19}")
     for c in manifest["parity"]["cases"]:
         print(f"{c['name']:<42} {c['users']:>5} {c['candidates']:>6} {c['max_abs_diff']:>19.2e}")
+    explain = manifest["explain"]["parity"]
+    print(f"{EXPLAIN_GRAPH + ' (contributions)':<42} {'':>5} {'':>6} {explain['max_abs_diff']:>19.2e}")
     print(
         f"\nwrote {args.out}  model_version={manifest['model_version']}  "
         f"max_abs_diff={manifest['parity']['max_abs_diff']:.2e} (tolerance {TOLERANCE:g})  "

@@ -599,3 +599,35 @@ def test_a_100_mb_model_is_checked_well_under_a_second() -> None:
     check_model(data)
     elapsed = time.perf_counter() - t0
     assert elapsed < 0.1, f"{elapsed:.3f}s"
+
+
+# ------------------------------------------------------------------------------------ explain.onnx
+
+
+def test_the_explaining_graph_is_checked_against_its_own_contract(exported: Path, tmp_path: Path) -> None:
+    """explain.onnx is verified like model.onnx, with its three outputs; one that lacks `contribution`
+    (here: model.onnx copied in its place) is refused, naming explain.onnx and the missing output."""
+    bundle = load_bundle(exported)
+    assert bundle.explain_bytes == (exported / "explain.onnx").read_bytes()
+    path = tmp_path / "bundle"
+    shutil.copytree(exported, path)
+    shutil.copyfile(path / "model.onnx", path / "explain.onnx")
+    set_files(path, {"explain.onnx": sha(path / "explain.onnx")})
+    with pytest.raises(BundleError, match=r"explain\.onnx has no output 'contribution'"):
+        load_bundle(path)
+    (path / "explain.onnx").write_bytes(b"junk")
+    set_files(path, {"explain.onnx": sha(path / "explain.onnx")})
+    with pytest.raises(BundleError, match=r"explain\.onnx cannot be loaded"):
+        load_bundle(path)
+
+
+def test_a_bundle_exported_before_the_explaining_graph_loads_without_it(
+    exported: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "bundle"
+    shutil.copytree(exported, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["explain.onnx"], manifest["explain"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "explain.onnx").unlink()
+    assert load_bundle(path).explain_bytes is None

@@ -34,6 +34,10 @@ def make_model(seed: int = 0, **cfg_kw: object) -> tuple[DIN, list[str]]:
     return model.eval(), items
 
 
+GRAPH_FILES = ("model.onnx", "explain.onnx", "items.txt")  # the files the manifest lists
+FILES = ["explain.onnx", "items.txt", "manifest.json", "model.onnx"]  # what the bundle directory holds
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[DIN, Path, dict]:
     model, items = make_model()
@@ -44,17 +48,24 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[DIN, Path, dict]:
 
 def test_bundle_files_and_manifest(bundle: tuple[DIN, Path, dict]) -> None:
     model, out, manifest = bundle
-    assert sorted(p.name for p in out.iterdir()) == ["items.txt", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == FILES
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == manifest
     assert manifest["format_version"] == 1
     assert manifest["model_version"].startswith("unit-")
-    assert manifest["files"] == {name: sha256_file(out / name) for name in ("model.onnx", "items.txt")}
+    assert manifest["files"] == {name: sha256_file(out / name) for name in GRAPH_FILES}
+    assert manifest["explain"]["graph"] == "explain.onnx"
+    assert manifest["explain"]["outputs"] == {
+        "ctr": ["N"],
+        "attention": ["N", "T"],
+        "contribution": ["N", "T"],
+    }
     assert manifest["max_history"] == 20 and manifest["oov_index"] == OOV and manifest["pad_index"] == 0
     assert manifest["config"] == model.cfg.to_dict()
     assert manifest["metrics"] == {"auc": 0.5}
     assert (out / "items.txt").read_text().splitlines()[:3] == ["<pad>", "<oov>", "item2"]
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+    onnx.checker.check_model(onnx.load(str(out / "explain.onnx")), full_check=True)
 
 
 def test_parity_recorded_for_every_case(bundle: tuple[DIN, Path, dict]) -> None:
@@ -69,6 +80,10 @@ def test_parity_recorded_for_every_case(bundle: tuple[DIN, Path, dict]) -> None:
     worst = max(max(c["max_abs_diff"], c["attention_max_abs_diff"]) for c in parity["cases"])
     assert parity["max_abs_diff"] == worst
     assert all(0 <= c["attention_max_abs_diff"] <= 1e-5 for c in parity["cases"])
+    explain = manifest["explain"]["parity"]
+    assert [c["name"] for c in explain["cases"]] == names
+    assert 0 <= explain["max_abs_diff"] <= 1e-5
+    assert all(0 <= c["contribution_max_abs_diff"] <= c["max_abs_diff"] for c in explain["cases"])
 
 
 def torch_reference(model: DIN, case: dict[str, np.ndarray]) -> np.ndarray:
@@ -125,6 +140,37 @@ def own_cases(items: list[str], T: int, seed: int = 11) -> dict[str, dict[str, n
         ),
         "one user, 500 candidates": serving_case([draw(T // 2)], [draw(500)], items),
     }
+
+
+def check_explain_here(model: DIN, items: list[str], explain_path: Path) -> None:
+    """explain.onnx on this test's own cases (at most 20 candidates each) against the references
+    computed here: ctr by `forward`, contribution by `DIN.leave_one_out` (forward on every history
+    with one behaviour removed)."""
+    sess = ort.InferenceSession(str(explain_path), providers=["CPUExecutionProvider"])
+    moved = 0.0
+    for name, full in own_cases(items, model.cfg.max_history).items():
+        case = {**full, "target_items": full["target_items"][:20], "target_user": full["target_user"][:20]}
+        ctr, att, contribution = sess.run(
+            ["ctr", "attention", "contribution"], {k: case[k] for k in export_mod.INPUTS}
+        )
+        tu = torch.from_numpy(case["target_user"])
+        with torch.no_grad():
+            want = model.leave_one_out(
+                torch.from_numpy(case["target_items"]),
+                torch.from_numpy(case["hist_items"])[tu],
+                torch.from_numpy(case["hist_len"])[tu],
+            ).numpy()
+        assert contribution.shape == want.shape == att.shape and contribution.dtype == np.float32, name
+        np.testing.assert_allclose(ctr, torch_reference(model, case), atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(contribution, want, atol=1e-5, rtol=0, err_msg=name)
+        moved = max(moved, float(np.abs(want).max(initial=0.0)))
+    assert moved > 1e-3  # the behaviours do move these scores: the comparison can fail
+
+
+def test_explain_graph_matches_leave_one_out_computed_here(bundle: tuple[DIN, Path, dict]) -> None:
+    model, out, _ = bundle
+    _, items = make_model()
+    check_explain_here(model, items, out / "explain.onnx")
 
 
 def check_parity_here(model: DIN, items: list[str], onnx_path: Path) -> None:
@@ -285,7 +331,9 @@ def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
     model, items = make_model(seed=3, **kw)
     manifest = export_model(model, items, tmp_path / "b")
     assert manifest["parity"]["max_abs_diff"] <= 1e-5
+    assert manifest["explain"]["parity"]["max_abs_diff"] <= 1e-5
     check_parity_here(model, items, tmp_path / "b" / "model.onnx")
+    check_explain_here(model, items, tmp_path / "b" / "explain.onnx")
 
 
 @pytest.mark.parametrize("output", [0, 1], ids=["ctr", "attention"])
@@ -306,6 +354,18 @@ def test_refuses_to_write_when_parity_fails(
         export_model(model, items, out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging directory left behind
+
+
+def test_refuses_to_write_when_the_contributions_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, items = make_model()
+    real = DIN.leave_one_out
+    monkeypatch.setattr(DIN, "leave_one_out", lambda m, *a: real(m, *a) + 1e-4)
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError, match=r"parity check failed: explain\.onnx differs"):
+        export_model(model, items, out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_vocab_size_mismatch_is_refused(tmp_path: Path) -> None:
@@ -340,9 +400,9 @@ def test_export_replaces_an_existing_bundle(
         pytest.skip("renameat2 RENAME_EXCHANGE is not available here")
     assert swapped == [swap == "exchange"]
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or old directory left
-    assert sorted(p.name for p in out.iterdir()) == ["items.txt", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == FILES
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert manifest["files"] == {name: sha256_file(out / name) for name in ("model.onnx", "items.txt")}
+    assert manifest["files"] == {name: sha256_file(out / name) for name in GRAPH_FILES}
     assert manifest["model_version"] != first_manifest["model_version"]
 
 
