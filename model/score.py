@@ -2,9 +2,12 @@
 
 Input rows `{"history": [item ids, newest first], "candidates": [item ids]}`, one JSON object a
 line; output rows `{"scores": [ctr per candidate, in candidate order]}`. With `--explain`, each row
-also has `"attention"`: per candidate, the weight of every behaviour as the model saw the history
-(newest first, cut to T), by `DIN.attention` (the reference for `/rank`'s `explain`). The service's
-ONNX path is checked against `score_rows` and `explain_rows` (one pass: `score_and_explain`).
+also has, per candidate and for every behaviour of the history as the model saw it (newest first,
+cut to T), `"contribution"`: ctr(that history) - ctr(that history without the behaviour), by
+`DIN.leave_one_out` (the model run again on each shortened history: T + 1 forward passes a candidate),
+and `"attention"`: its weight in the pooling (`DIN.attention`). Both are the reference for `/rank`'s
+`explain`; the service's ONNX path is checked against `score_rows`, `explain_rows` and
+`contribution_rows` (one pass: `score_and_explain`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ def _normalise(rows: list[dict[str, Any]]) -> list[dict[str, list[str]]]:
     ]
 
 
+Explained = tuple[list[list[list[float]]], list[list[list[float]]]]  # per row, per candidate, per behaviour
+
+
 @torch.no_grad()
 def score_and_explain(
     model: DIN,
@@ -98,29 +104,39 @@ def score_and_explain(
     batch_size: int = DEFAULT_BATCH_SIZE,
     *,
     explain: bool = True,
-) -> tuple[list[list[float]], list[list[list[float]]] | None]:
+) -> tuple[list[list[float]], Explained | None]:
     """One pass of `model.forward_explained` (the reference) over every (row, candidate) pair: per row
-    the CTR of each candidate, in input order, and with `explain` per candidate the weight of each
-    behaviour of the history as the model sees it (newest first, the most recent T); else None."""
+    the CTR of each candidate, in input order, and with `explain` (attention, contribution): per
+    candidate the weight and the leave-one-out contribution (`model.leave_one_out`) of each behaviour
+    of the history as the model sees it (newest first, the most recent T); else None."""
     model.eval()
     rows = _normalise(rows)
     targets, hists, rows_of = _pairs(rows, ckpt)
+    # with explain every pair is also scored once per behaviour: keep ~batch_size forward rows a call
+    T = max(1, ckpt.max_history)
+    step = max(1, batch_size // T) if explain else batch_size
     scores: list[float] = []
     weights: list[list[float]] = []
-    for target, hist, hist_len in _batches(targets, hists, batch_size):
+    contributions: list[list[float]] = []
+    for target, hist, hist_len in _batches(targets, hists, step):
         logits, att = model.forward_explained(target, hist, hist_len)  # att (B, L), 0 past hist_len
         scores += torch.sigmoid(logits).tolist()
         if explain:
-            weights += [w[:n] for w, n in zip(att.tolist(), hist_len.tolist(), strict=True)]
+            lens = hist_len.tolist()
+            weights += [w[:n] for w, n in zip(att.tolist(), lens, strict=True)]
+            loo = model.leave_one_out(target, hist, hist_len).tolist()  # (B, L)
+            contributions += [c[:n] for c, n in zip(loo, lens, strict=True)]
     out: list[list[float]] = [[] for _ in rows]
     for r, s in zip(rows_of, scores, strict=True):
         out[r].append(s)
     if not explain:
         return out, None
     per_row: list[list[list[float]]] = [[] for _ in rows]
-    for r, w in zip(rows_of, weights, strict=True):
+    per_row_c: list[list[list[float]]] = [[] for _ in rows]
+    for r, w, c in zip(rows_of, weights, contributions, strict=True):
         per_row[r].append(w)
-    return out, per_row
+        per_row_c[r].append(c)
+    return out, (per_row, per_row_c)
 
 
 def score_rows(
@@ -135,9 +151,19 @@ def explain_rows(
 ) -> list[list[list[float]]]:
     """Per row, per candidate: the weight of each behaviour (`model.attention`, the reference), one
     per behaviour of the history as the model sees it (newest first, the most recent T)."""
-    attention = score_and_explain(model, ckpt, rows, batch_size, explain=True)[1]
-    assert attention is not None
-    return attention
+    explained = score_and_explain(model, ckpt, rows, batch_size, explain=True)[1]
+    assert explained is not None
+    return explained[0]
+
+
+def contribution_rows(
+    model: DIN, ckpt: Checkpoint, rows: list[dict[str, Any]], batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[list[float]]]:
+    """Per row, per candidate: each behaviour's leave-one-out contribution to its ctr
+    (`model.leave_one_out`), aligned as `explain_rows`."""
+    explained = score_and_explain(model, ckpt, rows, batch_size, explain=True)[1]
+    assert explained is not None
+    return explained[1]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,8 +173,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--explain",
         action="store_true",
-        help="add to each row 'attention': per candidate, the weight of every behaviour of the history "
-        "the model saw (newest first, the most recent T)",
+        help="add to each row, per candidate and for every behaviour of the history the model saw (newest "
+        "first, the most recent T), 'contribution': ctr with the history minus ctr without that behaviour, "
+        "and 'attention': its weight (T + 1 forward passes a candidate)",
     )
     parser.add_argument(
         "--batch-size",
@@ -178,17 +205,21 @@ def run(args: argparse.Namespace) -> int:
     group = max(1, args.batch_size // 8)
     results: list[list[float]] = []
     attention: list[list[list[float]]] = []
+    contribution: list[list[list[float]]] = []
     for start in tqdm(range(0, len(rows), group), desc="scoring", unit="group", file=sys.stderr):
         chunk = rows[start : start + group]
-        scores, weights = score_and_explain(model, ckpt, chunk, args.batch_size, explain=args.explain)
+        scores, explained = score_and_explain(model, ckpt, chunk, args.batch_size, explain=args.explain)
         results += scores
-        attention += weights or []
+        if explained is not None:
+            attention += explained[0]
+            contribution += explained[1]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for i, s in enumerate(results):
             row: dict[str, Any] = {"scores": s}
             if args.explain:
+                row["contribution"] = contribution[i]
                 row["attention"] = attention[i]
             f.write(json.dumps(row) + "\n")
     n_cand = sum(len(s) for s in results)

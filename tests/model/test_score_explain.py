@@ -1,5 +1,6 @@
 """`din score --explain`: the attention rows are `DIN.attention` (the reference), aligned with the
-history as the model sees it (newest first, cut to T), for attention and sum pooling, with softmax."""
+history as the model sees it (newest first, cut to T), for attention and sum pooling, with softmax;
+the contribution rows are the score with that history minus the score without each behaviour."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from cli import main as din
 from model.checkpoint import load_run
-from model.score import explain_rows, score_rows
+from model.score import contribution_rows, explain_rows, score_rows
 from model.train import TrainConfig, train
 from model.vocab import known_ids
 
@@ -104,7 +105,8 @@ def test_cli_explain_writes_attention_beside_the_scores(run_dir: Path, tmp_path:
     assert din(["score", str(run_dir), "--input", str(inp), "--output", str(explained), "--explain"]) == 0
     a = [json.loads(line) for line in plain.read_text().splitlines()]
     b = [json.loads(line) for line in explained.read_text().splitlines()]
-    assert all(set(r) == {"scores"} for r in a) and all(set(r) == {"scores", "attention"} for r in b)
+    assert all(set(r) == {"scores"} for r in a)
+    assert all(set(r) == {"scores", "attention", "contribution"} for r in b)
     assert [r["scores"] for r in a] == [r["scores"] for r in b]  # explaining changes no score
     assert [s for r in b for s in r["scores"]] == pytest.approx(
         [s for r in score_rows(model, ckpt, rows) for s in r], abs=1e-6
@@ -115,3 +117,27 @@ def test_cli_explain_writes_attention_beside_the_scores(run_dir: Path, tmp_path:
     assert _flat([r["attention"] for r in b]) == pytest.approx(
         _flat(explain_rows(model, ckpt, rows)), abs=1e-6
     )
+    assert _flat([r["contribution"] for r in b]) == pytest.approx(
+        _flat(contribution_rows(model, ckpt, rows)), abs=1e-6
+    )
+
+
+def test_contributions_are_the_scores_without_each_behaviour(run_dir: Path) -> None:
+    """By definition, through `score_rows` itself: the history as the model saw it (cut to T), scored
+    whole and with each behaviour deleted in turn; contribution = whole - without."""
+    model, ckpt = load_run(run_dir)
+    T = ckpt.max_history
+    rows = _rows(known_ids(ckpt.items), T)
+    got = contribution_rows(model, ckpt, rows, batch_size=64)
+    for row, per_candidate in zip(rows, got, strict=True):
+        seen = row["history"][:T]
+        whole = score_rows(model, ckpt, [{"history": seen, "candidates": row["candidates"]}])[0]
+        shorter = [
+            {"history": seen[:t] + seen[t + 1 :], "candidates": row["candidates"]} for t in range(len(seen))
+        ]
+        without = score_rows(model, ckpt, shorter)  # per t, per candidate
+        assert len(per_candidate) == len(row["candidates"])
+        for j, contributions in enumerate(per_candidate):
+            want = [whole[j] - without[t][j] for t in range(len(seen))]
+            assert contributions == pytest.approx(want, abs=1e-6)
+    assert max(abs(c) for c in _flat(got)) > 1e-4  # the behaviours do move the scores
