@@ -15,8 +15,9 @@ The shape of text-embeddings-inference's queue and Ray Serve's `@serve.batch`:
   parallel section whenever the event loop takes a core;
 - a batch takes the live model once (`LiveModel.current`) and uses it from start to end;
 - a failed batch sets the error on every future of that batch;
-- a batch with a request that asks for an explanation fetches the attention output too, and hands it
-  (with the history the model saw) to those requests only; a batch without one asks for ctr alone.
+- explanations come last: a batch is scored (ctr alone), every request that did not ask for an
+  explanation gets its answer, and only then do the explaining ones (not degraded, still waiting) go
+  through the explaining graph together, one call for the items each returns (`Ranker.explain_batch`).
 
 Deadlines (admission control): every request carries its deadline. At the door, a request whose
 expected wait (the candidates ahead of it, drained by `workers` calls at once, and its own, at the
@@ -25,6 +26,11 @@ is shed at once with 503 overloaded + Retry-After, instead of queueing work that
 anyway; so the queue never holds more than half a budget's worth of work. A caller stops waiting
 at its deadline (503 overloaded, reason timeout), and a request whose deadline has passed is
 dropped when its batch is taken: it is never computed.
+
+Explained requests are a debugging tool and are shed first: their expected wait counts their own
+explaining work (items returned x behaviours, at the measured cost per row) and must fit in a quarter
+of the time left, not half (503 overloaded, reason `explain`), so under load they are refused while
+the requests that do not explain are still admitted.
 """
 
 from __future__ import annotations
@@ -41,16 +47,17 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from model.errors import DinError, InferenceFailed, Overloaded, ShuttingDown, StoreUnavailable
 from service.live import LiveModel
 from service.metrics import Metrics
-from service.ranker import Ranker, Scored
+from service.ranker import Explained, Ranker, Scored, ranked
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R", list[Scored], list[Explained])
 
 _SHUTTING_DOWN = "the service is shutting down; retry on another replica"
 _CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline"
@@ -60,6 +67,11 @@ _CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline
 # the socket before it was read). Filling the queue to the deadline adds latency, not goodput: at 2x
 # capacity it answered 200s at p50 190 ms and some past 250 ms by the client's clock (bench/overload.py).
 _HEADROOM = 2.0
+_EXPLAIN_HEADROOM = 4.0  # explained requests: a quarter of the time left, so they are shed first
+_EXPLAIN_SHED = (
+    "explanations are shed first under load and this one would not fit its deadline; retry shortly, "
+    "or rank without explain"
+)
 
 
 class HistorySource(Protocol):
@@ -69,14 +81,22 @@ class HistorySource(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Explanation:
+    """What an explained request's returned items owe to each behaviour the model saw."""
+
+    order: np.ndarray  # int (n_returned,): the returned items as indices of the candidates, best first
+    history: list[str]  # the behaviours the model saw, newest first (cut to T)
+    attention: np.ndarray  # float32 (n_returned, len(history)): each behaviour's pooling weight
+    contribution: np.ndarray  # float32 (n_returned, len(history)): ctr - ctr without that behaviour
+
+
+@dataclass(frozen=True, slots=True)
 class RankResult:
     scores: np.ndarray  # float32 (n_candidates,), in the request's candidate order
     history_length: int  # behaviours the model saw, after truncation to T
     degraded: str | None  # why the history could not be read, or None
     model_version: str  # the model that computed these scores
-    # with explain: float32 (n_candidates, history_length), the weight of every behaviour the model saw
-    attention: np.ndarray | None = None
-    history: list[str] | None = None  # with explain: the behaviours the model saw, newest first
+    explanation: Explanation | None = None  # with explain, unless degraded
 
 
 @dataclass(slots=True)
@@ -87,7 +107,9 @@ class _Job:
     future: asyncio.Future[RankResult]
     enqueued_at: float  # time.perf_counter()
     deadline: float  # time.perf_counter() by which the answer is due
-    explain: bool = False  # wants the attention weights behind its scores
+    explain: bool = False  # wants each returned item's contributions
+    top_k: int | None = None  # with explain: how many items it returns (None: every candidate)
+    explain_rows: int = 0  # with explain: the explaining graph's rows it needs (items x T), for admission
 
 
 class Batcher:
@@ -128,6 +150,8 @@ class Batcher:
         # Recent costs, for the expected wait of a new request: the median of the last few batches, so
         # one slow call (a VM stall, a page fault storm) does not shed a burst of requests that fit.
         self._candidate_s = _RecentMedian()  # inference seconds per candidate, batch overhead spread over it
+        self._explain_row_s = _RecentMedian()  # explaining-graph seconds per (item, behaviour) row
+        self._explain_rows = 0  # explaining work admitted and not yet done, in rows
         self._redis_s = _RecentMedian()  # one pipelined history read
         self._inflight_candidates = 0
         self._typical_candidates = 0  # candidates of a recent request (moving average)
@@ -159,19 +183,24 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def admits(self, deadline: float, candidates: int | None = None) -> bool:
-        """Whether a request of `candidates` (default: a typical one) can be answered by `deadline`
-        (time.perf_counter()), with headroom: an estimate a little optimistic would admit work that
-        then times out. The one admission rule, used here and at the door (service.middleware)."""
+    def admits(self, deadline: float, candidates: int | None = None, explain_rows: int = 0) -> bool:
+        """Whether a request of `candidates` (default: a typical one), explaining `explain_rows` rows,
+        can be answered by `deadline` (time.perf_counter()), with headroom: an estimate a little
+        optimistic would admit work that then times out; an explained request gets twice the headroom,
+        so it is shed first. The one admission rule, used here and at the door (service.middleware)."""
         n = self._typical_candidates if candidates is None else candidates
-        return time.perf_counter() + _HEADROOM * self.expected_wait(n) <= deadline
+        headroom = _EXPLAIN_HEADROOM if explain_rows else _HEADROOM
+        return time.perf_counter() + headroom * self.expected_wait(n, explain_rows) <= deadline
 
-    def expected_wait(self, candidates: int) -> float:
-        """Seconds until a new request of `candidates` would be answered: the work ahead of it and its
-        own, at the recent cost per candidate, plus a Redis read. 0 until a batch has been measured."""
+    def expected_wait(self, candidates: int, explain_rows: int = 0) -> float:
+        """Seconds until a new request of `candidates` (explaining `explain_rows` rows) would be
+        answered: the work ahead of it and its own, at the recent cost per candidate and per explained
+        row, plus a Redis read. 0 until a batch has been measured."""
         ahead = self._inflight_candidates + self._queued_candidates
         # the work ahead drains `workers` batches at a time; its own batch takes one call's time
-        return (ahead / self.workers + candidates) * self._candidate_s.value() + self._redis_s.value()
+        scoring = (ahead / self.workers + candidates) * self._candidate_s.value()
+        explaining = (self._explain_rows / self.workers + explain_rows) * self._explain_row_s.value()
+        return scoring + explaining + self._redis_s.value()
 
     async def submit(
         self,
@@ -181,12 +210,14 @@ class Batcher:
         deadline: float | None = None,
         *,
         explain: bool = False,
+        top_k: int | None = None,
     ) -> RankResult:
-        """Queue one request and wait for its scores (and with `explain`, their weights), until
-        `deadline` (time.perf_counter()).
+        """Queue one request and wait for its scores (and with `explain`, the contributions behind the
+        best `top_k` of them, or all), until `deadline` (time.perf_counter()).
 
         Raises Overloaded at once when the queue is full or the request cannot be answered by its
-        deadline, and when the deadline passes while it waits."""
+        deadline (an explained one: with its explaining work, in a quarter of the time left), and when
+        the deadline passes while it waits."""
         if self._closing:
             raise ShuttingDown(_SHUTTING_DOWN)
         now = time.perf_counter()
@@ -195,11 +226,16 @@ class Batcher:
             raise self.shed("queue_full", f"the ranking queue is full ({self.queue_max} requests waiting)")
         if not self.admits(deadline, len(candidates)):
             raise self.shed("deadline", _CANNOT_MEET_DEADLINE)
+        returned = len(candidates) if top_k is None else min(top_k, len(candidates))
+        rows = returned * self.live.current.max_history if explain else 0
+        if explain and not self.admits(deadline, len(candidates), rows):
+            raise self.shed("explain", _EXPLAIN_SHED)
         self._typical_candidates = round(_ewma(self._typical_candidates, len(candidates)))
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
-        job = _Job(user_id, candidates, history, future, now, deadline, explain)
+        job = _Job(user_id, candidates, history, future, now, deadline, explain, top_k, rows)
         self._queue.append(job)
         self._queued_candidates += len(candidates)
+        self._explain_rows += rows
         self._wakeup.set()
         self.metrics.queue_admitted.inc()
         self.metrics.queue_depth.set(len(self._queue))
@@ -257,9 +293,11 @@ class Batcher:
             self._queue.popleft()
             self._queued_candidates -= n
             if job.future.done():  # the caller went away (or gave up at its deadline) while queued
+                self._explain_rows -= job.explain_rows
                 self.metrics.cancelled.inc()
                 continue
             if job.deadline <= time.perf_counter():  # too late: never computed
+                self._explain_rows -= job.explain_rows
                 self.metrics.queue_rejections.labels(reason="expired").inc()
                 late = Overloaded("the request's deadline passed in the queue", reason="timeout")
                 job.future.set_exception(late)
@@ -277,6 +315,7 @@ class Batcher:
             await self._run_batch(batch)
         finally:
             self._inflight_candidates -= sum(len(job.candidates) for job in batch)
+            self._explain_rows -= sum(job.explain_rows for job in batch)
             self._inflight -= 1
             self.metrics.inflight_batches.set(self._inflight)
             self._wakeup.set()
@@ -295,7 +334,7 @@ class Batcher:
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read
             if not jobs:
                 return
-            if not ranker.can_explain:  # a bundle without attention (after a reload, say) explains nothing
+            if not ranker.can_explain:  # a bundle without explain.onnx (after a reload, say) explains nothing
                 jobs = [i for i in jobs if not self._refuse_explain(batch[i], ranker)]
             histories = [histories[i] for i in jobs]
             degraded = [degraded[i] for i in jobs]
@@ -310,11 +349,41 @@ class Batcher:
             self._fail(batch, e)
             return
         T = ranker.max_history
+        explaining: list[tuple[_Job, list[str], np.ndarray]] = []
         for job, hist, s, why in zip(live, histories, scores, degraded, strict=True):
+            if job.future.done():
+                continue
+            if job.explain and why is None:  # a degraded answer explains nothing: answered at once
+                explaining.append((job, hist[:T], s.scores))
+            else:
+                job.future.set_result(RankResult(s.scores, min(len(hist), T), why, ranker.model_version))
+        if explaining:  # every other request of the batch has its answer by now
+            await self._explain(ranker, explaining)
+
+    async def _explain(self, ranker: Ranker, work: list[tuple[_Job, list[str], np.ndarray]]) -> None:
+        """One call of the explaining graph for the items each explaining request returns (the order
+        `/rank` returns them in: `ranked`), then their answers. A failure fails these requests only."""
+        work = [w for w in work if not w[0].future.done()]  # callers may have gone (or timed out)
+        if not work:
+            return
+        orders = [ranked(scores, job.top_k) for job, _, scores in work]
+        rows = [
+            ([job.candidates[i] for i in order], hist)
+            for (job, hist, _), order in zip(work, orders, strict=True)
+        ]
+        try:
+            loop = asyncio.get_running_loop()
+            explained, seconds = await loop.run_in_executor(
+                self._executor, functools.partial(_timed, ranker.explain_batch, rows)
+            )
+        except Exception as e:  # logged with its cause; the callers get InferenceFailed (or the DinError)
+            self._fail([job for job, _, _ in work], e)
+            return
+        self._explain_row_s.add(seconds / max(1, sum(len(items) * len(hist) for items, hist in rows)))
+        for (job, hist, scores), order, ex in zip(work, orders, explained, strict=True):
             if not job.future.done():
-                n = min(len(hist), T)
-                explained = (s.attention, hist[:T]) if job.explain else (None, None)
-                job.future.set_result(RankResult(s.scores, n, why, ranker.model_version, *explained))
+                why = Explanation(order, hist, ex.attention, ex.contribution)
+                job.future.set_result(RankResult(scores, len(hist), None, ranker.model_version, why))
 
     @staticmethod
     def _refuse_explain(job: _Job, ranker: Ranker) -> bool:
@@ -360,15 +429,13 @@ class Batcher:
         return histories, degraded
 
     async def _infer(self, ranker: Ranker, jobs: list[_Job], histories: list[list[str]]) -> list[Scored]:
-        """One ONNX Runtime call for the whole batch, in the worker thread (with the attention output
-        only when one of its requests explains)."""
+        """One ONNX Runtime call for the whole batch (ctr alone), in a worker thread."""
         rows = [(job.candidates, hist) for job, hist in zip(jobs, histories, strict=True)]
-        explain = any(job.explain for job in jobs)
         n_cand = sum(len(c) for c, _ in rows)
         try:
             loop = asyncio.get_running_loop()
             scores, seconds = await loop.run_in_executor(
-                self._executor, functools.partial(_timed, ranker.score_batch, rows, explain=explain)
+                self._executor, functools.partial(_timed, ranker.score_batch, rows)
             )
         except Exception as e:
             # the detail is logged (with the request ids of the batch), never sent to clients
@@ -398,7 +465,7 @@ def _yield_to_event_loop() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
 
 
-def _timed(fn: Callable[..., list[Scored]], *args: Any, **kwargs: Any) -> tuple[list[Scored], float]:
+def _timed(fn: Callable[..., _R], *args: Any, **kwargs: Any) -> tuple[_R, float]:
     """Run `fn` and time it where it runs (a worker thread): not the wait for a free worker."""
     t0 = time.perf_counter()
     return fn(*args, **kwargs), time.perf_counter() - t0

@@ -76,7 +76,16 @@ class Settings(BaseSettings):
         1000, ge=1, description="longest explicit `history` in /rank (longer than the model's T is truncated)"
     )
     max_explain_top: int = Field(
-        100, ge=1, description="largest `explain_top` in /rank: behaviours listed per item with `explain`"
+        100,
+        ge=1,
+        description="largest `explain_top` in /rank: behaviours listed in each of `because` and `against` "
+        "per item with `explain`",
+    )
+    max_explain_items: int = Field(
+        200,
+        ge=1,
+        description="with `explain`, most items a /rank may return (`top_k`, or every candidate without "
+        "it): each is scored again without each behaviour of the history (T head passes an item)",
     )
     max_events: int = Field(1000, ge=1, description="most events per /events request")
     max_body_bytes: int = Field(

@@ -4,9 +4,12 @@ indices through the bundle's vocabulary and scores a batch of users in one call.
 `Ranker.score_batch` is synchronous and runs in a worker thread (never on the event loop). A Ranker
 never changes once built; the service reaches the one it serves through `service.live.LiveModel`.
 
-Explanations: the serving graph's second output, `attention` (N, T), is fetched only for a batch that
-asks for it (`explain=True`); ONNX Runtime computes the ctr alone otherwise. Bundles exported before
-that output existed still serve, and `can_explain` is False for them.
+Explanations: a second session runs the bundle's explaining graph (explain.onnx, `DIN.serve_contributions`)
+on the few items an explained request returns (`explain_batch`): their ctr, every behaviour's
+attention weight and its exact leave-one-out contribution. ONNX Runtime runs every node of a graph
+whatever outputs are asked for, so this work lives in its own graph and costs nothing to the requests
+that do not explain. Bundles exported before explain.onnx existed still serve, and `can_explain` is
+False for them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from model.bundle import ATTENTION_OUTPUT, INPUTS, OUTPUTS, Bundle
+from model.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, OUTPUTS, Bundle
 from model.errors import BundleError, CannotExplain
 
 log = logging.getLogger(__name__)
@@ -29,10 +32,26 @@ INPUT_NAMES = tuple(INPUTS)
 
 @dataclass(frozen=True, slots=True)
 class Scored:
-    """One row of a batch: its candidates' CTRs and, when explained, the weights behind them."""
+    """One row of a batch: its candidates' CTRs."""
 
     scores: np.ndarray  # float32 (n_candidates,), in the row's candidate order
-    attention: np.ndarray | None  # float32 (n_candidates, history length): weight of each behaviour
+
+
+@dataclass(frozen=True, slots=True)
+class Explained:
+    """One row of an explaining call: for each of its items, per behaviour of the history the model saw
+    (newest first, cut to T), its attention weight and what removing it does to the item's ctr."""
+
+    scores: np.ndarray  # float32 (n_items,): the items' ctr, as the serving graph computes it
+    attention: np.ndarray  # float32 (n_items, history length): the pooling's weight of each behaviour
+    contribution: np.ndarray  # float32 (n_items, history length): ctr - ctr without that behaviour
+
+
+def ranked(scores: np.ndarray, top_k: int | None) -> np.ndarray:
+    """The order `/rank` returns candidates in: indices by score descending (ties keep request order),
+    the best top_k of them when given. One function, so the batcher explains exactly what is returned."""
+    order = np.argsort(-scores, kind="stable")
+    return order if top_k is None else order[:top_k]
 
 
 def choose_providers(requested: list[str] | None) -> list[str]:
@@ -79,8 +98,19 @@ class Ranker:
                 f"bundle {bundle.path}: model.onnx has inputs {names}, expected {list(INPUT_NAMES)}"
             )
         self.providers: list[str] = self.session.get_providers()
-        # bundles exported before the attention output serve scores, not explanations
-        self.can_explain = ATTENTION_OUTPUT in {o.name for o in self.session.get_outputs()}
+        # bundles exported before the explaining graph serve scores, not explanations
+        self.explainer: ort.InferenceSession | None = None
+        if bundle.explain_bytes is not None:
+            try:
+                self.explainer = ort.InferenceSession(
+                    bundle.explain_bytes, sess_options=opts, providers=choose_providers(providers)
+                )
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BundleError(
+                    f"bundle {bundle.path}: {EXPLAIN_GRAPH} cannot be loaded: {first}"
+                ) from None
+        self.can_explain = self.explainer is not None
 
     # ---------------------------------------------------------------- encoding
 
@@ -93,43 +123,35 @@ class Ranker:
     def cannot_explain(self) -> CannotExplain:
         return CannotExplain(
             f"the model serving now ({self.model_version}) cannot explain: its bundle has no "
-            f"'{ATTENTION_OUTPUT}' output (exported before explanations existed); re-export it with "
+            f"{EXPLAIN_GRAPH} (exported before explanations by contribution existed); re-export it with "
             "`din export` and reload, or rank without explain",
-            detail=[{"field": "explain", "message": "this model has no attention output; re-export it"}],
+            detail=[{"field": "explain", "message": f"this model has no {EXPLAIN_GRAPH}; re-export it"}],
         )
 
-    def run(
-        self,
-        target_items: np.ndarray,
-        target_user: np.ndarray,
-        hist_items: np.ndarray,
-        hist_len: np.ndarray,
-        *,
-        explain: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw serving-graph call: (N,), (N,), (U, T), (U,) int64 -> ctr (N,) float32, and with
-        `explain` the attention (N, T) float32 (else None: ONNX Runtime is asked for ctr alone)."""
-        feeds = {
+    @staticmethod
+    def _feeds(
+        target_items: np.ndarray, target_user: np.ndarray, hist_items: np.ndarray, hist_len: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        return {
             "target_items": target_items,
             "target_user": target_user,
             "hist_items": hist_items,
             "hist_len": hist_len,
         }
-        if not explain:
-            (ctr,) = self.session.run([OUTPUT_NAME], feeds)
-            return np.asarray(ctr), None
-        if not self.can_explain:
-            raise self.cannot_explain()
-        ctr, attention = self.session.run([OUTPUT_NAME, ATTENTION_OUTPUT], feeds)
-        return np.asarray(ctr), np.asarray(attention)
 
-    def score_batch(self, rows: list[tuple[list[str], list[str]]], *, explain: bool = False) -> list[Scored]:
-        """Score several users in one ONNX Runtime call.
+    def run(
+        self, target_items: np.ndarray, target_user: np.ndarray, hist_items: np.ndarray, hist_len: np.ndarray
+    ) -> np.ndarray:
+        """Raw serving-graph call: (N,), (N,), (U, T), (U,) int64 -> ctr (N,) float32 (ONNX Runtime is
+        asked for ctr alone)."""
+        (ctr,) = self.session.run([OUTPUT_NAME], self._feeds(target_items, target_user, hist_items, hist_len))
+        return np.asarray(ctr)
 
-        rows: (candidates, history newest first) per user. Histories are truncated to the model's T
-        and padded to the batch's longest history (not to T). Returns one `Scored` per row; with
-        `explain`, its attention (n_candidates, len(history cut to T)) too.
-        """
+    def _encode_rows(
+        self, rows: list[tuple[list[str], list[str]]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """Rows (items, history newest first) -> the graphs' four inputs, and each row's item count.
+        Histories are cut to the model's T and padded to the batch's longest (not to T)."""
         T = self.max_history
         hists = [self.encode(h[:T]) for _, h in rows]
         lens = np.fromiter((len(h) for h in hists), dtype=np.int64, count=len(hists))
@@ -140,20 +162,46 @@ class Ranker:
         counts = [len(c) for c, _ in rows]
         target_items = self.encode([item for c, _ in rows for item in c])
         target_user = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
-        ctr, attention = self.run(target_items, target_user, hist_items, lens, explain=explain)
+        return target_items, target_user, hist_items, lens, counts
+
+    def score_batch(self, rows: list[tuple[list[str], list[str]]]) -> list[Scored]:
+        """Score several users in one ONNX Runtime call.
+
+        rows: (candidates, history newest first) per user. Returns one `Scored` per row.
+        """
+        target_items, target_user, hist_items, lens, counts = self._encode_rows(rows)
+        ctr = self.run(target_items, target_user, hist_items, lens)
+        return [Scored(scores) for scores in np.split(ctr, np.cumsum(counts)[:-1])]
+
+    def explain_batch(self, rows: list[tuple[list[str], list[str]]]) -> list[Explained]:
+        """Explain several users' items in one call of the explaining graph (explain.onnx).
+
+        rows: (items to explain, history newest first) per user: the items a request returns, not
+        every candidate (the graph runs its head once per item and behaviour). Returns one `Explained`
+        per row, its arrays (n_items, len(history cut to T)). Raises CannotExplain without explain.onnx.
+        """
+        if self.explainer is None:
+            raise self.cannot_explain()
+        target_items, target_user, hist_items, lens, counts = self._encode_rows(rows)
+        feeds = self._feeds(target_items, target_user, hist_items, lens)
+        ctr, attention, contribution = (
+            np.asarray(a) for a in self.explainer.run(list(EXPLAIN_OUTPUTS), feeds)
+        )
         cuts = np.cumsum(counts)[:-1]
-        if attention is None:
-            return [Scored(scores, None) for scores in np.split(ctr, cuts)]
         return [
-            Scored(scores, weights[:, :n])
-            for scores, weights, n in zip(
-                np.split(ctr, cuts), np.split(attention, cuts), lens.tolist(), strict=True
+            Explained(c, a[:, :n], d[:, :n])
+            for c, a, d, n in zip(
+                np.split(ctr, cuts),
+                np.split(attention, cuts),
+                np.split(contribution, cuts),
+                lens.tolist(),
+                strict=True,
             )
         ]
 
     def warmup(self, rounds: int) -> float:
         """Run the graph over several shapes so ORT's allocations and kernels are ready (the first round
-        also fetches the attention, when the model has it). Returns seconds."""
+        also runs the explaining graph, when the model has it, on 10 items a user). Returns seconds."""
         t0 = time.perf_counter()
         known = self.vocab.known()[:64] or ["<unknown>"]
         T = self.max_history
@@ -167,5 +215,5 @@ class Ranker:
                 ]
                 self.score_batch(rows)
                 if r == 0 and self.can_explain:
-                    self.score_batch(rows, explain=True)
+                    self.explain_batch([(c[:10], h) for c, h in rows])
         return time.perf_counter() - t0

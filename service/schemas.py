@@ -41,10 +41,12 @@ _EVENTS_EXAMPLE: dict[str, Any] = {
 
 DEFAULT_EXPLAIN_TOP = 5
 _EXPLAIN_DOC = (
-    "add to each item `because`: the behaviours of the user's history that weigh most in its score "
-    "(DIN's attention weights, exactly as the model computed them)"
+    "add to each returned item `because` and `against`: the behaviours of the user's history that raised "
+    "its score most and that lowered it most, by `contribution` = score with the history minus score "
+    "with the same history less that one behaviour (exact). At most DIN_MAX_EXPLAIN_ITEMS returned items "
+    "(set `top_k`); explained requests are shed first under load"
 )
-_EXPLAIN_TOP_DOC = "with `explain`: how many behaviours each item's `because` lists at most"
+_EXPLAIN_TOP_DOC = "with `explain`: how many behaviours each item's `because` and `against` list at most"
 
 
 class RankRequest(BaseModel):
@@ -187,9 +189,15 @@ def request_models(settings: Settings) -> RequestModels:
 
 class Because(BaseModel):
     item_id: str = Field(description="a behaviour of the user's history")
-    position: int = Field(description="its index in the history the model saw: 0 = newest")
+    position: int = Field(description="its index in the history the model saw (cut to T): 0 = newest")
     weight: float = Field(
-        description="its attention weight for this item: how much it counts in the user's interest vector"
+        description="its attention weight for this item (the factor it enters the user's interest vector "
+        "with); its size says nothing of the direction or size of its effect on the score"
+    )
+    contribution: float = Field(
+        description="what it did to this item's score: score with the history the model saw minus score "
+        "with that history less this one behaviour (the others kept, in order), in CTR units, exactly; "
+        "> 0 raised it, < 0 lowered it"
     )
 
 
@@ -198,8 +206,13 @@ class ScoredItem(BaseModel):
     score: float = Field(description="predicted click-through rate in (0, 1)")
     because: list[Because] | None = Field(
         None,
-        description="with `explain`: the behaviours with the largest weights for this item, at most "
-        "`explain_top`, by weight descending (empty when nothing is explained)",
+        description="with `explain`: the behaviours that raised this item's score most (contribution > 0), "
+        "largest first, at most `explain_top` (empty when none did, or nothing is explained)",
+    )
+    against: list[Because] | None = Field(
+        None,
+        description="with `explain`: the behaviours that lowered this item's score most (contribution < 0), "
+        "most negative first, at most `explain_top`",
     )
 
 
@@ -228,8 +241,8 @@ class RankResponse(BaseModel):
     degraded: bool = Field(description="true when Redis could not be read and an empty history was used")
     explained: bool | None = Field(
         None,
-        description="with `explain`: true when `because` lists the weights behind the scores; false when "
-        "nothing is explained (a degraded answer: the history could not be read)",
+        description="with `explain`: true when `because` and `against` say what each behaviour did to the "
+        "scores; false when nothing is explained (a degraded answer: the history could not be read)",
     )
     explain_note: str | None = Field(None, description="with `explain`, when `explained` is false: why")
 
@@ -260,10 +273,11 @@ class Suggestions(BaseModel):
     and the limits of this service."""
 
     model_version: str
-    can_explain: bool = Field(description="the served model has the attention output `explain` reads")
+    can_explain: bool = Field(description="the served model has the explaining graph `explain` runs")
     max_history: int = Field(description="T: behaviours the model sees, newest first")
     max_candidates: int
     max_explain_top: int
+    max_explain_items: int = Field(description="with `explain`, most items a /rank may return")
     users: list[str] = Field(description="a few users with a history in Redis (empty when it cannot be read)")
     items: list[CatalogueItem] = Field(description="a random sample of the served model's catalogue")
 

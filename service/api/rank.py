@@ -1,5 +1,6 @@
 """POST /rank: score a user's candidates against their history and return them by CTR; with `explain`,
-each item says which behaviours of the history weigh most in its score (DIN's attention weights)."""
+each returned item says which behaviours of the history raised its score most (`because`) and which
+lowered it most (`against`), by each behaviour's exact leave-one-out contribution."""
 
 # No `from __future__ import annotations` here: FastAPI reads the handler's annotations when the
 # route is declared, and the body model is a local of `router()` (this app's, with its limits).
@@ -9,11 +10,13 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from service.api.deps import BatcherDep, StateDep
-from service.batcher import RankResult
+from service.batcher import Explanation, RankResult
 from service.log import request_started
+from service.ranker import ranked
 from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse, RequestModels
 
 _UNEXPLAINED = (
@@ -21,27 +24,36 @@ _UNEXPLAINED = (
     "behaviour at all"
 )
 
-
-def because(weights: np.ndarray, history: list[str], top: int) -> list[list[dict[str, Any]]]:
-    """weights (n, L) float32, history (L,) newest first -> per row, the `top` behaviours with the
-    largest weights, by weight descending (ties: the newer first)."""
-    if weights.shape[1] == 0:
-        return [[] for _ in range(weights.shape[0])]
-    order = np.argsort(-weights, axis=1, kind="stable")[:, :top]  # (n, k)
-    picked = np.take_along_axis(weights, order, axis=1).tolist()  # float32 -> python float
-    return [
-        [{"item_id": history[p], "position": p, "weight": w} for p, w in zip(ps, ws, strict=True)]
-        for ps, ws in zip(order.tolist(), picked, strict=True)
-    ]
+Reasons = list[dict[str, Any]]
 
 
-def _explained(
-    result: RankResult, order: list[int], top: int
-) -> tuple[list[list[dict[str, Any]]], str | None]:
-    """Per returned item its `because`, and why nothing is explained (or None)."""
-    if result.degraded is not None or result.attention is None or result.history is None:
-        return [[] for _ in order], _UNEXPLAINED.format(why=result.degraded or "no history")
-    return because(result.attention[order], result.history, top), None
+def reasons(explanation: Explanation, top: int) -> list[tuple[Reasons, Reasons]]:
+    """Per returned item (explanation.order), `because`: the `top` behaviours with the largest positive
+    contributions, largest first, and `against`: the `top` with the most negative, most negative
+    first (ties: the newer first). A behaviour whose removal leaves the score as it is is in neither."""
+    contribution, weights, history = explanation.contribution, explanation.attention, explanation.history
+    out: list[tuple[Reasons, Reasons]] = []
+    for c, w in zip(contribution, weights, strict=True):  # (L,) each, one returned item
+        up = np.argsort(-c, kind="stable")[:top]
+        down = np.argsort(c, kind="stable")[:top]
+        lists = []
+        for picked, sign in ((up, 1.0), (down, -1.0)):
+            picked = picked[sign * c[picked] > 0]
+            lists.append(
+                [
+                    {"item_id": history[p], "position": p, "weight": wt, "contribution": ct}
+                    for p, wt, ct in zip(picked.tolist(), w[picked].tolist(), c[picked].tolist(), strict=True)
+                ]
+            )
+        out.append((lists[0], lists[1]))
+    return out
+
+
+def _explained(result: RankResult, n: int, top: int) -> tuple[list[tuple[Reasons, Reasons]], str | None]:
+    """Per returned item its (`because`, `against`), and why nothing is explained (or None)."""
+    if result.explanation is None:
+        return [([], []) for _ in range(n)], _UNEXPLAINED.format(why=result.degraded or "no history")
+    return reasons(result.explanation, top), None
 
 
 def router(models: RequestModels) -> APIRouter:
@@ -55,25 +67,43 @@ def router(models: RequestModels) -> APIRouter:
         summary="Rank candidates for a user",
         description="Scores every candidate against the user's history (from Redis, or `history`) and "
         "returns them by predicted CTR, descending. If Redis is down the answer is still 200, with an "
-        "empty history and `degraded: true`. With `explain: true` each item gains `because`: the "
-        "behaviours with the largest attention weights for it (at most `explain_top`); a degraded answer "
-        "explains nothing (`explained: false`). A model exported before explanations existed answers "
-        "`explain` with 422 cannot_explain.",
+        "empty history and `degraded: true`. With `explain: true` each returned item gains `because` and "
+        "`against`: the behaviours whose removal from the history would lower its score most (they raised "
+        "it) and raise it most (they lowered it), each with its `contribution` = score with the history - "
+        "score without that behaviour, exactly; at most `explain_top` each, for at most "
+        "`DIN_MAX_EXPLAIN_ITEMS` returned items (set `top_k`). A degraded answer explains nothing "
+        "(`explained: false`). Explained requests are shed first under load. A model exported before "
+        "explanations existed answers `explain` with 422 cannot_explain.",
     )
     async def rank(body: RankBody, batcher: BatcherDep, state: StateDep) -> Response:  # type: ignore[valid-type]
         req: RankRequest = body  # mypy cannot read a per-app class as a type; this is its base
         # The budget counts from the request's arrival (parsing and validation included).
         arrived = request_started.get() or time.perf_counter()
         deadline = arrived + state.settings.request_timeout_ms / 1000
-        if req.explain and not (ranker := state.live.current).can_explain:
-            raise ranker.cannot_explain()  # at once; the batcher checks again (a reload may come between)
         # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
         candidates = list(dict.fromkeys(req.candidates))
-        result = await batcher.submit(req.user_id, candidates, req.history, deadline, explain=req.explain)
+        if req.explain:
+            returned = len(candidates) if req.top_k is None else min(req.top_k, len(candidates))
+            most = state.settings.max_explain_items
+            if returned > most:  # each explained item costs a head pass per behaviour: bounded
+                raise RequestValidationError(
+                    [
+                        {
+                            "type": "less_than_equal",
+                            "loc": ("body", "top_k"),
+                            "msg": f"with explain, at most {most} items can be returned and explained "
+                            f"(DIN_MAX_EXPLAIN_ITEMS); this request returns {returned}: set top_k <= {most}",
+                            "input": req.top_k,
+                        }
+                    ]
+                )
+            if not (ranker := state.live.current).can_explain:
+                raise ranker.cannot_explain()  # at once; the batcher checks again (a reload may come between)
+        result = await batcher.submit(
+            req.user_id, candidates, req.history, deadline, explain=req.explain, top_k=req.top_k
+        )
         scores = result.scores
-        order = np.argsort(-scores, kind="stable")  # descending; ties keep request order
-        if req.top_k is not None:
-            order = order[: req.top_k]
+        order = result.explanation.order if result.explanation is not None else ranked(scores, req.top_k)
         values = scores[order].tolist()  # float32 -> python float
         items = [{"item_id": candidates[i], "score": v} for i, v in zip(order.tolist(), values, strict=True)]
         answer: dict[str, Any] = {
@@ -84,9 +114,10 @@ def router(models: RequestModels) -> APIRouter:
             "degraded": result.degraded is not None,
         }
         if req.explain:
-            reasons, note = _explained(result, order.tolist(), req.explain_top)
-            for item, why in zip(items, reasons, strict=True):
-                item["because"] = why
+            lists, note = _explained(result, len(items), req.explain_top)
+            for item, (because, against) in zip(items, lists, strict=True):
+                item["because"] = because
+                item["against"] = against
             answer["explained"] = note is None
             if note is not None:
                 answer["explain_note"] = note

@@ -1,6 +1,7 @@
 """The ranking explorer: `GET /ui`, a page of plain HTML, CSS, JavaScript and SVG (service/ui/, no build
-step, nothing loaded from elsewhere) that ranks with `POST /rank` and `explain`, and draws the attention
-weights as a heatmap; and the two read-only endpoints it starts from (`/ui/suggestions`, `/ui/items`).
+step, nothing loaded from elsewhere) that ranks with `POST /rank` and `explain`, and draws what each
+behaviour did to each score (and, as a second view, the attention weights) as a heatmap; and the two
+read-only endpoints it starts from (`/ui/suggestions`, `/ui/items`).
 
 The page and its files hold no data and are open (a browser cannot send an API key to load a page);
 everything they read goes through the API behind the keys: with keys set, the page asks for one and
@@ -100,6 +101,7 @@ def router(models: RequestModels) -> APIRouter:
             "max_history": ranker.max_history,
             "max_candidates": state.settings.max_candidates,
             "max_explain_top": state.settings.max_explain_top,
+            "max_explain_items": state.settings.max_explain_items,
             "users": found,
             "items": _describe(ranker, [ranker.vocab.ids[i] for i in picks]),
         }

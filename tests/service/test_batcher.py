@@ -330,3 +330,42 @@ def test_cost_estimate_ignores_one_slow_call_and_forgets_old_ones() -> None:
     assert recent.value(2.5) == 0.0  # ...then nothing for over a second: unknown, nothing shed on it
     recent.add(1e-4, now=2.6)  # the next measurement stands alone: the slow spell has aged out
     assert recent.value(2.6) == 1e-4
+
+
+def test_explained_requests_are_shed_first_and_answered_last(ranker: Ranker, redis_url: str) -> None:
+    """An explained request needs its expected wait (its explaining work included) to fit in a quarter of
+    the time left, a plain one in half: at a deadline between the two, the explained one is refused
+    (reason `explain`) and the plain one admitted. In a shared batch the plain request is answered
+    before the explaining graph runs."""
+
+    async def go() -> None:
+        async with running(ranker, redis_url, max_delay_s=0.05) as b:
+            hist = ["i4", "i5", "i6"]
+            order: list[str] = []
+            calls = {
+                name: asyncio.ensure_future(b.submit(name, ["i2", "i3"], hist, explain=name == "explained"))
+                for name in ("explained", "plain")
+            }
+            for name, call in calls.items():
+                call.add_done_callback(lambda _, name=name: order.append(name))
+            got = {name: await call for name, call in calls.items()}
+            assert order == ["plain", "explained"] and b.batches == 1  # one batch, the plain answered first
+            assert got["plain"].explanation is None
+            why = got["explained"].explanation
+            assert why is not None and why.contribution.shape == why.attention.shape == (2, 3)
+            np.testing.assert_array_equal(got["explained"].scores, got["plain"].scores)
+
+            for _ in range(15):  # a known cost: 1 ms a candidate, nothing else (the medians of 15)
+                b._candidate_s.add(0.001)
+                b._redis_s.add(0.0)
+                b._explain_row_s.add(0.0)
+            cands = [f"i{k}" for k in range(2, 12)]  # 10 candidates: an expected wait of 10 ms
+            deadline = time.perf_counter() + 0.030  # plain: 2 x 10 ms fits; explained: 4 x 10 ms does not
+            with pytest.raises(Overloaded) as shed:
+                await b.submit("x", cands, hist, deadline, explain=True)
+            assert shed.value.extra["reason"] == "explain" and "without explain" in str(shed.value)
+            assert b.admits(deadline, len(cands))  # the same request without explain is admitted
+            assert sample(b, "din_queue_rejections_total", {"reason": "explain"}) == 1
+            assert sample(b, "din_queue_rejections_total", {"reason": "deadline"}) == 0
+
+    run(go)

@@ -1,8 +1,12 @@
-"""`/rank` with `explain`, over real HTTP against real ONNX Runtime and a real redis-server: every `because`
-weight is the PyTorch reference's (`DIN.attention`) at that position, the listed behaviours are the
-top-weighted ones, explain_top is bounded, degraded answers explain nothing and say so, and a bundle
-exported before the attention output still serves but answers `explain` with 422 cannot_explain.
-The ranking explorer's endpoints (/ui, /ui/suggestions, /ui/items) and the offline docs assets too."""
+"""`/rank` with `explain`, over real HTTP against real ONNX Runtime and a real redis-server: every listed
+`contribution` is the score a client gets through `/rank` with the history minus the score it gets with
+that one behaviour removed (to 1e-5), and the PyTorch reference's (`DIN.leave_one_out`); `because` holds
+the largest positive ones, `against` the most negative; a behaviour built to lower a score (in a small
+hand-made model, where it also has the largest attention weight) is listed under `against`, never under
+`because`; explain_top and the explained items are bounded, degraded answers explain nothing and say
+so, and a bundle exported before explain.onnx still serves but answers `explain` with 422
+cannot_explain. The ranking explorer's endpoints (/ui, /ui/suggestions, /ui/items) and the offline docs
+assets too."""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import onnx
 import pytest
 import torch
 
-from model.bundle import ATTENTION_OUTPUT, ITEM_CATEGORIES, load_bundle
+from model.bundle import EXPLAIN_GRAPH, ITEM_CATEGORIES, load_bundle
+from model.din import DINConfig, build_model
 from model.errors import CannotExplain
+from model.export import export_model
 from model.vocab import Vocab
 from service.ranker import Ranker
 from service.store.embedded import EmbeddedRedis
@@ -26,66 +32,89 @@ from tests.service.conftest import BundleInfo, LiveServer, make_settings, seed_h
 
 TOL = 1e-5
 T = 20  # the test bundle's max_history
+MAX_ITEMS = 60  # the module server's DIN_MAX_EXPLAIN_ITEMS
 
 
-def reference_attention(bundle: BundleInfo, candidates: list[str], history: list[str]) -> np.ndarray:
-    """DIN.attention (the paper's tiled form) for each candidate: (n, len(history cut to T))."""
+def reference(bundle: BundleInfo, candidates: list[str], history: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The PyTorch references for each candidate, over the history cut to T: DIN.attention and
+    DIN.leave_one_out (the paper's tiled form, each shortened history run through `forward`), each
+    (n, len(history cut to T))."""
     vocab = Vocab(bundle.items)
     hist = vocab.lookup(history[:T]).tolist()
     n = len(candidates)
     h = torch.zeros((n, max(1, len(hist))), dtype=torch.int64)
     if hist:
         h[:, : len(hist)] = torch.tensor(hist, dtype=torch.int64)
+    args = (torch.from_numpy(vocab.lookup(candidates)), h, torch.full((n,), len(hist), dtype=torch.int64))
     with torch.no_grad():
-        att = bundle.model.attention(
-            torch.from_numpy(vocab.lookup(candidates)), h, torch.full((n,), len(hist), dtype=torch.int64)
-        )
-    return att[:, : len(hist)].numpy()
+        att, loo = bundle.model.attention(*args), bundle.model.leave_one_out(*args)
+    return att[:, : len(hist)].numpy(), loo[:, : len(hist)].numpy()
 
 
 def assert_explained(
     bundle: BundleInfo, body: dict, candidates: list[str], history: list[str], top: int
 ) -> None:
-    """Each item's `because` is the top `top` behaviours of the reference, with its weights to 1e-5."""
+    """Each item's `because` is its `top` largest positive contributions by the reference, `against` its
+    `top` most negative, each with the reference's weight and contribution to 1e-5."""
     seen = history[:T]
     assert body["explained"] is True and "explain_note" not in body
     assert body["history_length"] == len(seen)
-    ref = dict(zip(candidates, reference_attention(bundle, candidates, history), strict=True))
+    att, loo = reference(bundle, candidates, history)
+    ref = {c: (att[j], loo[j]) for j, c in enumerate(candidates)}
     for item in body["items"]:
-        weights = ref[item["item_id"]]
-        because = item["because"]
-        assert len(because) == min(top, len(seen))
-        listed = [b["weight"] for b in because]
-        assert listed == sorted(listed, reverse=True)
-        assert len({b["position"] for b in because}) == len(because)
-        for b in because:
+        weights, contributions = ref[item["item_id"]]
+        because, against = item["because"], item["against"]
+        # as many as raised (lowered) it, up to `top` (a contribution within TOL of 0 may go either way)
+        assert (
+            min(top, int((contributions > TOL).sum()))
+            <= len(because)
+            <= min(top, int((contributions > -TOL).sum()))
+        )
+        assert (
+            min(top, int((contributions < -TOL).sum()))
+            <= len(against)
+            <= min(top, int((contributions < TOL).sum()))
+        )
+        listed = [b["contribution"] for b in because]
+        assert listed == sorted(listed, reverse=True) and all(c > 0 for c in listed)
+        lowered = [b["contribution"] for b in against]
+        assert lowered == sorted(lowered) and all(c < 0 for c in lowered)
+        positions = [b["position"] for b in because + against]
+        assert len(set(positions)) == len(positions)
+        for b in because + against:
             assert b["item_id"] == seen[b["position"]]
             assert abs(b["weight"] - float(weights[b["position"]])) <= TOL, (item["item_id"], b)
-        # the listed ones are the top-weighted: nothing left out weighs more than the last listed
-        left_out = np.delete(weights, [b["position"] for b in because])
-        if because and left_out.size:
-            assert float(left_out.max()) <= because[-1]["weight"] + TOL
+            assert abs(b["contribution"] - float(contributions[b["position"]])) <= TOL, (item["item_id"], b)
+        # the listed ones are the extremes: nothing left out raised (lowered) the score more
+        left_out = np.delete(contributions, positions)
+        if left_out.size:
+            assert float(left_out.max()) <= (because[-1]["contribution"] if len(because) == top else 0) + TOL
+            assert float(left_out.min()) >= (against[-1]["contribution"] if len(against) == top else 0) - TOL
 
 
 @pytest.fixture(scope="module")
 def server(bundle: BundleInfo, redis_server: EmbeddedRedis) -> Iterator[LiveServer]:
-    with LiveServer(make_settings(bundle.path, redis_server.url, max_explain_top=30)) as s:
+    settings = make_settings(bundle.path, redis_server.url, max_explain_top=30, max_explain_items=MAX_ITEMS)
+    with LiveServer(settings) as s:
         s.wait_ready()
         yield s
 
 
 @pytest.fixture(scope="module")
 def old_bundle(bundle: BundleInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test bundle as `din export` wrote it before the attention output: model.onnx with `ctr` alone."""
+    """The test bundle as `din export` wrote it before explain.onnx existed (and before the attention
+    output: model.onnx with `ctr` alone)."""
     path = tmp_path_factory.mktemp("old") / "bundle"
     shutil.copytree(bundle.path, path)
     proto = onnx.load(str(path / "model.onnx"))
-    kept = [o for o in proto.graph.output if o.name != ATTENTION_OUTPUT]
+    kept = [o for o in proto.graph.output if o.name == "ctr"]
     del proto.graph.output[:]
     proto.graph.output.extend(kept)
     onnx.save(proto, str(path / "model.onnx"))
+    (path / EXPLAIN_GRAPH).unlink()
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["outputs"] = {"ctr": ["N"]}
+    del manifest["files"][EXPLAIN_GRAPH], manifest["explain"]
     manifest["files"]["model.onnx"] = hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
@@ -94,23 +123,25 @@ def old_bundle(bundle: BundleInfo, tmp_path_factory: pytest.TempPathFactory) -> 
 # ------------------------------------------------------------------ the ranker
 
 
-def test_ranker_attention_equals_the_reference_in_a_mixed_batch(bundle: BundleInfo) -> None:
+def test_ranker_explanations_equal_the_reference_in_a_mixed_batch(bundle: BundleInfo) -> None:
     ranker = Ranker(load_bundle(bundle.path), providers=["CPUExecutionProvider"])
     assert ranker.can_explain
     rng = np.random.default_rng(11)
     known = bundle.items[2:]
     rows = [
         ([*rng.choice(known, size=n).tolist(), "unknown"], rng.choice(known, size=h).tolist())
-        for n, h in [(5, 0), (1, 1), (40, 7), (100, 20), (3, 35)]  # 35 > T: cut to the newest 20
+        for n, h in [(5, 0), (1, 1), (40, 7), (10, 20), (3, 35)]  # 35 > T: cut to the newest 20
     ]
-    explained = ranker.score_batch(rows, explain=True)
+    explained = ranker.explain_batch(rows)
     plain = ranker.score_batch(rows)
     for (cands, hist), e, p in zip(rows, explained, plain, strict=True):
-        assert p.attention is None
-        np.testing.assert_array_equal(e.scores, p.scores)  # asking for the weights changes no score
-        assert e.attention is not None and e.attention.shape == (len(cands), min(len(hist), T))
-        np.testing.assert_allclose(e.attention, reference_attention(bundle, cands, hist), atol=TOL, rtol=0)
+        np.testing.assert_allclose(e.scores, p.scores, atol=TOL, rtol=0)  # the same ctr, by the other graph
+        assert e.attention.shape == e.contribution.shape == (len(cands), min(len(hist), T))
+        att, loo = reference(bundle, cands, hist)
+        np.testing.assert_allclose(e.attention, att, atol=TOL, rtol=0)
+        np.testing.assert_allclose(e.contribution, loo, atol=TOL, rtol=0)
         np.testing.assert_allclose(p.scores, bundle.reference(cands, hist), atol=TOL, rtol=0)
+    assert float(np.abs(explained[3].contribution).max()) > 1e-3  # behaviours do move these scores
 
 
 def test_a_bundle_without_the_attention_output_serves_but_cannot_explain(
@@ -121,7 +152,7 @@ def test_a_bundle_without_the_attention_output_serves_but_cannot_explain(
     rows = [(["i2", "i3", "i4"], ["i5", "i6"])]
     np.testing.assert_allclose(old.score_batch(rows)[0].scores, bundle.reference(*rows[0]), atol=TOL, rtol=0)
     with pytest.raises(CannotExplain, match="re-export"):
-        old.score_batch(rows, explain=True)
+        old.explain_batch(rows)
 
 
 # ------------------------------------------------------------------ over HTTP
@@ -152,7 +183,7 @@ def test_explain_with_redis_histories_equals_the_reference(
                 "/rank", json={"user_id": user, "candidates": candidates, "explain": True}
             ).json()
             assert plain["items"] == [{k: i[k] for k in ("item_id", "score")} for i in explained["items"]]
-            assert all(len(i["because"]) == min(5, len(hist)) for i in explained["items"])  # default 5
+            assert_explained(bundle, explained, candidates, hist[:T], 5)  # explain_top's default: 5
 
 
 def test_explain_with_an_explicit_history_and_top_k(server: LiveServer, bundle: BundleInfo) -> None:
@@ -180,7 +211,7 @@ def test_cold_start_explains_with_no_behaviour(server: LiveServer) -> None:
             "/rank", json={"user_id": "nobody-at-all", "candidates": ["i2", "i3"], "explain": True}
         ).json()
     assert body["explained"] is True and body["history_length"] == 0
-    assert [i["because"] for i in body["items"]] == [[], []]
+    assert [(i["because"], i["against"]) for i in body["items"]] == [([], []), ([], [])]
 
 
 def test_concurrent_requests_with_and_without_explain_share_batches(
@@ -243,13 +274,36 @@ def test_explain_fields_are_validated(server: LiveServer, extra: dict, field: st
     assert "Traceback" not in resp.text
 
 
+def test_explained_items_are_bounded_with_a_422_naming_top_k(server: LiveServer) -> None:
+    """Each explained item costs a head pass per behaviour: more than DIN_MAX_EXPLAIN_ITEMS returned
+    items is refused, naming top_k; top_k within it is explained; without explain nothing changes."""
+    candidates = [f"i{k}" for k in range(2, 2 + MAX_ITEMS + 1)]  # one more than the limit
+    body = {"user_id": "u", "candidates": candidates, "history": ["i4", "i5"], "explain": True}
+    with server.client() as c:
+        for extra in ({}, {"top_k": MAX_ITEMS + 1}):
+            resp = c.post("/rank", json={**body, **extra})
+            assert resp.status_code == 422, resp.text
+            err = resp.json()
+            assert err["error"] == "validation_error" and [d["field"] for d in err["detail"]] == ["top_k"]
+            assert f"set top_k <= {MAX_ITEMS}" in err["detail"][0]["message"]
+        ok = c.post("/rank", json={**body, "top_k": MAX_ITEMS})
+        assert ok.status_code == 200 and len(ok.json()["items"]) == MAX_ITEMS
+        duplicates = c.post("/rank", json={**body, "candidates": candidates[:MAX_ITEMS] * 2})
+        assert duplicates.status_code == 200  # scored (and returned) once each
+        plain = c.post("/rank", json={**body, "explain": False})
+        assert plain.status_code == 200 and len(plain.json()["items"]) == MAX_ITEMS + 1
+
+
 def test_openapi_documents_explain_and_its_limit(server: LiveServer) -> None:
     with server.client() as c:
         spec = c.get("/openapi.json").json()
     props = spec["components"]["schemas"]["RankRequest"]["properties"]
     assert props["explain"]["type"] == "boolean" and props["explain"]["default"] is False
     assert props["explain_top"]["maximum"] == 30 and props["explain_top"]["default"] == 5
-    assert "because" in spec["components"]["schemas"]["ScoredItem"]["properties"]
+    assert {"because", "against"} <= set(spec["components"]["schemas"]["ScoredItem"]["properties"])
+    because = spec["components"]["schemas"]["Because"]["properties"]
+    assert set(because) == {"item_id", "position", "weight", "contribution"}
+    assert "less this one behaviour" in because["contribution"]["description"]
 
 
 def test_a_degraded_answer_explains_nothing_and_says_so(bundle: BundleInfo, tmp_path: Path) -> None:
@@ -266,13 +320,13 @@ def test_a_degraded_answer_explains_nothing_and_says_so(bundle: BundleInfo, tmp_
             assert body["degraded"] is True and body["history_length"] == 0
             assert body["explained"] is False
             assert "could not be read" in body["explain_note"] and "redis_unavailable" in body["explain_note"]
-            assert [i["because"] for i in body["items"]] == [[], []]
+            assert [(i["because"], i["against"]) for i in body["items"]] == [([], []), ([], [])]
             # an explicit history needs no Redis: explained
             ok = c.post(
                 "/rank", json={"user_id": "gone", "candidates": ["i2"], "history": ["i4"], "explain": True}
             ).json()
             assert ok["degraded"] is False and ok["explained"] is True
-            assert ok["items"][0]["because"][0]["item_id"] == "i4"
+            assert [b["item_id"] for b in ok["items"][0]["because"] + ok["items"][0]["against"]] == ["i4"]
     finally:
         redis_srv.stop()
 
@@ -418,3 +472,111 @@ def test_item_categories_must_match_the_vocabulary(bundle: BundleInfo, tmp_path:
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=f"{ITEM_CATEGORIES} has {len(lines)} lines"):
         load_bundle(path)
+
+
+# ------------------------------------------------------------------ what the contributions mean
+
+
+def test_every_contribution_is_the_score_a_client_loses_by_removing_that_behaviour(
+    server: LiveServer, redis_server: EmbeddedRedis
+) -> None:
+    """The contract, checked as a client would, through the API alone: for every returned item and
+    every behaviour listed (explain_top = T lists them all), `/rank` with the history the model saw,
+    less that one behaviour, scores the item lower by exactly `contribution` (to 1e-5)."""
+    stored = (
+        [f"i{k}" for k in (14, 200, 77, 5, 5, 131, 260)] + ["never-seen"] + [f"i{k}" for k in range(40, 55)]
+    )
+    seed_histories(redis_server.url, {"loo-user": stored})
+    candidates = ["i2", "i33", "i90", "i150", "i299", "not-in-the-catalogue"]
+    checked = 0
+    with server.client() as c:
+        body = c.post(
+            "/rank",
+            json={
+                "user_id": "loo-user",
+                "candidates": candidates,
+                "explain": True,
+                "explain_top": T,
+                "top_k": 4,
+            },
+        ).json()
+        seen = stored[:T]  # Redis keeps the T newest
+        assert body["explained"] is True and body["history_length"] == len(seen) == T
+        assert len(body["items"]) == 4
+        scores = {i["item_id"]: i["score"] for i in body["items"]}
+        returned = list(scores)
+        for item in body["items"]:
+            listed = item["because"] + item["against"]
+            assert len(listed) >= T - 1  # every behaviour that moved the score, up or down
+            for b in listed:
+                p = b["position"]
+                assert b["item_id"] == seen[p]
+                without = seen[:p] + seen[p + 1 :]
+                again = c.post(
+                    "/rank", json={"user_id": "x", "candidates": returned, "history": without}
+                ).json()
+                lower = {i["item_id"]: i["score"] for i in again["items"]}
+                assert abs(b["contribution"] - (scores[item["item_id"]] - lower[item["item_id"]])) <= TOL, b
+                checked += 1
+    assert checked >= 4 * (T - 1)
+    assert max(abs(b["contribution"]) for i in body["items"] for b in i["because"] + i["against"]) > 1e-3
+
+
+def planted_bundle(path: Path) -> tuple[Path, str, list[str]]:
+    """A small DIN built by hand so that one behaviour lowers the score of the candidate and two raise
+    it, while the one that lowers it has the largest attention weight of all.
+
+    Embeddings (categories all zero): "bad" = e0, "good" = e1, "fine" = 0.5 e1, "cand" = e2. Attention:
+    score = 2 sigmoid(4 k[0]) + 0, so "bad" weighs 2 sigmoid(4) = 1.96 and the others 1. Head (u, q):
+    logit = 3 (u[1] - u[0]). So u[0] (what "bad" adds) lowers every score and u[1] raises it."""
+    n_items, E = 6, 8
+    cfg = DINConfig(
+        n_items=n_items,
+        n_categories=3,
+        item_dim=4,
+        cate_dim=4,
+        max_history=5,
+        att_hidden=(4,),
+        head_input="u,q",
+        head_hidden=(4,),
+        head_activation="prelu",
+    )
+    model = build_model(cfg, torch.tensor([0, 1, 2, 2, 2, 2]), seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.item_emb.weight[2, 0] = 1.0  # bad
+        model.item_emb.weight[3, 1] = 1.0  # good
+        model.item_emb.weight[4, 1] = 0.5  # fine
+        model.item_emb.weight[5, 2] = 1.0  # cand
+        model.att_layers[0].weight[0, E + 0] = 4.0  # the k block of [q, k, q-k, q*k]: k[0]
+        model.att_out.weight[0, 0] = 2.0
+        model.head_layers[0].weight[0, 0] = -3.0  # u[0]
+        model.head_layers[0].weight[0, 1] = 3.0  # u[1]
+        model.head_acts[0].weight.fill_(1.0)  # PReLU with slope 1: the identity
+        model.head_out.weight[0, 0] = 1.0
+    items = ["<pad>", "<oov>", "bad", "good", "fine", "cand"]
+    export_model(model.eval(), items, path, model_version="planted", categories=["<pad>", "<oov>", "c"])
+    return path, "bad", ["good", "bad", "fine"]
+
+
+def test_a_behaviour_built_to_lower_the_score_is_listed_against_never_because(
+    tmp_path: Path, redis_url: str
+) -> None:
+    path, bad, history = planted_bundle(tmp_path / "planted")
+    with LiveServer(make_settings(path, redis_url)) as server, server.client() as c:
+        server.wait_ready()
+        for hist in (history, [bad, *history[::-1]][:5], [bad]):
+            body = c.post(
+                "/rank",
+                json={"user_id": "p", "candidates": ["cand", "good"], "history": hist, "explain": True},
+            ).json()
+            assert body["explained"] is True
+            for item in body["items"]:
+                because = [b["item_id"] for b in item["because"]]
+                against = [b["item_id"] for b in item["against"]]
+                assert bad not in because, (hist, item)
+                assert against[:1] == [bad], (hist, item)  # the one that lowered it most
+                assert set(because) == set(hist) - {bad}
+                weights = {b["item_id"]: b["weight"] for b in item["because"] + item["against"]}
+                assert weights[bad] == max(weights.values())  # the largest weight, yet it lowered the score

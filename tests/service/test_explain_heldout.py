@@ -1,8 +1,8 @@
 """The acceptance check, end to end: a model trained by `din train` and exported by `din export`, held-out
 (history, candidates) rows of its test split, `din score --explain` on them, and the same rows through
 `din serve`'s `/rank` with `explain` (histories from Redis for half, explicit for the other half). Every
-`because` weight equals `din score --explain` at that position to 1e-5, the listed behaviours are the
-top-weighted ones, and the scores equal `din score`'s."""
+listed contribution and weight equals `din score --explain`'s at that position to 1e-5, `because` and
+`against` are the largest positive and most negative contributions, and the scores equal `din score`'s."""
 
 from __future__ import annotations
 
@@ -101,15 +101,27 @@ def test_rank_explain_equals_din_score_explain_on_heldout_rows(
             for item in answer["items"]:
                 j = index[item["item_id"]]
                 weights = np.asarray(ref["attention"][j])
-                assert len(weights) == len(seen)
+                contributions = np.asarray(ref["contribution"][j])
+                assert len(weights) == len(contributions) == len(seen)
                 assert abs(item["score"] - ref["scores"][j]) <= TOL
-                because = item["because"]
-                assert len(because) == min(8, len(seen))
-                for b in because:
+                because, against = item["because"], item["against"]
+                for b in because + against:
                     assert b["item_id"] == seen[b["position"]]
                     assert abs(b["weight"] - weights[b["position"]]) <= TOL, (i, item["item_id"], b)
+                    assert abs(b["contribution"] - contributions[b["position"]]) <= TOL, (
+                        i,
+                        item["item_id"],
+                        b,
+                    )
                     checked += 1
-                # the top-weighted: the k largest of din score's weights, in order
-                top = np.sort(weights)[::-1][: len(because)]
-                np.testing.assert_allclose([b["weight"] for b in because], top, atol=TOL, rtol=0)
+                # the extremes: the k largest positive and k most negative of din score's, in order
+                up = np.sort(contributions[contributions > TOL])[::-1][:8]
+                down = np.sort(contributions[contributions < -TOL])[:8]
+                np.testing.assert_allclose(
+                    [b["contribution"] for b in because][: len(up)], up, atol=TOL, rtol=0
+                )
+                np.testing.assert_allclose(
+                    [b["contribution"] for b in against][: len(down)], down, atol=TOL, rtol=0
+                )
+                assert len(up) <= len(because) <= 8 and len(down) <= len(against) <= 8
     assert checked > 500
