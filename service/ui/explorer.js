@@ -7,6 +7,8 @@ const SVG = "http://www.w3.org/2000/svg";
 const $ = (sel) => document.querySelector(sel);
 let limits = null; // from ui/suggestions: max_history, max_candidates, max_explain_top, can_explain
 let pinned = null; // the clicked cell, {row, col}
+let view = "contribution"; // what the heatmap colours: "contribution" (default) or "weight"
+let last = null; // the last answer drawn, {answer, history, catalogue}: redrawn when the view changes
 
 // ------------------------------------------------------------------ API
 
@@ -63,10 +65,21 @@ function hue(text) { // a stable colour per category
   return h;
 }
 
-function shade(t) { // 0..1 -> white .. deep blue
+function shade(t) { // 0..1 -> white .. deep blue (the weights: a sequential scale)
   const light = 97 - 62 * t;
   return "hsl(222, " + Math.round(35 + 45 * t) + "%, " + light.toFixed(1) + "%)";
 }
+
+// The contributions: a diverging scale centred on zero. Raised the score: blue; lowered it: orange;
+// no effect: white; the strength is |c| / m, m the largest |c| drawn (so both sides share one scale).
+const RAISED_HUE = 215, LOWERED_HUE = 28;
+function diverging(c, m) {
+  const t = m > 0 ? Math.min(1, Math.abs(c) / m) : 0;
+  const light = 97 - 55 * t;
+  return "hsl(" + (c >= 0 ? RAISED_HUE : LOWERED_HUE) + ", " + Math.round(30 + 60 * t) + "%, " + light.toFixed(1) + "%)";
+}
+
+const signed = (x, n) => (x > 0 ? "+" : "") + fmt(x, n);
 
 const fmt = (x, n) => Number(x).toFixed(n === undefined ? 4 : n);
 
@@ -129,6 +142,8 @@ async function rank(event) {
       explain: true,
       explain_top: limits ? Math.min(limits.max_explain_top, limits.max_history) : 5,
     };
+    // every returned item is explained; the service bounds how many (DIN_MAX_EXPLAIN_ITEMS)
+    if (limits && candidates.length > limits.max_explain_items) body.top_k = limits.max_explain_items;
     if (pasted.length) body.history = pasted;
     const answer = await api("POST", "rank", body);
     const T = limits ? limits.max_history : pasted.length;
@@ -144,12 +159,15 @@ async function rank(event) {
   }
 }
 
-// The behaviour at each position the model saw: from the pasted history, else from the `because` lists.
+// Both lists of an item: what raised its score (`because`) and what lowered it (`against`).
+const listed = (item) => [...(item.because || []), ...(item.against || [])];
+
+// The behaviour at each position the model saw: from the pasted history, else from the listed ones.
 function behaviours(answer, pasted) {
   const n = answer.history_length;
   if (pasted.length) return pasted.slice(0, n);
   const out = new Array(n).fill(null);
-  for (const item of answer.items) for (const b of item.because || []) out[b.position] = b.item_id;
+  for (const item of answer.items) for (const b of listed(item)) out[b.position] = b.item_id;
   return out;
 }
 
@@ -157,6 +175,7 @@ function behaviours(answer, pasted) {
 
 function show(answer, history, catalogue) {
   pinned = null;
+  last = { answer, history, catalogue };
   $("#results").hidden = false;
   const badges = [
     ["user " + answer.user_id, ""],
@@ -196,15 +215,18 @@ function drawHeatmap(answer, history, catalogue) {
   const wrap = $("#heatmap-wrap");
   const n = history.length;
   const rows = answer.items;
-  const weights = rows.map((item) => {
+  const cells = rows.map((item) => {
     const w = new Array(n).fill(null);
-    for (const b of item.because || []) w[b.position] = b.weight;
+    for (const b of listed(item)) w[b.position] = { weight: b.weight, contribution: b.contribution };
     return w;
   });
-  const known = weights.flat().filter((w) => w !== null);
-  const lo = known.length ? Math.min(...known) : 0;
-  const hi = known.length ? Math.max(...known) : 1;
+  const known = cells.flat().filter((c) => c !== null);
+  const ws = known.map((c) => c.weight);
+  const lo = ws.length ? Math.min(...ws) : 0;
+  const hi = ws.length ? Math.max(...ws) : 1;
   const scale = (w) => (hi > lo ? (w - lo) / (hi - lo) : 1);
+  const m = Math.max(0, ...known.map((c) => Math.abs(c.contribution)));
+  const fill = (c) => (view === "weight" ? shade(scale(c.weight)) : diverging(c.contribution, m));
 
   const left = 215;
   const room = Math.max(400, (wrap.clientWidth || 900) - left - 12);
@@ -216,7 +238,7 @@ function drawHeatmap(answer, history, catalogue) {
   const width = left + Math.max(n, 1) * cw + 12;
   const height = topH + rows.length * ch + 24;
   const root = svg("svg", { id: "heatmap", width, height, viewBox: "0 0 " + width + " " + height, role: "img" });
-  root.append(svg("title", {}, "attention weights: candidates x behaviours"));
+  root.append(svg("title", {}, (view === "weight" ? "attention weights" : "what each behaviour did to each score") + ": candidates x behaviours"));
   const defs = svg("defs");
   const pattern = svg("pattern", { id: "unlisted", width: 6, height: 6, patternUnits: "userSpaceOnUse" });
   pattern.append(svg("rect", { width: 6, height: 6, fill: "#f1f2f5" }), svg("path", { d: "M0 6 L6 0", stroke: "#c9ccd4" }));
@@ -247,42 +269,70 @@ function drawHeatmap(answer, history, catalogue) {
     const cat = category(catalogue, item.item_id);
     g.append(svg("rect", { x: 2, y: y + 3, width: 6, height: ch - 6, fill: "hsl(" + hue(cat) + ", 60%, 60%)" }));
     g.append(svg("text", { class: "label", x: 12, y: y + ch / 2 + 4 }, item.item_id + " (" + cat + ")"));
-    weights[r].forEach((w, t) => {
-      const attrs = { class: "cell" + (w === null ? " missing" : ""), x: left + t * cw, y, width: cw, height: ch, "data-row": r, "data-col": t };
-      if (w !== null) { attrs.fill = shade(scale(w)); attrs["data-weight"] = w; }
+    cells[r].forEach((c, t) => {
+      const attrs = { class: "cell" + (c === null ? " missing" : ""), x: left + t * cw, y, width: cw, height: ch, "data-row": r, "data-col": t };
+      if (c !== null) { attrs.fill = fill(c); attrs["data-weight"] = c.weight; attrs["data-contribution"] = c.contribution; }
       const rect = svg("rect", attrs);
-      rect.addEventListener("mouseenter", () => describe(answer, history, catalogue, weights, r, t));
-      rect.addEventListener("click", () => { pinned = { row: r, col: t }; describe(answer, history, catalogue, weights, r, t); });
+      rect.addEventListener("mouseenter", () => describe(answer, history, catalogue, cells, r, t));
+      rect.addEventListener("click", () => { pinned = { row: r, col: t }; describe(answer, history, catalogue, cells, r, t); });
       g.append(rect);
     });
     root.append(g);
   });
-  root.addEventListener("mouseleave", () => { if (pinned) describe(answer, history, catalogue, weights, pinned.row, pinned.col); });
+  root.addEventListener("mouseleave", () => { if (pinned) describe(answer, history, catalogue, cells, pinned.row, pinned.col); });
   wrap.replaceChildren(root);
-
-  const listed = answer.items.length ? (answer.items[0].because || []).length : 0;
-  const legend = $("#legend");
-  if (answer.explained === false) legend.textContent = "Nothing is explained: " + (answer.explain_note || "");
-  else if (!n) legend.textContent = "This user has no behaviours: the scores rest on the candidates alone.";
-  else {
-    legend.textContent = "Colour: weight from " + fmt(lo) + " (white) to " + fmt(hi) + " (dark). " +
-      "Columns: labelled by category (colour band), numbered by position (0 = newest)." +
-      (listed < n ? " Hatched: past the " + listed + " behaviours listed per candidate (DIN_MAX_EXPLAIN_TOP)." : "");
-  }
+  drawLegend(answer, n, { lo, hi, m }, known.length < rows.length * n);
   $("#details").textContent = n ? "Hover or click a cell." : "";
 }
 
-function describe(answer, history, catalogue, weights, r, t) {
+// The legend: a colour bar with its ends and middle named in words, then what a cell means.
+function drawLegend(answer, n, range, unlisted) {
+  const legend = $("#legend");
+  legend.replaceChildren();
+  if (answer.explained === false) { legend.textContent = "Nothing is explained: " + (answer.explain_note || ""); return; }
+  if (!n) { legend.textContent = "This user has no behaviours: the scores rest on the candidates alone."; return; }
+  const bar = el("div", { class: "scale", id: "scale" });
+  const ends = el("div", { class: "scale-labels" });
+  if (view === "weight") {
+    bar.style.background = "linear-gradient(to right, " + shade(0) + ", " + shade(0.5) + ", " + shade(1) + ")";
+    ends.append(el("span", {}, "lowest weight " + fmt(range.lo)), el("span", {}, "highest weight " + fmt(range.hi)));
+    legend.append(bar, ends, el("p", {}, "Attention weight: how strongly DIN mixes a behaviour into the user's " +
+      "interest vector for this candidate. A large weight does not mean the behaviour raised the score: " +
+      "switch to \"What each behaviour did\" for that."));
+  } else {
+    const stops = [-1, -0.5, 0, 0.5, 1].map((t) => diverging(t * range.m, range.m));
+    bar.style.background = "linear-gradient(to right, " + stops.join(", ") + ")";
+    ends.append(
+      el("span", { class: "lowered" }, "◀ lowered the score by " + fmt(range.m)),
+      el("span", {}, "no effect"),
+      el("span", { class: "raised" }, "raised the score by " + fmt(range.m) + " ▶"),
+    );
+    legend.append(bar, ends, el("p", {}, "Each cell: how much this candidate's score (a click probability) " +
+      "would fall if that one behaviour were removed from the user's history. Blue: the behaviour raised the " +
+      "score; orange: it lowered it; white: it made no difference. Exact: the model run again without it."));
+  }
+  legend.append(el("p", { class: "muted" }, "Columns: labelled by category (colour band), numbered by position (0 = newest)." +
+    (unlisted ? " Hatched: not listed (past explain_top, or no effect at all)." : "")));
+}
+
+function describe(answer, history, catalogue, cells, r, t) {
   const item = answer.items[r];
   const behaviour = history[t];
-  const w = weights[r][t];
-  const rankOf = w === null ? null : weights[r].filter((x) => x !== null && x > w).length + 1;
+  const c = cells[r][t];
+  let said = "not listed";
+  if (c !== null) {
+    const effect = c.contribution > 0 ? "raised its score by " + fmt(c.contribution, 6)
+      : c.contribution < 0 ? "lowered its score by " + fmt(-c.contribution, 6) : "did not change its score";
+    const byEffect = cells[r].filter((x) => x !== null && Math.abs(x.contribution) > Math.abs(c.contribution)).length + 1;
+    const byWeight = cells[r].filter((x) => x !== null && x.weight > c.weight).length + 1;
+    said = effect + " (#" + byEffect + " by effect for this candidate; contribution " + signed(c.contribution, 6) +
+      "); attention weight " + fmt(c.weight, 6) + " (#" + byWeight + " by weight)";
+  }
   const box = $("#details");
   box.replaceChildren(
     el("strong", {}, item.item_id), document.createTextNode(" (" + category(catalogue, item.item_id) + "), score " + fmt(item.score) + " — behaviour "),
     el("strong", {}, behaviour === null ? "(not listed)" : behaviour),
-    document.createTextNode(" (" + (behaviour === null ? "?" : category(catalogue, behaviour)) + ") at position " + t + " (0 = newest): " +
-      (w === null ? "weight not listed" : "weight " + fmt(w, 6) + ", #" + rankOf + " for this candidate")),
+    document.createTextNode(" (" + (behaviour === null ? "?" : category(catalogue, behaviour)) + ") at position " + t + " (0 = newest): " + said),
   );
   for (const node of document.querySelectorAll(".selected")) node.classList.remove("selected");
   for (const node of document.querySelectorAll(".cell.pinned")) node.classList.remove("pinned");
@@ -298,6 +348,12 @@ function describe(answer, history, catalogue, weights, r, t) {
 // ------------------------------------------------------------------ wiring
 
 $("#query").addEventListener("submit", rank);
+for (const radio of document.querySelectorAll('input[name="view"]')) {
+  radio.addEventListener("change", () => {
+    view = radio.value;
+    if (last) show(last.answer, last.history, last.catalogue);
+  });
+}
 $("#sample").addEventListener("click", sample);
 $("#key").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); loadSuggestions(); } });
 $("#key").addEventListener("change", loadSuggestions);

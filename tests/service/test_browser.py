@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -92,6 +94,18 @@ def server(bundle: BundleInfo, redis_server: EmbeddedRedis) -> Iterator[LiveServ
         yield s
 
 
+SHOTS = Path(os.environ.get("DIN_TEST_SCREENSHOTS", tempfile.gettempdir()))  # where the pages are pictured
+
+
+def hue_of(fill: str) -> int:
+    """The hue of an "hsl(h, s%, l%)" colour."""
+    return int(fill.removeprefix("hsl(").split(",")[0])
+
+
+def lightness_of(fill: str) -> float:
+    return float(fill.rstrip(")").split(",")[2].strip().rstrip("%"))
+
+
 def rank_in_page(page: Any) -> int:
     """Press Rank and wait for the heatmap; returns the number of candidates asked for."""
     asked = len(set(page.input_value("#candidates").split()))
@@ -117,10 +131,27 @@ def test_the_explorer_ranks_and_draws_one_heatmap_row_per_candidate(browser: Any
         asked = rank_in_page(page)
         assert asked == 9
         assert page.locator("#ranked tbody tr").count() == 9
-        # one column per behaviour the model saw (T = 20 of alice's 30), every cell weighed
+        # one column per behaviour the model saw (T = 20 of alice's 30), every cell explained
         assert page.locator("#heatmap g.col").count() == 20
-        assert page.locator("#heatmap rect.cell[data-weight]").count() == 9 * 20
+        assert page.locator("#heatmap rect.cell[data-contribution]").count() == 9 * 20
         assert page.locator("#heatmap rect.cell.missing").count() == 0
+        # by default the colours are the contributions, on a scale centred on zero: raised blue, lowered
+        # orange, the stronger the darker; the legend says so in words
+        cells = page.eval_on_selector_all(
+            "#heatmap rect.cell",
+            "els => els.map(e => [Number(e.dataset.contribution), Number(e.dataset.weight),"
+            " e.getAttribute('fill')])",
+        )
+        hues = {round(c, 9): hue_of(fill) for c, _, fill in cells}
+        assert any(c > 0 for c in hues) and any(c < 0 for c in hues)
+        assert all(h == (215 if c >= 0 else 28) for c, h in hues.items())
+        strongest = max(cells, key=lambda x: abs(x[0]))
+        weakest = min(cells, key=lambda x: abs(x[0]))
+        assert lightness_of(strongest[2]) < lightness_of(weakest[2])
+        legend = page.inner_text("#legend")
+        assert "raised the score" in legend and "lowered the score" in legend and "no effect" in legend
+        assert "removed" in legend
+        page.screenshot(path=str(SHOTS / "explorer-contributions.png"), full_page=True)
         scores = [
             float(t.split()[-1]) for t in page.locator("#ranked tbody tr td:last-child").all_inner_texts()
         ]
@@ -132,6 +163,21 @@ def test_the_explorer_ranks_and_draws_one_heatmap_row_per_candidate(browser: Any
         assert (
             "position 0 (0 = newest)" in details and "weight" in details and "i40" in details
         )  # newest first
+        assert "contribution" in details and ("raised its score" in details or "lowered its score" in details)
+
+        # the attention weights are the second view: the same cells, a sequential scale
+        page.check('input[name="view"][value="weight"]')
+        page.wait_for_function("document.querySelector('#legend').innerText.includes('lowest weight')")
+        fills = page.eval_on_selector_all(
+            "#heatmap rect.cell", "els => els.map(e => [Number(e.dataset.weight), e.getAttribute('fill')])"
+        )
+        assert len(fills) == 9 * 20 and {hue_of(f) for _, f in fills} == {222}
+        heaviest = max(fills, key=lambda x: x[0])
+        lightest = min(fills, key=lambda x: x[0])
+        assert lightness_of(heaviest[1]) < lightness_of(lightest[1])
+        page.screenshot(path=str(SHOTS / "explorer-weights.png"), full_page=True)
+        page.check('input[name="view"][value="contribution"]')
+        page.wait_for_function("document.querySelector('#legend').innerText.includes('no effect')")
 
         # a pasted history replaces the stored one: as many columns as it has behaviours
         page.fill("#history", "i7 i8 i9 i10")
