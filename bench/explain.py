@@ -1,19 +1,22 @@
-"""What `explain` costs, and what the attention output costs requests that do not explain.
+"""What `explain` costs, and how close a cheap additive approximation of the contributions comes.
 
-One random DIN of the demo's size (3,000 items, 32 categories, E = 128, T = 100) exported by `din export`,
-and the same graph with the attention output removed (a bundle exported before explanations existed).
-For each batch shape (users x candidates each, full T-item histories), `Ranker.score_batch` timed as:
+One random DIN of the demo's size (3,000 items, 32 categories, E = 128, T = 100; weights scaled so
+scores spread) exported by `din export`: model.onnx (what every request runs) and explain.onnx (what an
+explained request runs on the items it returns). One user with a full 100-behaviour history; for each
+shape (candidates scored, items returned and explained), timed through `Ranker`, interleaved round after
+round in a shuffled order, median and p10-p90 of `--rounds`, one ONNX Runtime thread (a worker's):
 
-- old graph, ctr: the serving graph before the attention output existed;
-- new graph, ctr: what a batch without an explaining request runs (ONNX Runtime is asked for ctr alone);
-- new graph, ctr + attention: what a batch with an explaining request runs (the weights fetched too);
-- and a second session of the old graph, ctr: the same work twice, so the table shows how far apart
-  two measurements of one thing land here (the noise floor to read the others against);
+- score: `score_batch` (the graph every request runs);
+- explain: `explain_batch` on the returned items (ctr, attention, and every behaviour's exact
+  leave-one-out contribution: one more head pass per (item, behaviour));
+- score twice: the same call twice in a row (how far apart two measurements of one thing land);
 
-interleaved round after round in a shuffled order (so drift and neighbours' load hit all three alike),
-median and p10-p90 of `--rounds`. One ONNX Runtime thread by default: the comparison is of the work
-each variant does, and one thread keeps other load on a small shared machine from deciding it. Then
-the service's own work for an explained answer: picking each item's `because` (top `explain_top` of T).
+then the handler's own work (`reasons`: each item's `because` and `against`).
+
+The approximation: gradient x input in the interest vector, c_t ~ d ctr / d u . (w_t k_t) (first order in
+what removing behaviour t takes out of u; one backward pass an item instead of T head passes), against
+the exact contributions on the same rows: max and mean absolute error, and how often the top 3 of
+`because` and of `against` come out the same.
 
     python bench/explain.py            # writes bench/results/explain.json
 """
@@ -21,7 +24,9 @@ the service's own work for an explained answer: picking each item's `because` (t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import random
 import statistics
@@ -32,18 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
-from model.bundle import ATTENTION_OUTPUT, load_bundle, sha256_file
-from model.din import DINConfig, build_model
+from model.bundle import load_bundle
+from model.din import DIN, DINConfig, build_model
 from model.export import export_model
 from model.vocab import FIRST_ID
-from service.api.rank import because
+from service.api.rank import reasons
+from service.batcher import Explanation
 from service.ranker import Ranker
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = [(1, 20), (1, 200), (2, 200), (8, 50), (1, 1000)]  # (users, candidates each)
+SHAPES = [(10, 10), (200, 10), (1000, 10), (200, 100), (200, 200)]  # (candidates scored, items explained)
 
 
 def cpu_line() -> str:
@@ -55,13 +60,10 @@ def cpu_line() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{model}, {os.cpu_count()} logical CPUs"
 
 
-def make_bundles(root: Path, T: int) -> tuple[Path, Path]:
-    """A demo-sized random DIN exported (with attention), and a copy of its graph without the output."""
+def make_model(T: int) -> tuple[DIN, list[str]]:
     n_items, n_cate = 3000, 32
     g = torch.Generator().manual_seed(0)
     item_cate = torch.randint(FIRST_ID, n_cate, (n_items,), generator=g)
@@ -70,23 +72,7 @@ def make_bundles(root: Path, T: int) -> tuple[Path, Path]:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)  # spread the scores, as a trained model's are
-    items = ["<pad>", "<oov>", *(f"i{k}" for k in range(FIRST_ID, n_items))]
-    new = root / "new"
-    export_model(model.eval(), items, new, model_version="bench-explain")
-    old = root / "old"
-    old.mkdir()
-    for f in new.iterdir():
-        (old / f.name).write_bytes(f.read_bytes())
-    proto = onnx.load(str(old / "model.onnx"))
-    kept = [o for o in proto.graph.output if o.name != ATTENTION_OUTPUT]
-    del proto.graph.output[:]
-    proto.graph.output.extend(kept)
-    onnx.save(proto, str(old / "model.onnx"))
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["files"]["model.onnx"] = sha256_file(old / "model.onnx")
-    manifest["outputs"] = {"ctr": ["N"]}
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    return new, old
+    return model.eval(), ["<pad>", "<oov>", *(f"i{k}" for k in range(FIRST_ID, n_items))]
 
 
 def summary(samples: list[float]) -> dict[str, float]:
@@ -94,40 +80,85 @@ def summary(samples: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(samples) * 1e3, "p10_ms": q[0] * 1e3, "p90_ms": q[-1] * 1e3}
 
 
+def gradient_x_input(model: DIN, target: torch.Tensor, hist: torch.Tensor) -> np.ndarray:
+    """The first-order estimate of each behaviour's contribution: target (n,), hist (n, T) full -> (n, T)."""
+    n, T = hist.shape
+    q = model.embed(target)  # (n, E)
+    k = model.embed(hist)  # (n, T, E)
+    w = model.attention(target, hist, torch.full((n,), T))  # (n, T)
+    u = torch.einsum("nt,nte->ne", w, k).detach().requires_grad_(True)
+    torch.sigmoid(model._head(u, q)).sum().backward()
+    assert u.grad is not None
+    return torch.einsum("ne,nt,nte->nt", u.grad, w, k).detach().numpy()
+
+
+def approximation(model: DIN, ranker: Ranker, T: int, users: int = 20, per_user: int = 10) -> dict[str, Any]:
+    """The estimate against the exact contributions (explain.onnx, which export checked against
+    DIN.leave_one_out), on `users` random full histories with `per_user` random items each."""
+    rng = np.random.default_rng(1)
+    known = ranker.vocab.known()
+    exact, approx = [], []
+    for _ in range(users):
+        hist, cands = rng.choice(known, T).tolist(), rng.choice(known, per_user).tolist()
+        exact.append(ranker.explain_batch([(cands, hist)])[0].contribution)
+        h = torch.from_numpy(ranker.encode(hist)).repeat(per_user, 1)
+        approx.append(gradient_x_input(model, torch.from_numpy(ranker.encode(cands)), h))
+    e, a = np.concatenate(exact), np.concatenate(approx)
+    err = np.abs(e - a)
+
+    def top3(x: np.ndarray, sign: float) -> list[set[int]]:
+        return [set(np.argsort(-sign * row, kind="stable")[:3].tolist()) for row in x]
+
+    same_up = np.mean([p == q for p, q in zip(top3(e, 1), top3(a, 1), strict=True)])
+    same_down = np.mean([p == q for p, q in zip(top3(e, -1), top3(a, -1), strict=True)])
+    sign = np.mean(np.sign(e) == np.sign(a))
+    return {
+        "rows": int(e.shape[0]),
+        "behaviours": T,
+        "exact_mean_abs": float(np.abs(e).mean()),
+        "exact_max_abs": float(np.abs(e).max()),
+        "max_abs_error": float(err.max()),
+        "mean_abs_error": float(err.mean()),
+        "same_sign_share": float(sign),
+        "same_top3_because_share": float(same_up),
+        "same_top3_against_share": float(same_down),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=100, help="timed rounds per shape and variant")
-    ap.add_argument("--history", type=int, default=100, help="T, and every user's history length")
+    ap.add_argument("--history", type=int, default=100, help="T, and the user's history length")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0 = ORT default)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "explain.json")
     args = ap.parse_args()
     T = args.history
+    model, items = make_model(T)
     with tempfile.TemporaryDirectory() as tmp:
-        new_path, old_path = make_bundles(Path(tmp), T)
+        export_model(model, items, Path(tmp) / "b", model_version="bench-explain")
         kw: dict[str, Any] = {"providers": ["CPUExecutionProvider"], "intra_op_threads": args.threads}
-        new, old = Ranker(load_bundle(new_path), **kw), Ranker(load_bundle(old_path), **kw)
-        old_again = Ranker(load_bundle(old_path), **kw)
-    assert new.can_explain and not old.can_explain
+        ranker = Ranker(load_bundle(Path(tmp) / "b"), **kw)
+    assert ranker.can_explain
     rng = np.random.default_rng(0)
-    known = new.vocab.known()
+    known = ranker.vocab.known()
+    history = rng.choice(known, T).tolist()
     results: list[dict[str, Any]] = []
     print(f"CPU: {cpu_line()}; T = {T}; {args.rounds} rounds; ORT threads {args.threads or 'default'}")
-    head = ("users x cands", "old ctr", "new ctr", "ctr+att", "no-explain", "explain", "old vs old")
-    print("{:>14} {:>10} {:>10} {:>10} {:>11} {:>9} {:>11}".format(*head))
-    for users, cands in SHAPES:
-        rows = [(rng.choice(known, cands).tolist(), rng.choice(known, T).tolist()) for _ in range(users)]
+    head = ("scored", "explained", "score", "explain", "score+explain", "explain/score", "score vs score")
+    print("{:>7} {:>10} {:>10} {:>10} {:>14} {:>14} {:>15}".format(*head))
+    for cands, explained in SHAPES:
+        candidates = rng.choice(known, cands, replace=False).tolist()
         variants: dict[str, Callable[[], object]] = {
-            "old_ctr": lambda rows=rows: old.score_batch(rows),
-            "new_ctr": lambda rows=rows: new.score_batch(rows),
-            "new_ctr_attention": lambda rows=rows: new.score_batch(rows, explain=True),
-            "old_ctr_again": lambda rows=rows: old_again.score_batch(rows),
+            "score": functools.partial(ranker.score_batch, [(candidates, history)]),
+            "explain": functools.partial(ranker.explain_batch, [(candidates[:explained], history)]),
+            "score_again": functools.partial(ranker.score_batch, [(candidates, history)]),
         }
         for fn in variants.values():  # warm-up
             for _ in range(5):
                 fn()
         times: dict[str, list[float]] = {name: [] for name in variants}
         order = list(variants.items())
-        shuffler = random.Random(users * 7919 + cands)
+        shuffler = random.Random(cands * 7919 + explained)
         for _ in range(args.rounds):
             shuffler.shuffle(order)
             for name, fn in order:
@@ -135,37 +166,56 @@ def main() -> int:
                 fn()
                 times[name].append(time.perf_counter() - t0)
         stats = {name: summary(t) for name, t in times.items()}
-        base, plain, explained = (stats[n]["median_ms"] for n in ("old_ctr", "new_ctr", "new_ctr_attention"))
+        score, explain = stats["score"]["median_ms"], stats["explain"]["median_ms"]
         row = {
-            "users": users,
-            "candidates_each": cands,
+            "candidates": cands,
+            "explained_items": explained,
+            "history": T,
             **stats,
-            "no_explain_overhead_pct": 100 * (plain / base - 1),
-            "explain_overhead_pct": 100 * (explained / plain - 1),
-            "same_work_twice_pct": 100 * (stats["old_ctr_again"]["median_ms"] / base - 1),
+            "explained_request_ms": score + explain,
+            "explain_over_score": explain / score,
+            "same_work_twice_pct": 100 * (stats["score_again"]["median_ms"] / score - 1),
         }
         results.append(row)
         print(
-            f"{users:>5} x {cands:<6} {base:>8.2f}ms {plain:>8.2f}ms {explained:>8.2f}ms "
-            f"{row['no_explain_overhead_pct']:>+10.1f}% {row['explain_overhead_pct']:>+8.1f}% "
-            f"{row['same_work_twice_pct']:>+10.1f}%"
+            f"{cands:>7} {explained:>10} {score:>8.2f}ms {explain:>8.2f}ms {score + explain:>12.2f}ms "
+            f"{explain / score:>13.2f}x {row['same_work_twice_pct']:>+14.1f}%"
         )
 
-    # the handler's part of an explained answer: each returned item's top behaviours
+    # the handler's part: each returned item's because and against
     picks = []
-    for n, top in [(200, 5), (200, 100), (1000, 5)]:
-        w = rng.random((n, T), dtype=np.float32)
-        hist = [f"i{k}" for k in range(T)]
+    for n, top in [(10, 5), (200, 5), (200, 100)]:
+        why = Explanation(
+            np.arange(n),
+            [f"i{k}" for k in range(T)],
+            rng.random((n, T), dtype=np.float32),
+            rng.standard_normal((n, T), dtype=np.float32),
+        )
         t = []
         for _ in range(50):
             t0 = time.perf_counter()
-            because(w, hist, top)
+            reasons(why, top)
             t.append(time.perf_counter() - t0)
         picks.append({"items": n, "explain_top": top, "median_ms": statistics.median(t) * 1e3})
-        print(f"because(): {n} items x T={T}, explain_top {top}: {statistics.median(t) * 1e3:.2f} ms")
+        print(f"reasons(): {n} items x T={T}, explain_top {top}: {statistics.median(t) * 1e3:.2f} ms")
+
+    approx = approximation(model, ranker, T)
+    print(
+        "gradient x input vs exact leave-one-out ({rows} items x {behaviours} behaviours): max |error| "
+        "{max_abs_error:.2e}, mean {mean_abs_error:.2e} (exact contributions: mean |c| {exact_mean_abs:.2e}, "
+        "max {exact_max_abs:.2e}); same sign {same_sign_share:.1%}; same top 3 because "
+        "{same_top3_because_share:.1%}, against {same_top3_against_share:.1%}".format(**approx)
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"cpu": cpu_line(), "T": T, "rounds": args.rounds, "graph": results, "because": picks}
+    report = {
+        "cpu": cpu_line(),
+        "T": T,
+        "rounds": args.rounds,
+        "graph": results,
+        "reasons": picks,
+        "approximation": approx,
+    }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {args.out}")
     return 0

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         "per item with `explain`",
     )
     max_explain_items: int = Field(
-        200,
+        100,
         ge=1,
         description="with `explain`, most items a /rank may return (`top_k`, or every candidate without "
         "it): each is scored again without each behaviour of the history (T head passes an item)",
