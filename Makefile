@@ -52,8 +52,8 @@ lock: $(BIN)/python
 	@echo "lock written: $(REQ)/{dev,serve,train,gpu,torch}.txt"
 
 lint: $(STAMP)
-	$(BIN)/ruff check $(PACKAGES) tests bench
-	$(BIN)/ruff format --check $(PACKAGES) tests bench
+	$(BIN)/ruff check $(PACKAGES) tests bench docker
+	$(BIN)/ruff format --check $(PACKAGES) tests bench docker
 	$(BIN)/mypy $(PACKAGES)
 
 test: lint

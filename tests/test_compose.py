@@ -31,6 +31,13 @@ def validator() -> jsonschema.protocols.Validator:
     return jsonschema.Draft201909Validator(schema)
 
 
+def default_image(ref: str, variable: str) -> str:
+    """`${VAR:-image:tag}` -> `image:tag`: every image is a variable with a public, pinned default."""
+    m = re.fullmatch(r"\$\{(\w+):-([^}]+)\}", ref)
+    assert m and m.group(1) == variable, f"{ref}: not ${{{variable}:-...}}"
+    return m.group(2)
+
+
 def _errors(validator: jsonschema.protocols.Validator, doc: dict[str, Any]) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
@@ -59,12 +66,12 @@ def test_ranker_starts_after_redis_and_bootstrap(compose: dict[str, Any]) -> Non
         assert "/readyz" in " ".join(svc["healthcheck"]["test"])
         assert any(v.startswith("models:/models") and v.endswith(":ro") for v in svc["volumes"])
     assert compose["services"]["ranker"]["build"]["target"] == "serve"
-    assert compose["services"]["ranker-gpu"]["ports"] == ["8001:8000"]
+    assert compose["services"]["ranker-gpu"]["ports"] == ["${DIN_GPU_PORT:-8001}:8000"]
 
 
 def test_redis_persists_on_a_named_volume(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
-    image, tag = redis["image"].split(":")
+    image, tag = default_image(redis["image"], "REDIS_IMAGE").split(":")
     assert image == "redis" and tag[0].isdigit() and tag.count(".") == 2  # pinned, not :latest
     assert (
         "--appendonly" in redis["command"]
@@ -88,7 +95,9 @@ def test_bootstrap_is_a_one_shot_train_job(compose: dict[str, Any]) -> None:
 
 def test_profiles_for_gpu_and_loadtest(compose: dict[str, Any]) -> None:
     gpu = compose["services"]["ranker-gpu"]
-    assert gpu["profiles"] == ["gpu"] and gpu["build"]["target"] == "serve-gpu"
+    assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "Dockerfile.gpu"
+    base = default_image(gpu["build"]["args"]["CUDA_IMAGE"], "CUDA_IMAGE")
+    assert base.startswith("nvidia/cuda:") and "cudnn-runtime" in base
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     lt = compose["services"]["loadtest"]
@@ -110,12 +119,16 @@ def test_profiles_for_gpu_and_loadtest(compose: dict[str, Any]) -> None:
 
 def test_rankers_scale_behind_a_health_checking_load_balancer(compose: dict[str, Any]) -> None:
     cfg = (ROOT / "docker" / "haproxy.cfg").read_text()
-    for ranker, lb, port in (("ranker", "lb", "8000"), ("ranker-cluster", "lb-cluster", "8002")):
+    lbs = (
+        ("ranker", "lb", "${DIN_LB_PORT:-8000}"),
+        ("ranker-cluster", "lb-cluster", "${DIN_LB_CLUSTER_PORT:-8002}"),
+    )
+    for ranker, lb, port in lbs:
         svc = compose["services"][ranker]
         # `--scale` needs replicas without a fixed name or a published host port
         assert "container_name" not in svc and "ports" not in svc and svc["expose"] == ["8000"]
         balancer = compose["services"][lb]
-        image, tag = balancer["image"].split(":")
+        image, tag = default_image(balancer["image"], "HAPROXY_IMAGE").split(":")
         assert image == "haproxy" and re.match(r"\d+\.\d+\.\d+", tag), balancer["image"]  # official, pinned
         assert balancer["ports"] == [f"{port}:8000"]
         assert balancer["environment"]["RANKER_HOST"] == ranker
@@ -155,6 +168,23 @@ def test_the_cluster_profile_is_three_masters_and_three_replicas(compose: dict[s
     assert ranker["depends_on"]["bootstrap-cluster"]["condition"] == "service_completed_successfully"
     assert all(services[n]["profiles"] == ["cluster"] for n in ("redis-cluster-create", "bootstrap-cluster",
                                                              "ranker-cluster", "lb-cluster"))  # fmt: skip
+
+
+def test_images_and_indexes_are_variables_with_public_defaults(compose: dict[str, Any]) -> None:
+    args = {}
+    for name in ("bootstrap", "ranker", "bootstrap-cluster", "ranker-cluster"):
+        args[name] = compose["services"][name]["build"]["args"]
+        assert "dockerfile" not in compose["services"][name]["build"]  # the CPU Dockerfile
+    assert all(a == args["ranker"] for a in args.values())
+    assert default_image(args["ranker"]["PYTHON_IMAGE"], "PYTHON_IMAGE") == "python:3.11.11-slim-bookworm"
+    assert args["ranker"]["PIP_INDEX_URL"] == "${PIP_INDEX_URL:-https://pypi.org/simple}"
+    # `-`, not `:-`: TORCH_INDEX_URL= (empty) means the PIP_INDEX_URL mirror serves torch too
+    assert args["ranker"]["TORCH_INDEX_URL"] == "${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for arg in args["ranker"]:
+        assert f"ARG {arg}=" in dockerfile, arg
+    images = [s["image"] for s in compose["services"].values() if not s["image"].startswith("din-rank:")]
+    assert all(i.startswith(("${REDIS_IMAGE:-", "${HAPROXY_IMAGE:-")) for i in images), images
 
 
 def test_every_din_setting_compose_sets_is_a_setting(compose: dict[str, Any]) -> None:

