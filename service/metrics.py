@@ -81,7 +81,14 @@ class Metrics:
         self.reloads = Counter(
             "din_reloads", "hot reloads, by outcome (ok, rejected, failed, busy)", ["outcome"], registry=r
         )
-        self.ready = Gauge("din_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.ready = Gauge(
+            "din_ready", "1 when the replica can answer: model loaded and warm, not draining", registry=r
+        )
+        self.redis_up = Gauge(
+            "din_redis_up",
+            "1 when Redis answered the last ping (/readyz, /metrics); 0 while /rank answers degraded",
+            registry=r,
+        )
         self.warmup_seconds = Gauge("din_warmup_seconds", "time the warm-up took", registry=r)
 
     def render(self) -> bytes:

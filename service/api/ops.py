@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 from model.errors import NotReady
-from service.api.deps import LiveDep, StateDep
+from service.api.deps import AppState, LiveDep, StateDep
 from service.metrics import CONTENT_TYPE
 from service.schemas import ErrorBody, JSONResponse
 
@@ -25,33 +25,46 @@ async def healthz() -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def redis_answers(state: AppState) -> bool:
+    """Ping Redis within the read timeout (+0.5 s); the answer also sets din_redis_up."""
+    ok = False
+    if state.store is not None:
+        try:
+            async with asyncio.timeout(state.settings.redis_timeout_ms / 1000 + 0.5):
+                ok = await state.store.ping()
+        except TimeoutError:
+            ok = False
+    state.metrics.redis_up.set(int(ok))
+    return ok
+
+
 @probes.get(
     "/readyz",
-    summary="Model warmed up and Redis answering",
+    summary="This replica can answer: model loaded and warm, not draining (Redis reported, not required)",
     responses={
         503: {
             "model": ErrorBody,
-            "description": "not_ready; `reason` says why (warming_up, redis_unavailable, shutting_down, ...)",
+            "description": "not_ready; `reason`: starting, warming_up, warmup_failed or shutting_down",
         }
     },
 )
 async def readyz(state: StateDep) -> Response:
+    """Ready means a request sent here gets an answer: the model is loaded and warm and the replica is
+    not draining. Redis is reported (`redis`: up or down, and din_redis_up), not required: while it is
+    down /rank answers 200 `degraded` (a cold-start ranking), so a balancer or a Kubernetes Service
+    that kept only replicas with Redis would drop the whole fleet at once in an outage."""
     if not state.ready or state.store is None or not state.live.loaded:
         raise NotReady(f"not ready: {state.not_ready_reason}", reason=state.not_ready_reason)
-    try:
-        async with asyncio.timeout(state.settings.redis_timeout_ms / 1000 + 0.5):
-            ok = await state.store.ping()
-    except TimeoutError:
-        ok = False
-    if not ok:
-        raise NotReady("not ready: redis is not answering", reason="redis_unavailable")
-    return JSONResponse({"status": "ready", "model_version": state.live.current.model_version})
+    redis_up = await redis_answers(state)
+    body = {"status": "ready", "model_version": state.live.current.model_version}
+    return JSONResponse({**body, "redis": "up" if redis_up else "down", "degraded": not redis_up})
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(state: StateDep) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
+    await redis_answers(state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 

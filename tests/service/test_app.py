@@ -332,6 +332,9 @@ def test_redis_outage_degrades_rank_and_refuses_events(bundle: BundleInfo, tmp_p
             _seed(redis_srv.url, {"hank": ["i4", "i5"]})
             body = c.post("/rank", json={"user_id": "hank", "candidates": ["i2", "i3"]}).json()
             assert body["history_length"] == 2 and body["degraded"] is False
+            ready = c.get("/readyz").json()
+            assert ready["redis"] == "up" and ready["degraded"] is False
+            assert metric_value(c.get("/metrics").text, "din_redis_up") == 1
 
             redis_srv.stop()  # a real outage: the server goes away under an open pool
 
@@ -353,11 +356,14 @@ def test_redis_outage_degrades_rank_and_refuses_events(bundle: BundleInfo, tmp_p
             assert resp.json()["error"] == "store_unavailable"
             assert "nothing was written" in resp.json()["message"]
 
+            # still ready: this replica answers (degraded), so a balancer must keep it; Redis reported
             resp = c.get("/readyz")
-            assert resp.status_code == 503 and resp.json()["reason"] == "redis_unavailable"
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["redis"] == "down" and resp.json()["degraded"] is True
             assert c.get("/healthz").status_code == 200
             text = c.get("/metrics").text
             assert metric_value(text, "din_degraded_responses_total", {"reason": "redis_unavailable"}) >= 1
+            assert metric_value(text, "din_redis_up") == 0 and metric_value(text, "din_ready") == 1
     finally:
         redis_srv.stop()
 
