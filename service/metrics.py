@@ -86,7 +86,7 @@ class Metrics:
         )
         self.redis_up = Gauge(
             "din_redis_up",
-            "1 when Redis answered the last ping (/readyz, /metrics); 0 while /rank answers degraded",
+            "1 when Redis answered /readyz's last ping; 0 while /rank answers degraded",
             registry=r,
         )
         self.warmup_seconds = Gauge("din_warmup_seconds", "time the warm-up took", registry=r)

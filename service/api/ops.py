@@ -26,7 +26,8 @@ async def healthz() -> Response:
 
 
 async def redis_answers(state: AppState) -> bool:
-    """Ping Redis within the read timeout (+0.5 s); the answer also sets din_redis_up."""
+    """Ping Redis within the read timeout (+0.5 s); the answer also sets din_redis_up. Only /readyz
+    pings (balancers and probes call it every few seconds): a scrape of /metrics never waits on Redis."""
     ok = False
     if state.store is not None:
         try:
@@ -64,7 +65,6 @@ async def readyz(state: StateDep) -> Response:
 async def metrics(state: StateDep) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
-    await redis_answers(state)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
