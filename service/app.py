@@ -101,6 +101,8 @@ def create_app(
                 client, settings.redis_prefix, read_from_replicas=settings.redis_read_from_replicas
             )
             stack.push_async_callback(state.store.aclose)
+            if state.store.breaker is not None:  # din_redis_up follows it between /readyz pings
+                state.store.breaker.on_change = lambda up: state.metrics.redis_up.set(int(up))
             state.batcher = Batcher(
                 state.live,
                 state.store,

@@ -8,7 +8,9 @@ The shape of text-embeddings-inference's queue and Ray Serve's `@serve.batch`:
   Closing takes requests off the front while they fit; the first that does not fit stays at the
   front and opens the next batch;
 - a batch then goes through small steps: drop callers that went away, read every missing history
-  in one pipelined round trip (Redis down: empty histories, marked degraded), run the model in one
+  in one pipelined round trip (Redis down: empty histories, marked degraded; a read that has not
+  answered when only the batch's own inference time is left of its budget is not waited for: the
+  batch is answered degraded, in time, and the read ends on its own), run the model in one
   of `workers` threads while the consumer already collects the next batch, deliver. Workers call one
   ONNX Runtime session side by side (one intra-op thread each by default): on 2 cores two batches at
   once served 16-25% more requests than one batch split across both cores, which stalls at every
@@ -67,6 +69,7 @@ _CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline
 # the socket before it was read). Filling the queue to the deadline adds latency, not goodput: at 2x
 # capacity it answered 200s at p50 190 ms and some past 250 ms by the client's clock (bench/overload.py).
 _HEADROOM = 2.0
+_READ_RESERVE = 0.25  # of a batch's time left, kept from the Redis read for inference and delivery
 _EXPLAIN_HEADROOM = 4.0  # explained requests: a quarter of the time left, so they are shed first
 _EXPLAIN_SHED = (
     "explanations are shed first under load and this one would not fit its deadline; retry shortly, "
@@ -327,10 +330,14 @@ class Batcher:
         try:
             ranker = self.live.current  # this batch's model, from start to end
             t_read = time.perf_counter()
-            # Redis gets what is left of the budget: past the last deadline, nobody waits for the answer.
-            async with asyncio.timeout(max(job.deadline for job in batch) - t_read):
-                histories, degraded = await self._read_histories(batch, ranker.max_history)
-            self._redis_s.add(time.perf_counter() - t_read)
+            # Redis gets what is left of the budget once this batch's own inference is set aside (twice
+            # its estimate, and at least a quarter of the time left: estimates of small batches are
+            # rough, and the answer has to travel): a read slower than that would make every answer
+            # late, so the batch goes on degraded.
+            last = max(job.deadline for job in batch)
+            inference = _HEADROOM * sum(len(job.candidates) for job in batch) * self._candidate_s.value()
+            read_by = last - max(inference, _READ_RESERVE * (last - t_read), 0.005)
+            histories, degraded = await self._read_histories(batch, ranker.max_history, read_by)
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read
             if not jobs:
                 return
@@ -342,9 +349,6 @@ class Batcher:
             if not live:
                 return
             scores = await self._infer(ranker, live, histories)
-        except TimeoutError:  # the Redis read outlived every caller's deadline
-            self._fail(batch, Overloaded("the request's deadline passed", reason="timeout"))
-            return
         except Exception as e:
             self._fail(batch, e)
             return
@@ -398,19 +402,33 @@ class Batcher:
         return keep
 
     async def _read_histories(
-        self, jobs: list[_Job], max_history: int
+        self, jobs: list[_Job], max_history: int, read_by: float
     ) -> tuple[list[list[str]], list[str | None]]:
         """Explicit histories as given (never degraded: they do not touch Redis); the others from
         Redis in one pipelined round trip. Per job: its history, and why it is degraded (or None).
-        Redis down degrades every job that needed it; a key that cannot be read degrades its job alone."""
+        Redis down, or no answer by `read_by` (time.perf_counter()), degrades every job that needed
+        it; a key that cannot be read degrades its job alone. A read not waited for goes on in the
+        background (its connection is not cut mid-reply), and how it ends still reaches the store's
+        breaker: a Redis that is gone opens it, and the next batches do not ask at all."""
         histories: list[list[str]] = [job.history or [] for job in jobs]
         degraded: list[str | None] = [None] * len(jobs)
         need = [i for i, job in enumerate(jobs) if job.history is None]
         if not need:
             return histories, degraded
         t0 = time.perf_counter()
+        read = asyncio.ensure_future(self.store.get_histories([jobs[i].user_id for i in need], max_history))
         try:
-            got = await self.store.get_histories([jobs[i].user_id for i in need], max_history)
+            try:
+                await asyncio.wait({read}, timeout=max(0.0, read_by - t0))
+            finally:
+                if not read.done():  # not waited for (or this batch was cancelled)
+                    read.add_done_callback(_ignore_outcome)
+            if not read.done():
+                raise StoreUnavailable("no answer from redis within the batch's budget (not waited for)")
+            got = read.result()
+            # what a read costs, for admission: only reads Redis answered (one that failed or was not
+            # waited for cost its batch at most the bound above, and the breaker spares the next ones)
+            self._redis_s.add(time.perf_counter() - t0)
         except StoreUnavailable as e:
             self.metrics.degraded.labels(reason="redis_unavailable").inc(len(need))
             log.warning("redis unavailable, ranking %d requests with empty histories: %s", len(need), e)
@@ -455,6 +473,12 @@ class Batcher:
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(err)
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    """A read nobody waits for any more: its outcome (already seen by the store) is dropped."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _yield_to_event_loop() -> None:

@@ -17,9 +17,15 @@ retry safe. What a failed append tells the caller:
 
 The messages of both name Redis internals (keys, errors): they are for the log, not for clients.
 
+A Redis that stops answering (no connection, no reply in time, still loading its data) opens a
+breaker (`service.store.breaker`): until a background PING answers again, reads, appends and pings
+fail at once with `StoreUnavailable` (nothing was sent, so nothing was written), instead of every call
+waiting out the connect timeout of a Redis that is gone.
+
 Redis Cluster (the client is redis-py's `RedisCluster`): the same keys and the same script, run by
 `service.store.cluster`: reads grouped by node, one script call per user (atomic per user, not across
-users), with `StorePartial` when some users were written and others not.
+users), with `StorePartial` when some users were written and others not. No breaker there: a node's
+failure is that node's (its users degrade, the others do not) and the topology refresh follows it.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from model.errors import StorePartial, StoreTimeout, StoreUnavailable
+from service.store.breaker import RedisBreaker
 from service.store.cluster import ClusterHistories
 from service.store.keys import DEFAULT_PREFIX, cluster_event_key, event_key, history_key
 
@@ -106,10 +114,12 @@ class HistoryStore:
         self.client = client
         self.prefix = prefix
         self.cluster: ClusterHistories | None = None
+        self.breaker: RedisBreaker | None = None  # a single Redis: fail fast while it does not answer
         if isinstance(client, RedisCluster):
             self.cluster = ClusterHistories(client, read_from_replicas=read_from_replicas)
         else:
             self._append = client.register_script(_APPEND)
+            self.breaker = RedisBreaker(self._ping)
 
     def key(self, user_id: str) -> str:
         return history_key(self.prefix, user_id)
@@ -126,7 +136,9 @@ class HistoryStore:
         if self.cluster is not None:
             got = await self.cluster.read([self.key(u) for u in user_ids], max_history)
             return [h if isinstance(h, StoreUnavailable) else [_text(i) for i in h] for h in got]
-        assert isinstance(self.client, aioredis.Redis)
+        assert isinstance(self.client, aioredis.Redis) and self.breaker is not None
+        if self.breaker.open:
+            raise StoreUnavailable(self.breaker.why())
         # A read may be sent again: a pooled connection that died with a restarted Redis fails the
         # first command sent on it, so a dropped connection gets one immediate retry (a fresh one).
         for attempt in (1, 2):
@@ -138,9 +150,10 @@ class HistoryStore:
                 break
             except (RedisConnectionError, ConnectionError) as exc:
                 if attempt == 2:
-                    raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+                    raise self._unanswered(exc) from exc
             except (RedisError, OSError) as exc:
-                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+                raise self._unanswered(exc) if _not_answering(exc) else _unavailable(exc) from exc
+        self.breaker.succeeded()
         out: list[list[str] | StoreUnavailable] = []
         for user_id, res in zip(user_ids, results, strict=True):
             if isinstance(res, ResponseError) and str(res).startswith("WRONGTYPE"):
@@ -164,6 +177,9 @@ class HistoryStore:
             return Appended(0, 0)
         if self.cluster is not None:
             return await self._append_cluster(events, max_history, dedup_ttl_s)
+        assert self.breaker is not None
+        if self.breaker.open:
+            raise StoreUnavailable(f"nothing was written: {self.breaker.why()}")
         users: dict[str, int] = {}
         ids: dict[str, int] = {}
         args: list[str | int] = [max_history, dedup_ttl_s, 0]
@@ -224,36 +240,70 @@ class HistoryStore:
     async def _run_append(self, keys: list[str], args: list[str | int]) -> list[Any]:
         # A connection of our own, connected before the script is sent: a failure to get one means
         # nothing was sent, a failure after sending leaves the outcome unknown.
-        assert isinstance(self.client, aioredis.Redis)
+        assert isinstance(self.client, aioredis.Redis) and self.breaker is not None
         conn = self.client.client()
         try:
             try:
                 await conn.initialize()
             except (RedisError, OSError) as exc:
-                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+                raise self._unanswered(exc) if _not_answering(exc) else _unavailable(exc) from exc
             try:
                 result: list[Any] = await self._append(keys=keys, args=args, client=conn)
-            except (ResponseError, BusyLoadingError) as exc:  # an error reply: the script wrote nothing
-                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            except BusyLoadingError as exc:  # an error reply (the script wrote nothing), and Redis is loading
+                raise self._unanswered(exc) from exc
+            except ResponseError as exc:  # an error reply: the script wrote nothing
+                raise _unavailable(exc) from exc
             except (RedisError, OSError) as exc:
+                self.breaker.failed(f"{type(exc).__name__}: {exc}")
                 raise StoreTimeout(f"redis: no answer to the append: {type(exc).__name__}: {exc}") from exc
+            self.breaker.succeeded()
             return result
         finally:
             await conn.aclose()
 
     async def ping(self) -> bool:
-        """True when Redis answers (a cluster: one of its masters); False (never an exception) when not."""
+        """True when Redis answers (a cluster: one of its masters); False (never an exception) when not.
+        With the breaker open: False at once (its own probe is asking); a failed ping opens it."""
         if self.cluster is not None:
             return await self.cluster.ping()
+        assert self.breaker is not None
+        if self.breaker.open:
+            return False
+        ok = await self._ping()
+        if ok:
+            self.breaker.succeeded()
+        else:
+            self.breaker.failed("no answer to PING")
+        return ok
+
+    async def _ping(self) -> bool:
         try:
             return bool(await self.client.ping())
         except (RedisError, OSError):
             return False
 
+    def _unanswered(self, exc: BaseException) -> StoreUnavailable:
+        """Redis did not answer (no connection, no reply in time, loading): the breaker opens."""
+        assert self.breaker is not None
+        self.breaker.failed(f"{type(exc).__name__}: {exc}")
+        return _unavailable(exc)
+
     async def aclose(self) -> None:
-        """Stop background work (a cluster's topology refresh); the client is closed by its owner."""
+        """Stop background work (a cluster's topology refresh, the breaker's probe); the client is
+        closed by its owner."""
         if self.cluster is not None:
             await self.cluster.aclose()
+        if self.breaker is not None:
+            await self.breaker.aclose()
+
+
+def _not_answering(exc: BaseException) -> bool:
+    """A failure that says Redis is not answering (rather than answering with an error)."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError))
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"redis: {type(exc).__name__}: {exc}")
 
 
 def _check(max_history: int) -> None:

@@ -245,6 +245,32 @@ class GatedProxy:
             dst.shutdown(socket.SHUT_WR)
 
 
+class Blackhole:
+    """A `redis://` address whose connects hang, as when Redis's host or container is gone (no refusal,
+    no reply): a listening socket with a backlog of 0, filled, so the kernel drops every new SYN."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        port = self._listener.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._fill: list[socket.socket] = []
+        for _ in range(3):  # the queue holds one; the others are dropped and retried by the kernel
+            sk = socket.socket()
+            sk.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sk.connect(("127.0.0.1", port))
+            self._fill.append(sk)
+
+    def __enter__(self) -> str:
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        for sk in [*self._fill, self._listener]:
+            sk.close()
+
+
 def seed_histories(url: str, histories: dict[str, list[str]], prefix: str = "din:") -> None:
     """Replace each user's history in the Redis at `url` (lists newest first, as the service reads them)."""
     r = redis.Redis.from_url(url)

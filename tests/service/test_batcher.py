@@ -23,7 +23,7 @@ from service.ranker import Ranker
 from service.store.client import RedisConfig, async_client
 from service.store.embedded import free_port
 from service.store.history import HistoryStore
-from tests.service.conftest import BundleInfo, GatedProxy
+from tests.service.conftest import Blackhole, BundleInfo, GatedProxy
 
 TOL = 1e-5
 
@@ -239,25 +239,59 @@ def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, 
                     await b.submit("a", ["i2"], None, time.perf_counter())
                 assert shed.value.extra["reason"] == "deadline"
 
-                proxy.hold()  # Redis stalls: the next batch cannot finish
+                proxy.hold()  # Redis stalls: its answer would come after the deadline
                 t0 = time.perf_counter()
                 stuck = asyncio.create_task(b.submit("a", ["i2"], None, t0 + 0.3))
-                await until(lambda: b._inflight == 1)
-                queued = asyncio.create_task(b.submit("b", ["i3"], None, t0 + 0.3))
-                for task in (stuck, queued):
-                    with pytest.raises(Overloaded) as late:
-                        await task
-                    assert late.value.extra["reason"] == "timeout"
-                waited = time.perf_counter() - t0
-                assert 0.3 <= waited < 1.0  # answered at the deadline, not whenever Redis came back
+                await until(lambda: b._inflight == 1)  # its batch holds the one slot, reading
+                queued = asyncio.create_task(b.submit("b", ["i3"], None, t0 + 0.15))  # waits behind it
                 computed = b.batches
+                # The stalled read is not waited for past the budget: answered degraded, in time.
+                got = await stuck
+                waited = time.perf_counter() - t0
+                assert got.degraded == "redis_unavailable" and got.history_length == 0
+                assert waited < 0.3, waited  # by its deadline, not whenever Redis came back
+                assert b.batches == computed + 1
+                with pytest.raises(Overloaded) as late:  # its deadline passed while the slot was busy
+                    await queued
+                assert late.value.extra["reason"] == "timeout"
                 proxy.release()
                 await until(lambda: b._inflight == 0 and b.depth == 0)
-                assert b.batches == computed  # neither late request was ever computed
+                assert b.batches == computed + 1  # the late request was never computed
                 ok = await b.submit("c", ["i2"], None, time.perf_counter() + 5)
                 assert ok.scores.shape == (1,)
             assert sample(b, "din_queue_rejections_total", {"reason": "deadline"}) == 1
-            assert sample(b, "din_queue_rejections_total", {"reason": "timeout"}) == 2
+            assert sample(b, "din_queue_rejections_total", {"reason": "timeout"}) == 1
+
+    run(go)
+
+
+def test_a_redis_whose_host_is_gone_costs_one_batch_a_bounded_wait_then_nothing(ranker: Ranker) -> None:
+    """Connects hang (the host or container is gone): with the service's own timeouts (200 ms connect,
+    100 ms read) a read would take longer than a 250 ms budget. The first batch stops waiting in time
+    and answers degraded; its read's failure opens the breaker, and no later batch waits on Redis."""
+
+    async def go() -> None:
+        with Blackhole() as url:
+            client = async_client(url, RedisConfig(connect_timeout_s=0.2, timeout_s=0.1, max_connections=8))
+            store = HistoryStore(client, "din:")
+            opts: dict[str, Any] = {"max_delay_s": 0.002, "max_candidates": 4096, "queue_max": 64}
+            b = Batcher(LiveModel(ranker), store, Metrics(), max_inflight=1, **opts)
+            b.start()
+            try:
+                took = []
+                for k in range(12):
+                    t0 = time.perf_counter()
+                    got = await b.submit(f"u{k}", ["i2", "i3"], None, t0 + 0.25)
+                    took.append(time.perf_counter() - t0)
+                    assert got.degraded == "redis_unavailable" and got.history_length == 0
+                assert max(took) < 0.25, took  # every one in its budget, the first included
+                assert store.breaker is not None and store.breaker.open and store.breaker.opened == 1
+                assert max(took[4:]) < 0.1, took  # with the breaker open nothing waits on a connect
+                assert "not asked" in store.breaker.why()
+            finally:
+                await b.stop()
+                await store.aclose()
+                await client.aclose()
 
     run(go)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,6 +221,48 @@ def test_a_restarted_server_is_read_at_once_through_every_pooled_connection(tmp_
         server.stop()
 
 
+def test_a_redis_that_stopped_answering_is_not_asked_until_a_probe_answers(redis_url: str) -> None:
+    """One unanswered read opens the breaker: reads, appends and pings then fail at once, with nothing
+    sent (so nothing written); once Redis answers, its background probe closes it within a second."""
+
+    async def go(proxy: GatedProxy) -> None:
+        client = _client(proxy.url, timeout=0.3)
+        store = HistoryStore(client)
+        seen: list[bool] = []
+        assert store.breaker is not None
+        store.breaker.on_change = seen.append
+        try:
+            await store.append_events([("u", "a")], 100)
+            proxy.hold()
+            t0 = time.perf_counter()
+            with pytest.raises(StoreUnavailable, match="Timeout"):
+                await store.get_histories(["u"], 100)
+            assert time.perf_counter() - t0 >= 0.3  # this one waited out the read timeout
+            assert store.breaker.open and seen == [False]
+            t0 = time.perf_counter()
+            with pytest.raises(StoreUnavailable, match="not asked"):
+                await store.get_histories(["u"], 100)
+            with pytest.raises(StoreUnavailable, match="nothing was written"):
+                await store.append_events([("u", "b")], 100)
+            assert await store.ping() is False
+            assert time.perf_counter() - t0 < 0.1  # none of them waited on Redis
+            await asyncio.sleep(1.0)  # the probe keeps failing while Redis does not answer
+            assert store.breaker.open and store.breaker.opened == 1
+            proxy.release()
+            async with asyncio.timeout(3):
+                while store.breaker.open:
+                    await asyncio.sleep(0.01)
+            assert seen == [False, True]
+            assert await store.get_histories(["u"], 100) == [["a"]]  # "b" was never sent
+            assert await store.ping() is True
+        finally:
+            await store.aclose()
+            await client.aclose()
+
+    with GatedProxy(redis_url) as proxy:
+        _run(go(proxy))
+
+
 def test_unavailable_on_closed_port() -> None:
     async def go() -> None:
         client = _client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
@@ -408,6 +451,13 @@ def test_a_retry_after_an_unanswered_write_does_not_duplicate(redis_url: str) ->
             proxy.release()
             async with asyncio.timeout(5):  # the late script runs: the write did happen
                 while await direct.llen("din:hist:v") == 0:
+                    await asyncio.sleep(0.01)
+            # Redis did not answer, so the breaker is open: a retry now is refused, nothing sent
+            assert store.breaker is not None and store.breaker.open
+            with pytest.raises(StoreUnavailable, match="nothing was written: redis down"):
+                await store.append_events(events, 100)
+            async with asyncio.timeout(5):  # its probe finds Redis answering again
+                while store.breaker.open:
                     await asyncio.sleep(0.01)
             # the client's retry with the same ids: nothing twice
             assert await store.append_events(events, 100) == Appended(0, 3)
