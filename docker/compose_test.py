@@ -383,6 +383,7 @@ def main() -> int:
     ap.add_argument("--outage-s", type=float, default=15.0, help="how long Redis stays stopped")
     ap.add_argument("--cluster-load-s", type=float, default=30.0, help="the cluster profile's load phase")
     ap.add_argument("--skip-cluster", action="store_true", help="only the default profile")
+    ap.add_argument("--skip-default", action="store_true", help="only the cluster profile")
     args = ap.parse_args()
 
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
@@ -400,7 +401,8 @@ def main() -> int:
     ok = False
     try:
         stack("down", "-v", "--remove-orphans", timeout=300)  # a previous run's leftovers
-        default_profile(stack, f"http://127.0.0.1:{lb}", args)
+        if not args.skip_default:
+            default_profile(stack, f"http://127.0.0.1:{lb}", args)
         if not args.skip_cluster:
             cluster_profile(stack, f"http://127.0.0.1:{lb_cluster}", args)
         ok = True
