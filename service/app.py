@@ -91,14 +91,15 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             r = ranker if ranker is not None else await asyncio.to_thread(load_ranker, settings)
             state.live.swap(r)
-            endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(settings.redis))
+            redis_cfg = settings.redis
+            endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(redis_cfg))
             if endpoint.private:
-                where = settings.redis.private_data_dir
+                where = redis_cfg.private_data_dir
                 log.info("started a private redis-server at %s (data in %s)", endpoint.url, where)
-            client = async_client(endpoint.url, settings.redis)
+            client = async_client(endpoint.url, redis_cfg)
             stack.push_async_callback(client.aclose)
             state.store = HistoryStore(
-                client, settings.redis_prefix, read_from_replicas=settings.redis_read_from_replicas
+                client, redis_cfg.prefix, read_from_replicas=redis_cfg.read_from_replicas
             )
             stack.push_async_callback(state.store.aclose)
             state.batcher = Batcher(

@@ -26,9 +26,7 @@ from types import TracebackType
 from typing import IO
 
 from model.errors import RedisDataDirInUse, RedisServerError
-
-# The data directory `din serve`, `din seed` and `din demo` share when no Redis URL is given.
-DEFAULT_REDIS_DATA = ".din/redis"
+from service.store.config import DEFAULT_REDIS_DATA
 
 SOCKET_NAME = "redis.sock"
 CONF_NAME = "redis.conf"
