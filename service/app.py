@@ -148,7 +148,9 @@ def create_app(
     # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
     # so BodyLimits' 408 / 413 and AdmissionGate's 503 carry the request id and are counted like any
     # other answer; the gate sits inside BodyLimits, so a body it drains unread is still bounded.
-    app.add_middleware(AdmissionGate, state=state, settings=settings)
+    app.add_middleware(
+        AdmissionGate, queue=lambda: state.batcher, budget_s=settings.request_budget_s, paths={"/rank"}
+    )
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.request_read_timeout_s
     )

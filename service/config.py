@@ -201,6 +201,11 @@ class Settings(BaseSettings):
         return max(self.max_inflight_batches or self.workers + 2, self.workers)
 
     @property
+    def request_budget_s(self) -> float:
+        """A /rank's whole budget, from arrival to answer (DIN_REQUEST_TIMEOUT_MS, in seconds)."""
+        return self.request_timeout_ms / 1000
+
+    @property
     def provider_list(self) -> list[str] | None:
         """Explicit providers, or None for 'auto'."""
         if self.providers.strip().lower() == "auto":

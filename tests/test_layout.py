@@ -75,3 +75,12 @@ def test_the_reserved_vocabulary_rows_are_known_in_one_place() -> None:
 def test_only_settings_reads_the_environment_in_the_server() -> None:
     readers = [str(p.relative_to(ROOT)) for p in _sources("service") if "os.environ" in p.read_text()]
     assert readers == []
+
+
+def test_the_deadline_rule_is_written_once() -> None:
+    # a request's deadline counts from its arrival: service.log.request_deadline, asked by the
+    # AdmissionGate and /rank alike
+    readers = [
+        str(p.relative_to(ROOT)) for p in _sources("service") if "request_started.get(" in p.read_text()
+    ]
+    assert readers == ["service/log.py"]

@@ -5,7 +5,6 @@ lowered it most (`against`), by each behaviour's exact leave-one-out contributio
 # No `from __future__ import annotations` here: FastAPI reads the handler's annotations when the
 # route is declared, and the body model is a local of `router()` (this app's, with its limits).
 
-import time
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from fastapi.responses import Response
 
 from service.api.deps import BatcherDep, StateDep
 from service.batcher import Explanation, RankResult
-from service.log import request_started
+from service.log import request_deadline
 from service.ranker import ranked
 from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse, RequestModels
 
@@ -77,9 +76,7 @@ def router(models: RequestModels) -> APIRouter:
     )
     async def rank(body: RankBody, batcher: BatcherDep, state: StateDep) -> Response:  # type: ignore[valid-type]
         req: RankRequest = body  # mypy cannot read a per-app class as a type; this is its base
-        # The budget counts from the request's arrival (parsing and validation included).
-        arrived = request_started.get() or time.perf_counter()
-        deadline = arrived + state.settings.request_timeout_ms / 1000
+        deadline = request_deadline(state.settings.request_budget_s)
         # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
         candidates = list(dict.fromkeys(req.candidates))
         if req.explain:
