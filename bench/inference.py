@@ -56,8 +56,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 import model.export as export_mod
+from contracts.vocab import FIRST_ID, OOV, PAD
 from model.din import DIN, DINConfig, build_model
-from model.vocab import FIRST_ID, OOV, PAD
 from service.config import usable_cores
 
 # Distinct categories in a user's last 100 behaviours: median 22 (p90 27) in `din synth` data

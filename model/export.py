@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.bundle import (
+from contracts.bundle import (
     EXPLAIN_GRAPH,
     EXPLAIN_OUTPUTS,
     FORMAT_VERSION,
@@ -53,9 +53,9 @@ from model.bundle import (
     check_model,
     sha256_file,
 )
+from contracts.errors import BundleError, ExportError
+from contracts.vocab import FIRST_ID, OOV, PAD, write_vocab
 from model.din import DIN
-from model.errors import BundleError, ExportError
-from model.vocab import FIRST_ID, OOV, PAD, write_vocab
 
 TOLERANCE = 1e-5
 EXPLAIN_PARITY_CANDIDATES = 24  # per parity case, for explain.onnx: the reference is T forwards each

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from model.errors import DinError
+from contracts.errors import DinError
 from service.api import api_router
 from service.api.deps import AppState
 from service.batcher import Batcher

@@ -51,7 +51,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from model.errors import DinError, InferenceFailed, Overloaded, ShuttingDown, StoreUnavailable
+from contracts.errors import DinError, InferenceFailed, Overloaded, ShuttingDown, StoreUnavailable
 from service.live import LiveModel
 from service.metrics import Metrics
 from service.ranker import Explained, Ranker, Scored, ranked

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.errors import ConfigError
+from contracts.errors import ConfigError
 from service.store.config import RedisConfig, check_redis_mode
 from service.store.keys import DEFAULT_PREFIX
 

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.bundle import load_bundle
-from model.errors import BundleError, NotReady, ReloadFailed, ReloadInProgress, ReloadRejected
+from contracts.bundle import load_bundle
+from contracts.errors import BundleError, NotReady, ReloadFailed, ReloadInProgress, ReloadRejected
 from service.config import Settings
 from service.metrics import Metrics
 from service.ranker import Ranker

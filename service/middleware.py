@@ -18,8 +18,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.errors import CorsRefused, DinError, Overloaded, PayloadTooLarge, RequestTimeout
-from service.errors import error_response
+from contracts.errors import CorsRefused, DinError, Overloaded, PayloadTooLarge, RequestTimeout
+from service.errors import din_error_response, error_response
 from service.log import request_deadline, request_id, request_started
 from service.metrics import Metrics
 
@@ -112,8 +112,7 @@ def _route_paths(routes: Iterable[Any]) -> Iterator[str]:
 async def refuse(exc: DinError, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer `exc` as the JSON error body and close the connection: the rest of the request (its body)
     is never read, so the connection cannot carry another request."""
-    headers = {**exc.headers, "Connection": "close"}
-    await error_response(exc.status, exc.body(), headers)(scope, receive, send)
+    await din_error_response(exc, {"Connection": "close"})(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -217,7 +216,7 @@ class CORS(CORSMiddleware):
             return response
         refused = CorsRefused(bytes(response.body).decode("latin-1"))  # "Disallowed CORS origin, method"
         cors = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
-        return error_response(refused.status, refused.body(), cors)
+        return din_error_response(refused, cors)
 
 
 class Admission(Protocol):
@@ -267,6 +266,6 @@ class AdmissionGate:
                     return
                 more = message.get("more_body", False)
             exc = queue.shed("deadline")
-            await error_response(exc.status, exc.body(), exc.headers)(scope, receive, send)
+            await din_error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `din serve --help` stays instant.
     import uvicorn
 
-    from model.errors import BundleError, ConfigError, RedisServerError
+    from contracts.errors import BundleError, ConfigError, RedisServerError
     from service.app import create_app
     from service.live import load_ranker
     from service.log import configure_logging

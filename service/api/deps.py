@@ -21,7 +21,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from model.errors import NotReady, Unauthorized
+from contracts.errors import NotReady, Unauthorized
 from service.batcher import Batcher
 from service.config import Settings
 from service.live import LiveModel

@@ -10,7 +10,7 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
-from model.errors import NotReady
+from contracts.errors import NotReady
 from service.api.deps import AppState, LiveDep, StateDep
 from service.metrics import CONTENT_TYPE
 from service.schemas import ErrorBody, JSONResponse

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.cluster import RedisCluster as SyncRedisCluster
 
-from model.errors import RedisDataDirInUse
+from contracts.errors import RedisDataDirInUse
 from service.store.config import RedisConfig
 from service.store.embedded import EmbeddedRedis
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import ConfigError
+from contracts.errors import ConfigError
 from service.store.keys import DEFAULT_PREFIX
 
 # The data directory `din serve`, `din seed` and `din demo` share when no Redis URL is given.

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from model.errors import RedisDataDirInUse, RedisServerError
+from contracts.errors import RedisDataDirInUse, RedisServerError
 from service.store.config import DEFAULT_REDIS_DATA
 
 SOCKET_NAME = "redis.sock"

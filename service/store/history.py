@@ -34,7 +34,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from model.errors import StorePartial, StoreTimeout, StoreUnavailable
+from contracts.errors import StorePartial, StoreTimeout, StoreUnavailable
 from service.store.cluster import ClusterHistories
 from service.store.keys import DEFAULT_PREFIX, cluster_event_key, event_key, history_key
 

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model.bundle import load_bundle
-from model.errors import InferenceFailed, Overloaded, ShuttingDown
-from model.vocab import Vocab
+from contracts.bundle import load_bundle
+from contracts.errors import InferenceFailed, Overloaded, ShuttingDown
+from contracts.vocab import Vocab
 from service.batcher import Batcher, RankResult, _RecentMedian
+from service.errors import http_headers
 from service.live import LiveModel
 from service.metrics import Metrics
 from service.ranker import Ranker
@@ -197,7 +198,10 @@ def test_full_queue_refuses_at_once(ranker: Ranker, redis_url: str) -> None:
                 await until(lambda: sample(b, "din_queue_admitted_total") == 3 and b.depth == 2)
                 with pytest.raises(Overloaded) as err:
                     await b.submit("d", ["i2"], None)
-                assert err.value.headers == {"Retry-After": "1"} and err.value.extra["reason"] == "queue_full"
+                assert (
+                    http_headers(err.value) == {"Retry-After": "1"}
+                    and err.value.extra["reason"] == "queue_full"
+                )
                 proxy.release()
                 assert len(await asyncio.gather(*held)) == 3
 

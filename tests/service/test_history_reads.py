@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from model.bundle import load_bundle
+from contracts.bundle import load_bundle
 from service.batcher import Batcher
 from service.live import LiveModel
 from service.metrics import Metrics

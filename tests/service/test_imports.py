@@ -39,3 +39,24 @@ def test_the_redis_configuration_is_built_from_the_settings_in_one_place() -> No
     }
     # Settings.redis; `din seed` builds its own from its flags (it has no Settings)
     assert built == {"service/config.py": 1, "service/store/seed.py": 2}
+
+
+def test_the_service_imports_no_torch() -> None:
+    # the whole app built (every route, the middleware, the schemas), as `din serve` builds it
+    modules = _modules_after(
+        "from service.app import create_app\n"
+        "from service.config import Settings\n"
+        "create_app(Settings(_env_file=None))"
+    )
+    assert "torch" not in modules and "onnx" not in modules
+    assert "service.app" in modules and "contracts.bundle" in modules
+
+
+def test_every_error_answers_a_status_from_the_service() -> None:
+    from contracts import errors
+    from service.errors import http_status
+
+    tree = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.DinError)]
+    assert all(not hasattr(c, "status") for c in tree)  # HTTP-free codes; the statuses live in service/
+    assert http_status(errors.Overloaded("x", reason="r")) == 503
+    assert http_status(errors.CorsRefused("x")) == 400 and http_status(errors.InferenceFailed("x")) == 500
