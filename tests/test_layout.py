@@ -110,3 +110,13 @@ def test_nothing_under_model_or_contracts_names_an_http_status() -> None:
         assert not _names(path) & {"status", "status_code", "HTTPStatus", "headers"}, where
     # the tree's docstring lists codes, not statuses: the statuses are service/errors.py's
     assert not re.search(r"\b[45]\d\d\b", (ROOT / "contracts" / "errors.py").read_text())
+
+
+def test_neither_half_of_the_batcher_is_a_class_longer_than_200_lines() -> None:
+    for module in ("service/batcher.py", "service/rank_queue.py", "service/inference.py"):
+        tree = ast.parse((ROOT / module).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                assert node.end_lineno is not None
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 200, f"{module}: class {node.name} is {length} lines"

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from service.api.deps import BatcherDep, StateDep
-from service.batcher import Explanation, RankResult
+from service.inference import Explanation, RankResult
 from service.log import request_deadline
 from service.ranker import ranked
 from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse, RequestModels

@@ -16,10 +16,12 @@ import pytest
 from contracts.bundle import load_bundle
 from contracts.errors import InferenceFailed, Overloaded, ShuttingDown
 from contracts.vocab import Vocab
-from service.batcher import Batcher, RankResult, _RecentMedian
+from service.batcher import Batcher
 from service.errors import http_headers
+from service.inference import RankResult
 from service.live import LiveModel
 from service.metrics import Metrics
+from service.rank_queue import RecentMedian
 from service.ranker import Ranker
 from service.store.client import RedisConfig, async_client
 from service.store.embedded import free_port
@@ -155,7 +157,7 @@ def test_cancelled_callers_are_skipped(ranker: Ranker, redis_url: str) -> None:
             async with running(ranker, proxy.url) as b:
                 proxy.hold()
                 first = asyncio.create_task(b.submit("a", ["i2"], None))  # stalls on Redis
-                await until(lambda: b._inflight == 1 and b.depth == 0)
+                await until(lambda: b.inflight == 1 and b.depth == 0)
                 gone = asyncio.create_task(b.submit("b", ["i3"], None))
                 await until(lambda: b.depth == 1 and sample(b, "din_queue_admitted_total") == 2)
                 gone.cancel()  # the caller goes away while its request waits for the next batch
@@ -192,7 +194,7 @@ def test_full_queue_refuses_at_once(ranker: Ranker, redis_url: str) -> None:
             async with running(ranker, proxy.url, queue_max=2, max_candidates=1) as b:
                 proxy.hold()
                 held = [asyncio.create_task(b.submit("a", ["i2"], None))]
-                await until(lambda: b._inflight == 1 and b.depth == 0)
+                await until(lambda: b.inflight == 1 and b.depth == 0)
                 held.append(asyncio.create_task(b.submit("b", ["i2"], None)))  # waits for the slot
                 held.append(asyncio.create_task(b.submit("c", ["i2"], None)))  # waits behind it
                 await until(lambda: sample(b, "din_queue_admitted_total") == 3 and b.depth == 2)
@@ -214,7 +216,7 @@ def test_stop_fails_waiting_requests(ranker: Ranker, redis_url: str) -> None:
             async with running(ranker, proxy.url, max_candidates=1) as b:
                 proxy.hold()
                 first = asyncio.create_task(b.submit("a", ["i2"], None))
-                await until(lambda: b._inflight == 1)
+                await until(lambda: b.inflight == 1)
                 waiting = [asyncio.create_task(b.submit(u, ["i2"], None)) for u in "bc"]
                 await until(lambda: sample(b, "din_queue_admitted_total") == 3)
                 stopping = asyncio.create_task(b.stop())
@@ -246,7 +248,7 @@ def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, 
                 proxy.hold()  # Redis stalls: the next batch cannot finish
                 t0 = time.perf_counter()
                 stuck = asyncio.create_task(b.submit("a", ["i2"], None, t0 + 0.3))
-                await until(lambda: b._inflight == 1)
+                await until(lambda: b.inflight == 1)
                 queued = asyncio.create_task(b.submit("b", ["i3"], None, t0 + 0.3))
                 for task in (stuck, queued):
                     with pytest.raises(Overloaded) as late:
@@ -256,7 +258,7 @@ def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, 
                 assert 0.3 <= waited < 1.0  # answered at the deadline, not whenever Redis came back
                 computed = b.batches
                 proxy.release()
-                await until(lambda: b._inflight == 0 and b.depth == 0)
+                await until(lambda: b.inflight == 0 and b.depth == 0)
                 assert b.batches == computed  # neither late request was ever computed
                 ok = await b.submit("c", ["i2"], None, time.perf_counter() + 5)
                 assert ok.scores.shape == (1,)
@@ -319,7 +321,7 @@ def test_cost_estimate_ignores_one_slow_call_and_forgets_old_ones() -> None:
     """The admission estimate is the median of recent calls: one stall does not shed a burst, and an
     estimate older than a second is dropped (else a stale high one would shed every request, and with
     nothing admitted nothing would ever correct it)."""
-    recent = _RecentMedian(size=15, max_age=1.0)
+    recent = RecentMedian(size=15, max_age=1.0)
     assert recent.value(0.0) == 0.0
     for k in range(10):
         recent.add(1e-4, now=k * 0.01)
@@ -360,9 +362,9 @@ def test_explained_requests_are_shed_first_and_answered_last(ranker: Ranker, red
             np.testing.assert_array_equal(got["explained"].scores, got["plain"].scores)
 
             for _ in range(15):  # a known cost: 1 ms a candidate, nothing else (the medians of 15)
-                b._candidate_s.add(0.001)
-                b._redis_s.add(0.0)
-                b._explain_row_s.add(0.0)
+                b.costs.candidate_s.add(0.001)
+                b.costs.redis_s.add(0.0)
+                b.costs.explain_row_s.add(0.0)
             cands = [f"i{k}" for k in range(2, 12)]  # 10 candidates: an expected wait of 10 ms
             deadline = time.perf_counter() + 0.030  # plain: 2 x 10 ms fits; explained: 4 x 10 ms does not
             with pytest.raises(Overloaded) as shed:
@@ -371,5 +373,33 @@ def test_explained_requests_are_shed_first_and_answered_last(ranker: Ranker, red
             assert b.admits(deadline, len(cands))  # the same request without explain is admitted
             assert sample(b, "din_queue_rejections_total", {"reason": "explain"}) == 1
             assert sample(b, "din_queue_rejections_total", {"reason": "deadline"}) == 0
+
+    run(go)
+
+
+def test_every_answer_carries_the_history_it_was_scored_on_and_its_version(
+    ranker: Ranker, redis_url: str
+) -> None:
+    """What a writer of impressions logs: the snapshot the model saw (from Redis or the request, cut to
+    T, empty when degraded) and the version that scored it, explained or not."""
+    T = ranker.max_history
+    long = [f"i{k}" for k in range(2, 2 + T + 5)]
+
+    async def go() -> None:
+        async with running(ranker, redis_url, max_delay_s=0.05) as b:
+            await b.store.append_events([("snap", "i7"), ("snap", "i8")], 100)  # type: ignore[attr-defined]
+            stored, given, explained = await asyncio.gather(
+                b.submit("snap", ["i2"], None),
+                b.submit("x", ["i2", "i3"], long),
+                b.submit("x", ["i2", "i3"], ["i4", "i5"], explain=True),
+            )
+            assert stored.history == ("i8", "i7")  # newest first, as read
+            assert given.history == tuple(long[:T]) and given.history_length == T
+            assert explained.explanation is not None and explained.history == ("i4", "i5")
+            assert {r.model_version for r in (stored, given, explained)} == {ranker.model_version}
+        async with running(ranker, f"redis://127.0.0.1:{free_port()}/0", max_delay_s=0.01) as b:
+            cold = await b.submit("snap", ["i2"], None)  # nothing listens there: degraded
+            assert cold.degraded == "redis_unavailable" and cold.history == ()
+            assert cold.model_version == ranker.model_version
 
     run(go)
