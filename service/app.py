@@ -1,7 +1,7 @@
 """`create_app(settings)`: the FastAPI app. Its lifespan builds the heavy things on `app.state.din`
-(an `AppState`): the live model (ONNX Runtime session), the Redis client (and a private redis-server
-when no URL is set), the batcher; then warms the model up in the background, and /readyz turns ready
-when that is done."""
+(an `AppState`): the model set (its `default` member's ONNX Runtime session), the Redis client (and a
+private redis-server when no URL is set), the batcher; then warms the model up in the background, and
+/readyz turns ready when that is done."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from service.api.deps import AppState
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.live import LiveModel, describe, load_ranker
+from service.live import ModelSet, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
@@ -84,7 +84,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `ranker`: an already loaded model (`din serve` loads it first to fail fast).
     `warmup_gate`: warm-up starts only once this is set (lets an orchestrator or a test hold /readyz)."""
-    state = AppState(settings=settings, metrics=Metrics(), live=LiveModel())
+    state = AppState(settings=settings, metrics=Metrics(), live=ModelSet())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

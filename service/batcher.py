@@ -31,10 +31,11 @@ import contextlib
 import time
 
 from contracts.errors import Overloaded, ShuttingDown
+from service.costs import Costs
 from service.inference import HistorySource, Inference, RankResult
-from service.live import LiveModel
+from service.live import DEFAULT_MODEL, ModelSet
 from service.metrics import Metrics
-from service.rank_queue import CANNOT_MEET_DEADLINE, DEFAULT_MODEL, Costs, Job, RankQueue
+from service.rank_queue import CANNOT_MEET_DEADLINE, Job, RankQueue
 
 _SHUTTING_DOWN = "the service is shutting down; retry on another replica"
 _EXPLAIN_SHED = (
@@ -49,7 +50,7 @@ class Batcher:
 
     def __init__(
         self,
-        live: LiveModel,
+        models: ModelSet,
         store: HistorySource,
         metrics: Metrics,
         *,
@@ -59,20 +60,19 @@ class Batcher:
         max_inflight: int = 1,
         workers: int = 1,
     ) -> None:
-        self.live = live
+        self.models = models
         self.store = store
         self.metrics = metrics
-        self.costs = Costs()
         self.queue = RankQueue(
             metrics,
-            self.costs,
+            lambda name: models.get(name).costs,
             max_delay_s=max_delay_s,
             max_candidates=max_candidates,
             queue_max=queue_max,
             max_inflight=max_inflight,
             workers=workers,
         )
-        self.inference = Inference(live, store, metrics, self.costs, workers=workers)
+        self.inference = Inference(models, store, metrics, workers=workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[None] | None = None
         self._closing = False
@@ -110,6 +110,11 @@ class Batcher:
     def batches(self) -> int:
         return self.inference.batches
 
+    @property
+    def costs(self) -> Costs:
+        """The default member's recent costs."""
+        return self.models.default.costs
+
     def admits(self, deadline: float, candidates: int | None = None, explain_rows: int = 0) -> bool:
         """`RankQueue.admits`: the one admission rule, here and at the door (service.middleware)."""
         return self.queue.admits(deadline, candidates, explain_rows)
@@ -131,9 +136,10 @@ class Batcher:
         *,
         explain: bool = False,
         top_k: int | None = None,
+        model: str = DEFAULT_MODEL,
     ) -> RankResult:
         """Queue one request and wait for its scores (and with `explain`, the contributions behind the
-        best `top_k` of them, or all), until `deadline` (time.perf_counter()).
+        best `top_k` of them, or all) from the member `model`, until `deadline` (time.perf_counter()).
 
         Raises Overloaded at once when the queue is full or the request cannot be answered by its
         deadline (an explained one: with its explaining work, in a quarter of the time left), and when
@@ -146,14 +152,14 @@ class Batcher:
             raise self.shed(
                 "queue_full", f"the ranking queue is full ({self.queue.queue_max} requests waiting)"
             )
-        if not self.admits(deadline, len(candidates)):
+        if not self.queue.admits(deadline, len(candidates), model=model):
             raise self.shed("deadline", CANNOT_MEET_DEADLINE)
         returned = len(candidates) if top_k is None else min(top_k, len(candidates))
-        rows = returned * self.live.current.max_history if explain else 0
-        if explain and not self.admits(deadline, len(candidates), rows):
+        rows = returned * self.models.get(model).current.max_history if explain else 0
+        if explain and not self.queue.admits(deadline, len(candidates), rows, model):
             raise self.shed("explain", _EXPLAIN_SHED)
         future: asyncio.Future[RankResult] = asyncio.get_running_loop().create_future()
-        job = Job(user_id, candidates, history, future, now, deadline, explain, top_k, rows, DEFAULT_MODEL)
+        job = Job(user_id, candidates, history, future, now, deadline, explain, top_k, rows, model)
         self.queue.put(job)
         try:
             # a caller that goes away (or times out) cancels the future; the batcher skips it

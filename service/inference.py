@@ -6,7 +6,8 @@ in one pipelined round trip (Redis down: empty histories, marked degraded); run 
 - Workers call one ONNX Runtime session side by side (one intra-op thread each by default): on 2
   cores two batches at once served 16-25% more requests than one batch split across both cores,
   which stalls at every parallel section whenever the event loop takes a core.
-- A batch takes its model once (`LiveModel.current`) and uses it from start to end.
+- A batch is one member's (`Job.model`, the queue's lane): it takes that member's model once
+  (`LiveModel.current`) and uses it from start to end; its costs are measured into that member's.
 - A failed batch sets the error on every future of that batch.
 - Explanations come last: a batch is scored (ctr alone), every request that did not ask for an
   explanation gets its answer, and only then do the explaining ones (not degraded, still waiting) go
@@ -32,9 +33,9 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from contracts.errors import DinError, InferenceFailed, Overloaded, StoreUnavailable
-from service.live import LiveModel
+from service.live import LiveModel, ModelSet
 from service.metrics import Metrics
-from service.rank_queue import Costs, Job
+from service.rank_queue import Job
 from service.ranker import Explained, Ranker, Scored, ranked
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,10 @@ class RankResult:
 
 
 class Inference:
-    def __init__(
-        self, live: LiveModel, store: HistorySource, metrics: Metrics, costs: Costs, *, workers: int
-    ):
-        self.live = live
+    def __init__(self, models: ModelSet, store: HistorySource, metrics: Metrics, *, workers: int):
+        self.models = models
         self.store = store
         self.metrics = metrics
-        self.costs = costs
         # ONNX Runtime runs `workers` batches at a time (one session, run concurrently from that many
         # threads); with more batches in flight than workers the next batch reads its histories from
         # Redis meanwhile, so the model never waits for a round trip.
@@ -87,17 +85,18 @@ class Inference:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, batch: list[Job]) -> None:
-        """Score `batch` (one model) and answer every job of it that still waits."""
+        """Score `batch` (one member's) and answer every job of it that still waits."""
+        member = self.models.get(batch[0].model)
         now = time.perf_counter()
         for job in batch:
             self.metrics.queue_latency.observe(now - job.enqueued_at)
         try:
-            ranker = self.live.current  # this batch's model, from start to end
+            ranker = member.current  # this batch's model, from start to end
             t_read = time.perf_counter()
             # Redis gets what is left of the budget: past the last deadline, nobody waits for the answer.
             async with asyncio.timeout(max(job.deadline for job in batch) - t_read):
                 histories, degraded = await self._read_histories(batch, ranker.max_history)
-            self.costs.redis_s.add(time.perf_counter() - t_read)
+            member.costs.redis_s.add(time.perf_counter() - t_read)
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read
             if not jobs:
                 return
@@ -108,7 +107,7 @@ class Inference:
             live = [batch[i] for i in jobs]
             if not live:
                 return
-            scores = await self._infer(ranker, live, histories)
+            scores = await self._infer(member, ranker, live, histories)
         except TimeoutError:  # the Redis read outlived every caller's deadline
             self._fail(batch, Overloaded("the request's deadline passed", reason="timeout"))
             return
@@ -126,9 +125,11 @@ class Inference:
                 seen = tuple(hist[:T])
                 job.future.set_result(RankResult(s.scores, len(seen), why, ranker.model_version, None, seen))
         if explaining:  # every other request of the batch has its answer by now
-            await self._explain(ranker, explaining)
+            await self._explain(member, ranker, explaining)
 
-    async def _explain(self, ranker: Ranker, work: list[tuple[Job, list[str], np.ndarray]]) -> None:
+    async def _explain(
+        self, member: LiveModel, ranker: Ranker, work: list[tuple[Job, list[str], np.ndarray]]
+    ) -> None:
         """One call of the explaining graph for the items each explaining request returns (the order
         `/rank` returns them in: `ranked`), then their answers. A failure fails these requests only."""
         work = [w for w in work if not w[0].future.done()]  # callers may have gone (or timed out)
@@ -147,7 +148,7 @@ class Inference:
         except Exception as e:  # logged with its cause; the callers get InferenceFailed (or the DinError)
             self._fail([job for job, _, _ in work], e)
             return
-        self.costs.explain_row_s.add(seconds / max(1, sum(len(items) * len(hist) for items, hist in rows)))
+        member.costs.explain_row_s.add(seconds / max(1, sum(len(items) * len(hist) for items, hist in rows)))
         for (job, hist, scores), order, ex in zip(work, orders, explained, strict=True):
             if not job.future.done():
                 why = Explanation(order, hist, ex.attention, ex.contribution)
@@ -197,7 +198,9 @@ class Inference:
                 histories[i] = hist
         return histories, degraded
 
-    async def _infer(self, ranker: Ranker, jobs: list[Job], histories: list[list[str]]) -> list[Scored]:
+    async def _infer(
+        self, member: LiveModel, ranker: Ranker, jobs: list[Job], histories: list[list[str]]
+    ) -> list[Scored]:
         """One ONNX Runtime call for the whole batch (ctr alone), in a worker thread."""
         rows = [(job.candidates, hist) for job, hist in zip(jobs, histories, strict=True)]
         n_cand = sum(len(c) for c, _ in rows)
@@ -210,7 +213,8 @@ class Inference:
             # the detail is logged (with the request ids of the batch), never sent to clients
             raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests") from e
         self.metrics.inference_latency.observe(seconds)
-        self.costs.candidate_s.add(seconds / max(1, n_cand))
+        member.costs.candidate_s.add(seconds / max(1, n_cand))
+        self.metrics.model_batches.labels(model=member.name, model_version=ranker.model_version).inc()
         self.metrics.batch_requests.observe(len(rows))
         self.metrics.batch_candidates.observe(n_cand)
         self.metrics.candidates_scored.inc(n_cand)

@@ -14,26 +14,26 @@ away is skipped, and one whose deadline passed is answered 503 there: it is neve
 Admission (`admits`): a request whose expected wait (the candidates ahead of it, drained by `workers`
 calls at once, and its own, at the median cost per candidate of recent calls, plus a Redis read) would
 not fit in half the time left is shed at once; an explained one counts its explaining work and must fit
-in a quarter. The costs are measured by the inference half (`Costs`).
+in a quarter. The costs are each model's, measured by the inference half (`service.costs.Costs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from contracts.errors import Overloaded
+from service.costs import Costs
+from service.live import DEFAULT_MODEL
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
     from service.inference import RankResult
-
-DEFAULT_MODEL = "default"  # the one member of the model set today
 
 CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline"
 # Admission: the expected wait must fit in half the time left. The queue then holds at most half a
@@ -59,46 +59,11 @@ class Job:
     model: str = DEFAULT_MODEL  # the member of the model set that scores it (its lane)
 
 
-class RecentMedian:
-    """The median of the last `size` samples of the last `max_age` seconds; 0 (unknown) before the
-    first and once the newest is older than `max_age`. An estimate nobody has confirmed for a while is
-    not trusted: when everything is being shed no batch runs to measure anything, and a stale high
-    estimate (a Redis stall that has since ended) would otherwise shed every request for ever."""
-
-    def __init__(self, size: int = 15, max_age: float = 1.0) -> None:
-        self._samples: deque[tuple[float, float]] = deque(maxlen=size)
-        self.max_age = max_age
-        self._value = 0.0
-
-    def add(self, sample: float, now: float | None = None) -> None:
-        now = time.perf_counter() if now is None else now
-        self._samples.append((now, sample))
-        while self._samples[0][0] < now - self.max_age:
-            self._samples.popleft()
-        self._value = statistics.median(v for _, v in self._samples)
-
-    def value(self, now: float | None = None) -> float:
-        now = time.perf_counter() if now is None else now
-        fresh = self._samples and self._samples[-1][0] >= now - self.max_age
-        return self._value if fresh else 0.0
-
-
-@dataclass
-class Costs:
-    """What recent work cost, for the expected wait of a new request: medians of the last few calls,
-    so one slow call (a VM stall, a page fault storm) does not shed a burst of requests that fit.
-    Measured by the inference half, read by admission."""
-
-    candidate_s: RecentMedian = field(default_factory=RecentMedian)  # inference s per candidate
-    explain_row_s: RecentMedian = field(default_factory=RecentMedian)  # explaining s per (item, behaviour)
-    redis_s: RecentMedian = field(default_factory=RecentMedian)  # one pipelined history read
-
-
 class RankQueue:
     def __init__(
         self,
         metrics: Metrics,
-        costs: Costs,
+        costs: Callable[[str], Costs],
         *,
         max_delay_s: float,
         max_candidates: int,
@@ -107,7 +72,7 @@ class RankQueue:
         workers: int,
     ) -> None:
         self.metrics = metrics
-        self.costs = costs
+        self.costs = costs  # each model's recent costs, by its name
         self.max_delay_s = max_delay_s
         self.max_candidates = max_candidates
         self.queue_max = queue_max
@@ -132,24 +97,32 @@ class RankQueue:
     def full(self) -> bool:
         return self._queued >= self.queue_max
 
-    def admits(self, deadline: float, candidates: int | None = None, explain_rows: int = 0) -> bool:
+    def admits(
+        self,
+        deadline: float,
+        candidates: int | None = None,
+        explain_rows: int = 0,
+        model: str = DEFAULT_MODEL,
+    ) -> bool:
         """Whether a request of `candidates` (default: a typical one), explaining `explain_rows` rows,
-        can be answered by `deadline` (time.perf_counter()), with headroom: an estimate a little
-        optimistic would admit work that then times out; an explained request gets twice the headroom,
-        so it is shed first. The one admission rule, used here and at the door (service.middleware)."""
+        can be answered by `deadline` (time.perf_counter()) by `model`, with headroom: an estimate a
+        little optimistic would admit work that then times out; an explained request gets twice the
+        headroom, so it is shed first. The one admission rule, used here and at the door
+        (service.middleware)."""
         n = self._typical_candidates if candidates is None else candidates
         headroom = _EXPLAIN_HEADROOM if explain_rows else _HEADROOM
-        return time.perf_counter() + headroom * self.expected_wait(n, explain_rows) <= deadline
+        return time.perf_counter() + headroom * self.expected_wait(n, explain_rows, model) <= deadline
 
-    def expected_wait(self, candidates: int, explain_rows: int = 0) -> float:
+    def expected_wait(self, candidates: int, explain_rows: int = 0, model: str = DEFAULT_MODEL) -> float:
         """Seconds until a new request of `candidates` (explaining `explain_rows` rows) would be
-        answered: the work ahead of it and its own, at the recent cost per candidate and per explained
-        row, plus a Redis read. 0 until a batch has been measured."""
+        answered by `model`: the work ahead of it and its own, at that model's recent cost per candidate
+        and per explained row, plus a Redis read. 0 until a batch has been measured."""
+        costs = self.costs(model)
         ahead = self._inflight_candidates + sum(self._queued_candidates.values())
         # the work ahead drains `workers` batches at a time; its own batch takes one call's time
-        scoring = (ahead / self.workers + candidates) * self.costs.candidate_s.value()
-        explaining = (self._explain_rows / self.workers + explain_rows) * self.costs.explain_row_s.value()
-        return scoring + explaining + self.costs.redis_s.value()
+        scoring = (ahead / self.workers + candidates) * costs.candidate_s.value()
+        explaining = (self._explain_rows / self.workers + explain_rows) * costs.explain_row_s.value()
+        return scoring + explaining + costs.redis_s.value()
 
     def shed(self, reason: str, message: str = CANNOT_MEET_DEADLINE) -> Overloaded:
         """Count a refusal and return its answer (overloaded, retry shortly); raised by the batcher, and

@@ -17,11 +17,11 @@ from contracts.bundle import load_bundle
 from contracts.errors import InferenceFailed, Overloaded, ShuttingDown
 from contracts.vocab import Vocab
 from service.batcher import Batcher
+from service.costs import RecentMedian
 from service.errors import http_headers
 from service.inference import RankResult
-from service.live import LiveModel
+from service.live import ModelSet
 from service.metrics import Metrics
-from service.rank_queue import RecentMedian
 from service.ranker import Ranker
 from service.store.client import RedisConfig, async_client
 from service.store.embedded import free_port
@@ -40,7 +40,7 @@ def ranker(bundle: BundleInfo) -> Ranker:
 async def running(ranker: Ranker, url: str, **kw: Any) -> AsyncIterator[Batcher]:
     client = async_client(url, RedisConfig(connect_timeout_s=5, timeout_s=5, max_connections=8))
     opts: dict[str, Any] = {"max_delay_s": 0.002, "max_candidates": 4096, "queue_max": 64, "max_inflight": 1}
-    batcher = Batcher(LiveModel(ranker), HistoryStore(client, "din:"), Metrics(), **{**opts, **kw})
+    batcher = Batcher(ModelSet.single(ranker), HistoryStore(client, "din:"), Metrics(), **{**opts, **kw})
     batcher.start()
     try:
         yield batcher
