@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from contracts.errors import DinError, InferenceFailed, Overloaded, StoreUnavailable
+from service.explain import Explanation
 from service.live import LiveModel, ModelSet
 from service.metrics import Metrics
 from service.rank_queue import Job
@@ -46,16 +47,6 @@ class HistorySource(Protocol):
     async def get_histories(
         self, user_ids: list[str], max_history: int
     ) -> list[list[str] | StoreUnavailable]: ...  # per user: the history, or why it could not be read
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    """What an explained request's returned items owe to each behaviour the model saw."""
-
-    order: np.ndarray  # int (n_returned,): the returned items as indices of the candidates, best first
-    history: list[str]  # the behaviours the model saw, newest first (cut to T)
-    attention: np.ndarray  # float32 (n_returned, len(history)): each behaviour's pooling weight
-    contribution: np.ndarray  # float32 (n_returned, len(history)): ctr - ctr without that behaviour
 
 
 @dataclass(frozen=True, slots=True)

