@@ -30,10 +30,12 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --require-hashes -r requirements/serve.txt
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
-COPY model/ model/
+# Only what serving imports: the contracts, the service, the dispatcher, `din loadtest`, and of model/
+# the torch-free reader `din seed` uses (tests/test_imports.py proves the service imports no torch).
+COPY contracts/ contracts/
+COPY model/__init__.py model/data.py model/
 COPY service/ service/
 COPY cli/ cli/
-COPY demo/ demo/
 COPY loadtest/ loadtest/
 RUN pip install --no-deps --no-build-isolation . \
  && din --help > /dev/null
@@ -81,6 +83,7 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --require-hashes -r requirements/train.txt
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
+COPY contracts/ contracts/
 COPY model/ model/
 COPY service/ service/
 COPY cli/ cli/

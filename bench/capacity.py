@@ -29,8 +29,8 @@ from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, max_rate_at
 
 from loadtest.closedloop import run_closed
 from loadtest.report import fmt
+from service.ports import free_port
 from service.store.client import RedisConfig, sync_client
-from service.store.embedded import free_port
 from service.store.keys import history_key
 
 

@@ -36,13 +36,14 @@ from typing import Any
 
 import httpx
 
+from contracts.vocab import Vocab
 from loadtest.closedloop import ClosedLoopResult, run_closed
 from loadtest.openloop import find_max
 from loadtest.report import fmt
 from loadtest.sampling import Mix
-from model.vocab import Vocab
+from service.ports import free_port
 from service.store.client import RedisConfig, sync_client
-from service.store.embedded import EmbeddedRedis, free_port
+from service.store.embedded import EmbeddedRedis
 from service.store.keys import history_key
 
 ROOT = Path(__file__).resolve().parents[1]

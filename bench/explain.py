@@ -39,12 +39,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.bundle import load_bundle
+from contracts.bundle import load_bundle
+from contracts.vocab import FIRST_ID
 from model.din import DIN, DINConfig, build_model
 from model.export import export_model
-from model.vocab import FIRST_ID
-from service.api.rank import reasons
-from service.batcher import Explanation
+from service.explain import Explanation, reasons
 from service.ranker import Ranker
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -55,9 +55,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-import model.export as export_mod
+from contracts.vocab import FIRST_ID, OOV, PAD
 from model.din import DIN, DINConfig, build_model
-from model.vocab import FIRST_ID, OOV, PAD
+from model.export import export_graph
 from service.config import usable_cores
 
 # Distinct categories in a user's last 100 behaviours: median 22 (p90 27) in `din synth` data
@@ -130,17 +130,6 @@ def TILED_SERVE(
     hist, lens = hist_items[target_user], hist_len[target_user]
     mask = DIN._mask(lens, hist.shape[1]).to(torch.float32)
     return torch.sigmoid(DIN.forward(self, target_items, hist, lens)), mask
-
-
-def export_with(model: DIN, serve: Callable[..., tuple[Tensor, Tensor]] | None, path: Path) -> None:
-    """Export `serve` (None: the real DIN.serve_explained) through the normal exporter."""
-    original = DIN.serve_explained
-    if serve is not None:
-        DIN.serve_explained = serve  # type: ignore[method-assign]
-    try:
-        export_mod._export_onnx(model, path)
-    finally:
-        DIN.serve_explained = original  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------ measurement
@@ -355,9 +344,9 @@ def main() -> int:
     throughput: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: Path(tmp) / f"{name}.onnx" for name in GRAPHS}
-        export_with(model, None, paths["graph"])
-        export_with(model, PREVIOUS_SERVE, paths["previous"])
-        export_with(model, TILED_SERVE, paths["tiled"])
+        export_graph(model, paths["graph"])
+        export_graph(model, paths["previous"], PREVIOUS_SERVE)
+        export_graph(model, paths["tiled"], TILED_SERVE)
         sessions = {name: session(p) for name, p in paths.items()}
         mm = matmul_session(E, H1)
 

@@ -28,7 +28,7 @@ import numpy as np
 from e2e import ROOT, bench_data, cpu_line, din_serve, ensure_model, running, write_report
 
 from loadtest.closedloop import run_closed, run_open
-from service.store.embedded import free_port
+from service.ports import free_port
 
 
 def _ms(values: list[float], q: float) -> float | None:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.vocab import FIRST_ID
+from contracts.vocab import FIRST_ID
 
 
 def run_measured(cmd: list[str]) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.errors import StageFailed
-from model.vocab import Vocab, read_vocab
+from contracts.errors import StageFailed
+from contracts.vocab import Vocab, read_vocab
 
 DEFAULT_WORKDIR = ".din/demo"
 # The default `din synth` set (about 120k reviews, 220k training samples): two epochs train in

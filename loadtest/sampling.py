@@ -6,7 +6,7 @@ Both load generators draw from here, so they send the same traffic: `din loadtes
 
 - a SNAP reviews file (JSON lines, .gz or plain): distinct `reviewerID`s and `asin`s;
 - plain id files (one id per line, .gz or plain) for users and for items;
-- a bundle's `items.txt`, read through `model.vocab`, so the reserved <pad> / <oov> rows are never
+- a bundle's `items.txt`, read through `contracts.vocab`, so the reserved <pad> / <oov> rows are never
   sent as candidates.
 
 A request: a known user (or, for a share, an unknown one), a lognormal number of candidates around a
@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from model.vocab import known_ids, read_vocab
+from contracts.vocab import known_ids, read_vocab
 
 DEFAULT_USER_RANGE = 1000  # without a users source: ids user-0..N-1
 

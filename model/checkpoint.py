@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from contracts.vocab import Vocab
 from model.din import DIN, DINConfig
-from model.vocab import Vocab
 
 FORMAT = "din-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -41,8 +41,8 @@ import orjson
 from tqdm import tqdm
 
 # DataError stays importable as model.data.DataError: the service's seed imports it from here.
-from model.errors import DataError
-from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, known_ids, read_vocab, write_vocab
+from contracts.errors import DataError
+from contracts.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, known_ids, read_vocab, write_vocab
 
 UNKNOWN_CATEGORY = "<unknown>"
 MIN_EVENTS = 3  # a user needs one train, one valid and one test step

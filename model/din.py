@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model.vocab import OOV, PAD
+from contracts.vocab import OOV, PAD
 
 
 @dataclass

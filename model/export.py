@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.bundle import (
+from contracts.bundle import (
     EXPLAIN_GRAPH,
     EXPLAIN_OUTPUTS,
     FORMAT_VERSION,
@@ -53,25 +54,32 @@ from model.bundle import (
     check_model,
     sha256_file,
 )
+from contracts.errors import BundleError, ExportError
+from contracts.vocab import FIRST_ID, OOV, PAD, write_vocab
 from model.din import DIN
-from model.errors import BundleError, ExportError
-from model.vocab import FIRST_ID, OOV, PAD, write_vocab
 
 TOLERANCE = 1e-5
 EXPLAIN_PARITY_CANDIDATES = 24  # per parity case, for explain.onnx: the reference is T forwards each
 
 
-class _Serving(nn.Module):
-    """Exposes DIN.serve as forward, which is what the exporter traces."""
+# DIN.serve_explained's signature and outputs: (target_items, target_user, hist_items, hist_len) ->
+# (ctr, attention); the serving graph is a trace of one.
+ServeFn = Callable[[DIN, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
-    def __init__(self, din: DIN) -> None:
+
+class _Serving(nn.Module):
+    """Exposes DIN.serve_explained (or `serve`, a formulation of the same) as forward, which is what
+    the exporter traces."""
+
+    def __init__(self, din: DIN, serve: ServeFn | None = None) -> None:
         super().__init__()
         self.din = din
+        self.serve: ServeFn = serve or DIN.serve_explained
 
     def forward(
         self, target_items: Tensor, target_user: Tensor, hist_items: Tensor, hist_len: Tensor
     ) -> tuple[Tensor, Tensor]:
-        return self.din.serve_explained(target_items, target_user, hist_items, hist_len)
+        return self.serve(self.din, target_items, target_user, hist_items, hist_len)
 
 
 class _Explaining(nn.Module):
@@ -87,9 +95,16 @@ class _Explaining(nn.Module):
         return self.din.serve_contributions(target_items, target_user, hist_items, hist_len)
 
 
-def _export_onnx(model: DIN, path: Path, *, explaining: bool = False) -> None:
-    """Trace DIN.serve (`explaining`: DIN.serve_contributions) with dynamic N, U and T into a single
-    self-contained ONNX file."""
+def export_graph(model: DIN, path: Path, serve: ServeFn | None = None) -> None:
+    """Write `model`'s serving graph to `path` as `din export` does (no parity check, no bundle).
+    `serve`: a formulation with DIN.serve_explained's signature and outputs, traced in its place
+    (benchmarks time earlier formulations through the same exporter)."""
+    _export_onnx(model, path, serve=serve)
+
+
+def _export_onnx(model: DIN, path: Path, *, explaining: bool = False, serve: ServeFn | None = None) -> None:
+    """Trace DIN.serve_explained (or `serve`; `explaining`: DIN.serve_contributions) with dynamic N, U
+    and T into a single self-contained ONNX file."""
     n_items = model.cfg.n_items
     g = torch.Generator().manual_seed(0)
     # Example sizes all different and > 1, so the exporter keeps every dimension symbolic.
@@ -118,7 +133,7 @@ def _export_onnx(model: DIN, path: Path, *, explaining: bool = False) -> None:
         logging.getLogger("torch").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                (_Explaining if explaining else _Serving)(model).eval(),
+                (_Explaining(model) if explaining else _Serving(model, serve)).eval(),
                 args,
                 dynamo=True,
                 input_names=list(INPUTS),

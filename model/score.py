@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from contracts.errors import RowError
+from contracts.vocab import OOV
 from model.checkpoint import Checkpoint, load_run
 from model.din import DIN
-from model.errors import RowError
-from model.vocab import OOV
 
 DEFAULT_BATCH_SIZE = 4096  # (candidate, history) pairs per forward call
 

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from model.vocab import FIRST_ID
+from contracts.vocab import FIRST_ID
 
 DAY = 86_400
 _T0_DAY = 12_784  # 2005-01-01 in days since the epoch

@@ -1,7 +1,7 @@
 """`create_app(settings)`: the FastAPI app. Its lifespan builds the heavy things on `app.state.din`
-(an `AppState`): the live model (ONNX Runtime session), the Redis client (and a private redis-server
-when no URL is set), the batcher; then warms the model up in the background, and /readyz turns ready
-when that is done."""
+(an `AppState`): the model set (its `default` member's ONNX Runtime session), the Redis client (and a
+private redis-server when no URL is set), the batcher; then warms the model up in the background, and
+/readyz turns ready when that is done."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from model.errors import DinError
+from contracts.errors import DinError
 from service.api import api_router
 from service.api.deps import AppState
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
-from service.live import LiveModel, describe, load_ranker
+from service.live import ModelSet, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
@@ -84,21 +84,22 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `ranker`: an already loaded model (`din serve` loads it first to fail fast).
     `warmup_gate`: warm-up starts only once this is set (lets an orchestrator or a test hold /readyz)."""
-    state = AppState(settings=settings, metrics=Metrics(), live=LiveModel())
+    state = AppState(settings=settings, metrics=Metrics(), live=ModelSet())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             r = ranker if ranker is not None else await asyncio.to_thread(load_ranker, settings)
             state.live.swap(r)
-            endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(settings.redis))
+            redis_cfg = settings.redis
+            endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(redis_cfg))
             if endpoint.private:
-                where = settings.redis.private_data_dir
+                where = redis_cfg.private_data_dir
                 log.info("started a private redis-server at %s (data in %s)", endpoint.url, where)
-            client = async_client(endpoint.url, settings.redis)
+            client = async_client(endpoint.url, redis_cfg)
             stack.push_async_callback(client.aclose)
             state.store = HistoryStore(
-                client, settings.redis_prefix, read_from_replicas=settings.redis_read_from_replicas
+                client, redis_cfg.prefix, read_from_replicas=redis_cfg.read_from_replicas
             )
             stack.push_async_callback(state.store.aclose)
             if state.store.breaker is not None:  # din_redis_up follows it between /readyz pings
@@ -149,7 +150,9 @@ def create_app(
     # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
     # so BodyLimits' 408 / 413 and AdmissionGate's 503 carry the request id and are counted like any
     # other answer; the gate sits inside BodyLimits, so a body it drains unread is still bounded.
-    app.add_middleware(AdmissionGate, state=state, settings=settings)
+    app.add_middleware(
+        AdmissionGate, queue=lambda: state.batcher, budget_s=settings.request_budget_s, paths={"/rank"}
+    )
     app.add_middleware(
         BodyLimits, max_bytes=settings.max_body_bytes, read_timeout_s=settings.request_read_timeout_s
     )

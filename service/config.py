@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.errors import ConfigError
-from service.store.client import RedisConfig
+from contracts.errors import ConfigError
+from service.store.config import RedisConfig, check_redis_mode
 from service.store.keys import DEFAULT_PREFIX
 
 
@@ -170,14 +170,14 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_mode(cls, value: bool, info: ValidationInfo) -> bool:
         """Refuse what cannot work (no URL, a unix socket, braces in the prefix) here, with the
-        flag's name, rather than at the first request: `RedisConfig` says why."""
+        flag's name, rather than at the first request: `check_redis_mode` says why."""
         data = info.data
         cluster = value if info.field_name == "redis_cluster" else data.get("redis_cluster", False)
         replicas = value if info.field_name == "redis_read_from_replicas" else False
         try:
-            RedisConfig(
-                url=data.get("redis_url"),
-                prefix=data.get("redis_prefix", DEFAULT_PREFIX),
+            check_redis_mode(
+                data.get("redis_url"),
+                data.get("redis_prefix", DEFAULT_PREFIX),
                 cluster=bool(cluster),
                 read_from_replicas=bool(replicas),
             )
@@ -201,6 +201,11 @@ class Settings(BaseSettings):
         return max(self.max_inflight_batches or self.workers + 2, self.workers)
 
     @property
+    def request_budget_s(self) -> float:
+        """A /rank's whole budget, from arrival to answer (DIN_REQUEST_TIMEOUT_MS, in seconds)."""
+        return self.request_timeout_ms / 1000
+
+    @property
     def provider_list(self) -> list[str] | None:
         """Explicit providers, or None for 'auto'."""
         if self.providers.strip().lower() == "auto":
@@ -209,7 +214,9 @@ class Settings(BaseSettings):
 
     @property
     def redis(self) -> RedisConfig:
-        """Where and how to reach Redis (service.store.client)."""
+        """Where and how to reach Redis (service.store.client): the one place that builds it from the
+        settings. Each access builds it afresh (a `model_copy` with another URL must not see a stale
+        one), so a caller reads it once."""
         return RedisConfig(
             url=self.redis_url,
             data_dir=self.redis_data,

@@ -1,9 +1,16 @@
-"""Where errors become HTTP responses, in one place. The tree itself is `model.errors`.
+"""Where errors become HTTP responses, in one place. The tree itself is `contracts.errors` (codes,
+no statuses); the statuses and headers each answers with are here:
+
+    DinError 500 · RequestRefused 400 (CorsRefused) · Unauthorized 401 + WWW-Authenticate: Bearer ·
+    NotFound 404 · RequestTimeout 408 · ReloadInProgress 409 · PayloadTooLarge 413 ·
+    CannotExplain 422 · ReloadRejected 422 · HeadersTooLarge 431 · ServiceUnavailable 503 (Overloaded
+    + Retry-After, StoreDown, StoreTimeout, StorePartial, NotReady, ShuttingDown) · ReloadFailed,
+    InferenceFailed 500
 
 Every error answers the same JSON body: {"error": code, "message": text, "request_id": id, ...}.
-A `DinError` answers its own status and code; a request that fails validation answers 422 naming
-each bad field; routing errors (404, 405) keep their status. Anything else is the middleware's
-JSON 500 (`service.middleware`), never a traceback.
+A `DinError` answers its status (`http_status`) and code; a request that fails validation answers
+422 naming each bad field; routing errors (404, 405) keep their status. Anything else is the
+middleware's JSON 500 (`service.middleware`), never a traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +24,58 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.errors import DinError, ServiceUnavailable
+from contracts.errors import (
+    CannotExplain,
+    DinError,
+    HeadersTooLarge,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ReloadInProgress,
+    ReloadRejected,
+    RequestRefused,
+    RequestTimeout,
+    ServiceUnavailable,
+    Unauthorized,
+)
 from service.log import request_id
 from service.schemas import JSONResponse
 
 log = logging.getLogger(__name__)
+
+# An error answers the status of the nearest class in its MRO listed here (DinError's at the least).
+STATUS: dict[type[DinError], int] = {
+    DinError: 500,
+    RequestRefused: 400,
+    Unauthorized: 401,
+    NotFound: 404,
+    RequestTimeout: 408,
+    ReloadInProgress: 409,
+    PayloadTooLarge: 413,
+    CannotExplain: 422,
+    ReloadRejected: 422,
+    HeadersTooLarge: 431,
+    ServiceUnavailable: 503,
+}
+
+
+def http_status(exc: DinError) -> int:
+    """The HTTP status `exc` answers with."""
+    return next(STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS)
+
+
+def http_headers(exc: DinError) -> dict[str, str]:
+    """The headers `exc` answers with: how to authenticate, when to retry."""
+    if isinstance(exc, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after_s)}
+    return {}
+
+
+def din_error_response(exc: DinError, headers: Mapping[str, str] | None = None) -> Response:
+    """`exc` as its status, its headers (and `headers`) and the JSON error body."""
+    return error_response(http_status(exc), exc.body(), {**http_headers(exc), **(headers or {})})
 
 
 def error_response(status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Response:
@@ -68,9 +122,9 @@ def _validation_detail(exc: RequestValidationError) -> list[dict[str, str]]:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_din_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, DinError)
-        if exc.status >= 500 and not isinstance(exc, ServiceUnavailable):
+        if http_status(exc) >= 500 and not isinstance(exc, ServiceUnavailable):
             log.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.status, exc.body(), exc.headers)
+        return din_error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

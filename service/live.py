@@ -1,5 +1,6 @@
-"""The one holder of the live model, and hot reload: every reader of "the model being served" goes
-through here.
+"""The one holder of the live models, and hot reload: every reader of "the model being served" goes
+through here. `ModelSet` holds named members (`LiveModel`), each a slot with its ranker, its reload,
+its metrics and its cost estimate; today there is one, `default`, and "the model" means it.
 
 Readers take `current` once per unit of work (a request, a batch) and keep that object until the
 work is done, so replacing the live model never changes a model under a batch that is running:
@@ -13,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.bundle import load_bundle
-from model.errors import BundleError, NotReady, ReloadFailed, ReloadInProgress, ReloadRejected
+from contracts.bundle import load_bundle
+from contracts.errors import BundleError, NotReady, ReloadFailed, ReloadInProgress, ReloadRejected
 from service.config import Settings
+from service.costs import Costs
 from service.metrics import Metrics
 from service.ranker import Ranker
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"  # the member "the model" means (today the only one)
 
 
 @dataclass(frozen=True)
@@ -34,9 +39,14 @@ class Reloaded:
 
 
 class LiveModel:
-    def __init__(self, ranker: Ranker | None = None) -> None:
+    """One member of the model set: a named slot whose ranker a reload replaces, and what its work
+    recently cost (admission's estimate: versions differ in what a candidate costs)."""
+
+    def __init__(self, ranker: Ranker | None = None, name: str = DEFAULT_MODEL) -> None:
+        self.name = name
         self._ranker = ranker
         self._reloading = False  # the event loop is single-threaded: a flag is the lock
+        self.costs = Costs()
 
     @property
     def loaded(self) -> bool:
@@ -46,7 +56,7 @@ class LiveModel:
     def current(self) -> Ranker:
         """The model serving now. Raises NotReady before the first one is loaded."""
         if self._ranker is None:
-            raise NotReady("the model is not loaded yet", reason="starting")
+            raise NotReady(f"the model {self.name!r} is not loaded yet", reason="starting")
         return self._ranker
 
     def swap(self, ranker: Ranker) -> Ranker | None:
@@ -85,10 +95,59 @@ class LiveModel:
         finally:
             self._reloading = False
         metrics.reloads.labels(outcome="ok").inc()
-        describe(metrics, new)
+        describe(metrics, new, self.name)
         seconds = time.perf_counter() - t0
         log.info("reloaded %s in %.2fs: %s -> %s", path, seconds, old, new.model_version)
         return Reloaded(new.model_version, old, path, seconds)
+
+
+class ModelSet:
+    """The models being served, by name. A unit of work (a batch) takes one member's `current` once
+    and keeps it to the end. `current`, `loaded`, `swap` and `reload` speak of the default member."""
+
+    def __init__(self, *members: LiveModel) -> None:
+        self._members = {m.name: m for m in members} or {DEFAULT_MODEL: LiveModel()}
+        if DEFAULT_MODEL not in self._members:
+            raise ValueError(f"a model set needs a {DEFAULT_MODEL!r} member")
+
+    @classmethod
+    def single(cls, ranker: Ranker | None = None) -> ModelSet:
+        """A set of one member, `default`, serving `ranker`."""
+        return cls(LiveModel(ranker))
+
+    def __iter__(self) -> Iterator[LiveModel]:
+        return iter(self._members.values())
+
+    def get(self, name: str) -> LiveModel:
+        return self._members[name]
+
+    @property
+    def default(self) -> LiveModel:
+        return self._members[DEFAULT_MODEL]
+
+    @property
+    def loaded(self) -> bool:
+        """Every member has a model."""
+        return all(m.loaded for m in self)
+
+    @property
+    def current(self) -> Ranker:
+        """The default member's model. Raises NotReady before it is loaded."""
+        return self.default.current
+
+    def versions(self) -> dict[str, str]:
+        """Each loaded member's model version, by name."""
+        return {m.name: m.current.model_version for m in self if m.loaded}
+
+    def swap(self, ranker: Ranker) -> Ranker | None:
+        """Make `ranker` the default member's model; returns the one it replaces."""
+        return self.default.swap(ranker)
+
+    async def reload(
+        self, settings: Settings, metrics: Metrics, bundle: Path | None = None, name: str = DEFAULT_MODEL
+    ) -> Reloaded:
+        """`LiveModel.reload` of the member `name`."""
+        return await self.get(name).reload(settings, metrics, bundle)
 
 
 def load_ranker(settings: Settings, bundle: Path | None = None) -> Ranker:
@@ -101,18 +160,21 @@ def load_ranker(settings: Settings, bundle: Path | None = None) -> Ranker:
     )
 
 
-def describe(metrics: Metrics, ranker: Ranker) -> None:
-    """Publish the live model in the metrics and the log."""
-    metrics.model_info.info(
-        {
-            "model_version": ranker.model_version,
-            "format_version": str(ranker.bundle.manifest.get("format_version", "")),
-            "max_history": str(ranker.max_history),
-            "providers": ",".join(ranker.providers),
-        }
-    )
+def describe(metrics: Metrics, ranker: Ranker, name: str = DEFAULT_MODEL) -> None:
+    """Publish member `name`'s model in the metrics (din_models_info{model=name}, and din_model_info
+    for the default member) and the log."""
+    info = {
+        "model_version": ranker.model_version,
+        "format_version": str(ranker.bundle.manifest.get("format_version", "")),
+        "max_history": str(ranker.max_history),
+        "providers": ",".join(ranker.providers),
+    }
+    metrics.models_info.labels(model=name).info(info)
+    if name == DEFAULT_MODEL:
+        metrics.model_info.info(info)
     log.info(
-        "serving bundle %s model_version=%s providers=%s",
+        "serving %s: bundle %s model_version=%s providers=%s",
+        name,
         ranker.bundle.path,
         ranker.model_version,
         ",".join(ranker.providers),

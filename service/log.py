@@ -16,6 +16,14 @@ request_started: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "request_started", default=None
 )
 
+
+def request_deadline(budget_s: float) -> float:
+    """When the current request's answer is due (time.perf_counter()): its arrival, stamped by the
+    middleware (so parsing and validation count), plus `budget_s`; outside a request, from now. The
+    one deadline rule: the AdmissionGate and /rank both ask it."""
+    return (request_started.get() or time.perf_counter()) + budget_s
+
+
 # LogRecord attributes that are not user-supplied `extra` fields.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",

@@ -77,7 +77,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.model_info = Info("din_model", "the live bundle", registry=r)
+        self.model_info = Info(
+            "din_model", "the live bundle (the default member of the model set)", registry=r
+        )
+        self.models_info = Info(
+            "din_models", "each member of the model set: its bundle", ["model"], registry=r
+        )
+        self.model_batches = Counter(
+            "din_model_batches",
+            "ONNX Runtime calls by member and version",
+            ["model", "model_version"],
+            registry=r,
+        )
         self.reloads = Counter(
             "din_reloads", "hot reloads, by outcome (ok, rejected, failed, busy)", ["outcome"], registry=r
         )

@@ -10,17 +10,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.errors import CorsRefused, DinError, PayloadTooLarge, RequestTimeout
-from service.errors import error_response
-from service.log import request_id, request_started
+from contracts.errors import CorsRefused, DinError, Overloaded, PayloadTooLarge, RequestTimeout
+from service.errors import din_error_response, error_response
+from service.log import request_deadline, request_id, request_started
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ def _route_paths(routes: Iterable[Any]) -> Iterator[str]:
 async def refuse(exc: DinError, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer `exc` as the JSON error body and close the connection: the rest of the request (its body)
     is never read, so the connection cannot carry another request."""
-    headers = {**exc.headers, "Connection": "close"}
-    await error_response(exc.status, exc.body(), headers)(scope, receive, send)
+    await din_error_response(exc, {"Connection": "close"})(scope, receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -217,31 +216,48 @@ class CORS(CORSMiddleware):
             return response
         refused = CorsRefused(bytes(response.body).decode("latin-1"))  # "Disallowed CORS origin, method"
         cors = {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
-        return error_response(refused.status, refused.body(), cors)
+        return din_error_response(refused, cors)
+
+
+class Admission(Protocol):
+    """What the gate asks of the queue (service.batcher.Batcher)."""
+
+    def admits(self, deadline: float) -> bool: ...  # can a typical request be answered by `deadline`?
+
+    def shed(self, reason: str) -> Overloaded: ...  # count a refusal, return its answer
 
 
 class AdmissionGate:
     """Load shedding before any parsing: under overload most requests must be refused, and cheaply.
 
-    A `POST /rank` that the batcher expects to miss its deadline with a typical request's candidates
-    (`Batcher.admits`) is answered 503 overloaded (Retry-After) at once: its body is drained unread (so
-    the connection can carry the next request) and never validated. What passes is judged again by the
-    batcher with its exact candidate count. Inside `BodyLimits`, so a drained body is still bounded.
+    A `POST` to one of `paths` that the queue expects to miss its deadline with a typical request's
+    candidates (`Admission.admits`) is answered 503 overloaded (Retry-After) at once: its body is
+    drained unread (so the connection can carry the next request) and never validated. What passes is
+    judged again by the batcher with its exact candidate count. Inside `BodyLimits`, so a drained body
+    is still bounded. `queue()` is None until the lifespan built it: nothing is refused then.
     """
 
-    def __init__(self, app: ASGIApp, state: Any, settings: Any) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        queue: Callable[[], Admission | None],
+        budget_s: float,
+        paths: Collection[str],
+    ) -> None:
         self.app = app
-        self.state = state  # service.api.deps.AppState: its batcher exists once the lifespan ran
-        self.budget_s = settings.request_timeout_ms / 1000
+        self.queue = queue
+        self.budget_s = budget_s
+        self.paths = frozenset(paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        batcher = self.state.batcher
+        queue = self.queue()
         if (
             scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"] == "/rank"
-            and batcher is not None
-            and not batcher.admits((request_started.get() or time.perf_counter()) + self.budget_s)
+            and scope["path"] in self.paths
+            and queue is not None
+            and not queue.admits(request_deadline(self.budget_s))
         ):
             more = True
             while more:  # drain the body unread
@@ -249,7 +265,7 @@ class AdmissionGate:
                 if message["type"] == "http.disconnect":
                     return
                 more = message.get("more_body", False)
-            exc = batcher.shed("deadline")
-            await error_response(exc.status, exc.body(), exc.headers)(scope, receive, send)
+            exc = queue.shed("deadline")
+            await din_error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -34,8 +34,9 @@ from typing import Any
 
 import orjson
 
-from model.errors import DinError, HeadersTooLarge, RequestTimeout
+from contracts.errors import DinError, HeadersTooLarge, RequestTimeout
 from service.config import Settings
+from service.errors import http_status
 from service.log import request_id
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,14 @@ class HeadLimits:
         self._disarm()
         rid = uuid.uuid4().hex
         token = request_id.set(rid)
+        status = http_status(exc)
         try:
-            log.info("%d %s: %s", exc.status, exc.code, exc.message, extra={"status": exc.status})
+            log.info("%d %s: %s", status, exc.code, exc.message, extra={"status": status})
         finally:
             request_id.reset(token)
         body = orjson.dumps({**exc.body(), "request_id": rid})
         head = (
-            f"HTTP/1.1 {exc.status} {http.HTTPStatus(exc.status).phrase}\r\n"
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
             "content-type: application/json\r\n"
             f"content-length: {len(body)}\r\n"
             f"x-request-id: {rid}\r\n"

@@ -1,4 +1,4 @@
-"""One loaded model: a verified bundle (`model.bundle`) in an ONNX Runtime session. Maps ids to
+"""One loaded model: a verified bundle (`contracts.bundle`) in an ONNX Runtime session. Maps ids to
 indices through the bundle's vocabulary and scores a batch of users in one call.
 
 `Ranker.score_batch` is synchronous and runs in a worker thread (never on the event loop). A Ranker
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from model.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, OUTPUTS, Bundle
-from model.errors import BundleError, CannotExplain
+from contracts.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, OUTPUTS, Bundle
+from contracts.errors import BundleError, CannotExplain
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,13 @@ OpenAPI docs show the limits actually enforced."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from types import GenericAlias
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic.fields import FieldInfo
 
 from service.config import Settings
 
@@ -110,76 +112,46 @@ class RequestModels:
     items: type[ItemsRequest]
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _limited(
+    base: type[M], default: dict[str, Any] | None = None, **limits: tuple[Any, FieldInfo]
+) -> type[M]:
+    """`base` under its own name (so the OpenAPI components read RankRequest, Event, EventsRequest), each
+    field named in `limits` retyped and constrained (`name=(annotation, Field(constraints))`); its
+    description, and its default unless `default` names another, stay the base's."""
+    fields: dict[str, Any] = {}
+    for name, (annotation, constraints) in limits.items():
+        shape = base.model_fields[name]
+        if default and name in default:
+            shape = Field(default[name], description=shape.description)
+        fields[name] = (Annotated[annotation, constraints], shape)
+    return create_model(base.__name__, __base__=base, __doc__=base.__doc__, **fields)
+
+
 def request_models(settings: Settings) -> RequestModels:
     """Subclasses of the base shapes that enforce this app's limits (and document them)."""
     Id = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=settings.max_id_length)]
-
-    # Same names as the base shapes, so the OpenAPI components read RankRequest, Event, EventsRequest.
-    rank = create_model(
-        "RankRequest",
-        __base__=RankRequest,
-        __doc__=RankRequest.__doc__,
-        user_id=(Id, Field(description="user whose behaviour history is read from Redis")),
-        candidates=(
-            list[Id],
-            Field(
-                min_length=1,
-                max_length=settings.max_candidates,
-                description="item ids to rank; unknown ids are scored as out-of-vocabulary",
-            ),
-        ),
-        top_k=(
-            int | None,
-            Field(
-                None,
-                ge=1,
-                le=settings.max_candidates,
-                strict=True,
-                description="return only the best top_k items (after scoring all)",
-            ),
-        ),
-        history=(
-            list[Id] | None,
-            Field(
-                None,
-                max_length=settings.max_request_history,
-                description="the user's history, newest first; replaces the Redis read "
-                "(truncated to the model's T)",
-            ),
-        ),
-        explain=(bool, Field(False, strict=True, description=_EXPLAIN_DOC)),
-        explain_top=(
-            int,
-            Field(
-                min(DEFAULT_EXPLAIN_TOP, settings.max_explain_top),
-                ge=1,
-                le=settings.max_explain_top,
-                strict=True,
-                description=_EXPLAIN_TOP_DOC,
-            ),
-        ),
+    ids = settings.max_candidates
+    rank = _limited(
+        RankRequest,
+        default={"explain_top": min(DEFAULT_EXPLAIN_TOP, settings.max_explain_top)},
+        user_id=(Id, Field()),
+        candidates=(list[Id], Field(min_length=1, max_length=ids)),
+        top_k=(int | None, Field(ge=1, le=ids, strict=True)),
+        history=(list[Id] | None, Field(max_length=settings.max_request_history)),
+        explain=(bool, Field(strict=True)),
+        explain_top=(int, Field(ge=1, le=settings.max_explain_top, strict=True)),
     )
-    event = create_model(
-        "Event",
-        __base__=Event,
-        user_id=(Id, ...),
-        item_id=(Id, ...),
-        event_id=(Id | None, Field(None, description=_EVENT_ID_DOC)),
+    event = _limited(Event, user_id=(Id, Field()), item_id=(Id, Field()), event_id=(Id | None, Field()))
+    events = _limited(
+        EventsRequest,
+        events=(GenericAlias(list, (event,)), Field(min_length=1, max_length=settings.max_events)),
     )
-    events = create_model(
-        "EventsRequest",
-        __base__=EventsRequest,
-        __doc__=EventsRequest.__doc__,
-        events=(list[event], Field(min_length=1, max_length=settings.max_events)),  # type: ignore[valid-type]
-    )
-    items = create_model(
-        "ItemsRequest",
-        __base__=ItemsRequest,
-        __doc__=ItemsRequest.__doc__,
-        item_ids=(
-            list[Id],
-            Field(min_length=1, max_length=settings.max_candidates + settings.max_request_history),
-        ),
+    items = _limited(
+        ItemsRequest,
+        item_ids=(list[Id], Field(min_length=1, max_length=ids + settings.max_request_history)),
     )
     return RequestModels(rank=rank, events=events, items=items)
 

@@ -17,7 +17,7 @@ import hmac
 import re
 from collections.abc import Iterable
 
-from model.errors import ConfigError
+from contracts.errors import ConfigError
 from service.config import Settings
 
 _KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces: what a Bearer token can carry

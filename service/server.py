@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `din serve --help` stays instant.
     import uvicorn
 
-    from model.errors import BundleError, ConfigError, RedisServerError
+    from contracts.errors import BundleError, ConfigError, RedisServerError
     from service.app import create_app
     from service.live import load_ranker
     from service.log import configure_logging
@@ -123,12 +123,13 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         try:
-            endpoint = stack.enter_context(redis_endpoint(settings.redis))
+            redis_cfg = settings.redis
+            endpoint = stack.enter_context(redis_endpoint(redis_cfg))
         except RedisServerError as e:
             print(f"din serve: cannot start the private redis-server: {e}", file=sys.stderr)
             return 2
         if endpoint.private:
-            where = settings.redis.private_data_dir.resolve()
+            where = redis_cfg.private_data_dir.resolve()
             print(f"din serve: private redis-server at {endpoint.url} (data in {where})", file=sys.stderr)
             settings = settings.model_copy(update={"redis_url": endpoint.url})
         app = create_app(settings, ranker=ranker)

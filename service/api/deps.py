@@ -21,10 +21,10 @@ from typing import Annotated
 from fastapi import Depends, Request, Security, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from model.errors import NotReady, Unauthorized
+from contracts.errors import NotReady, Unauthorized
 from service.batcher import Batcher
 from service.config import Settings
-from service.live import LiveModel
+from service.live import ModelSet
 from service.metrics import Metrics
 from service.security import ApiKeys
 from service.store.history import HistoryStore
@@ -34,7 +34,7 @@ from service.store.history import HistoryStore
 class AppState:
     settings: Settings
     metrics: Metrics
-    live: LiveModel = field(default_factory=LiveModel)  # the one holder of the served model
+    live: ModelSet = field(default_factory=ModelSet)  # the one holder of the served models
     store: HistoryStore | None = None
     batcher: Batcher | None = None
     ready: bool = False  # model loaded and warmed up
@@ -55,7 +55,7 @@ async def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-async def get_live(state: StateDep) -> LiveModel:
+async def get_live(state: StateDep) -> ModelSet:
     return state.live
 
 
@@ -75,7 +75,7 @@ async def get_batcher(state: StateDep) -> Batcher:
     return state.batcher
 
 
-LiveDep = Annotated[LiveModel, Depends(get_live)]
+LiveDep = Annotated[ModelSet, Depends(get_live)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]

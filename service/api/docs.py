@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
-from model.errors import NotFound
+from contracts.errors import NotFound
 from service.schemas import JSONResponse
 
 router = APIRouter(include_in_schema=False)

@@ -8,7 +8,7 @@ import logging
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from model.errors import StoreDown, StorePartial, StoreTimeout, StoreUnavailable
+from contracts.errors import StoreDown, StorePartial, StoreTimeout, StoreUnavailable
 from service.api.deps import LiveDep, MetricsDep, StateDep, StoreDep
 from service.schemas import ERROR_RESPONSES, EventsRequest, EventsResponse, JSONResponse, RequestModels
 

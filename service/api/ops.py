@@ -10,8 +10,9 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
-from model.errors import NotReady
+from contracts.errors import NotReady
 from service.api.deps import AppState, LiveDep, StateDep
+from service.live import DEFAULT_MODEL
 from service.metrics import CONTENT_TYPE
 from service.schemas import ErrorBody, JSONResponse
 
@@ -51,14 +52,16 @@ async def redis_answers(state: AppState) -> bool:
 )
 async def readyz(state: StateDep) -> Response:
     """Ready means a request sent here gets an answer: the model is loaded and warm and the replica is
-    not draining. Redis is reported (`redis`: up or down, and din_redis_up), not required: while it is
+    not draining. `model_version` is the default member's, `models` every member's version by name.
+    Redis is reported (`redis`: up or down, and din_redis_up), not required: while it is
     down /rank answers 200 `degraded` (a cold-start ranking), so a balancer or a Kubernetes Service
     that kept only replicas with Redis would drop the whole fleet at once in an outage."""
     if not state.ready or state.store is None or not state.live.loaded:
         raise NotReady(f"not ready: {state.not_ready_reason}", reason=state.not_ready_reason)
     redis_up = await redis_answers(state)
     body = {"status": "ready", "model_version": state.live.current.model_version}
-    return JSONResponse({**body, "redis": "up" if redis_up else "down", "degraded": not redis_up})
+    redis = {"redis": "up" if redis_up else "down", "degraded": not redis_up}
+    return JSONResponse({**body, **redis, "models": state.live.versions()})
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -68,6 +71,23 @@ async def metrics(state: StateDep) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
-@router.get("/model", summary="The bundle's manifest")
+@router.get("/model", summary="The bundle's manifest (the default member of the model set)")
 async def model_info(live: LiveDep) -> Response:
     return JSONResponse(live.current.bundle.manifest)
+
+
+@router.get("/models", summary="Every member of the model set: its version and bundle")
+async def models(live: LiveDep) -> Response:
+    """Per member (by name; today one, `default`): the model version, the bundle directory, T and
+    whether it can explain. A member still loading is absent."""
+    members = {
+        m.name: {
+            "model_version": m.current.model_version,
+            "bundle": str(m.current.bundle.path),
+            "max_history": m.current.max_history,
+            "can_explain": m.current.can_explain,
+        }
+        for m in live
+        if m.loaded
+    }
+    return JSONResponse({"default": DEFAULT_MODEL, "models": members})

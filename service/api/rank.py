@@ -5,17 +5,16 @@ lowered it most (`against`), by each behaviour's exact leave-one-out contributio
 # No `from __future__ import annotations` here: FastAPI reads the handler's annotations when the
 # route is declared, and the body model is a local of `router()` (this app's, with its limits).
 
-import time
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from service.api.deps import BatcherDep, StateDep
-from service.batcher import Explanation, RankResult
-from service.log import request_started
+from service.explain import Reasons, reasons
+from service.inference import RankResult
+from service.log import request_deadline
 from service.ranker import ranked
 from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse, RequestModels
 
@@ -23,30 +22,6 @@ _UNEXPLAINED = (
     "nothing is explained: the user's history could not be read ({why}), so the scores rest on no "
     "behaviour at all"
 )
-
-Reasons = list[dict[str, Any]]
-
-
-def reasons(explanation: Explanation, top: int) -> list[tuple[Reasons, Reasons]]:
-    """Per returned item (explanation.order), `because`: the `top` behaviours with the largest positive
-    contributions, largest first, and `against`: the `top` with the most negative, most negative
-    first (ties: the newer first). A behaviour whose removal leaves the score as it is is in neither."""
-    contribution, weights, history = explanation.contribution, explanation.attention, explanation.history
-    out: list[tuple[Reasons, Reasons]] = []
-    for c, w in zip(contribution, weights, strict=True):  # (L,) each, one returned item
-        up = np.argsort(-c, kind="stable")[:top]
-        down = np.argsort(c, kind="stable")[:top]
-        lists = []
-        for picked, sign in ((up, 1.0), (down, -1.0)):
-            picked = picked[sign * c[picked] > 0]
-            lists.append(
-                [
-                    {"item_id": history[p], "position": p, "weight": wt, "contribution": ct}
-                    for p, wt, ct in zip(picked.tolist(), w[picked].tolist(), c[picked].tolist(), strict=True)
-                ]
-            )
-        out.append((lists[0], lists[1]))
-    return out
 
 
 def _explained(result: RankResult, n: int, top: int) -> tuple[list[tuple[Reasons, Reasons]], str | None]:
@@ -77,9 +52,7 @@ def router(models: RequestModels) -> APIRouter:
     )
     async def rank(body: RankBody, batcher: BatcherDep, state: StateDep) -> Response:  # type: ignore[valid-type]
         req: RankRequest = body  # mypy cannot read a per-app class as a type; this is its base
-        # The budget counts from the request's arrival (parsing and validation included).
-        arrived = request_started.get() or time.perf_counter()
-        deadline = arrived + state.settings.request_timeout_ms / 1000
+        deadline = request_deadline(state.settings.request_budget_s)
         # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
         candidates = list(dict.fromkeys(req.candidates))
         if req.explain:

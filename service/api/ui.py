@@ -17,8 +17,8 @@ from importlib import resources
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from model.errors import NotFound
-from model.vocab import FIRST_ID
+from contracts.errors import NotFound
+from contracts.vocab import FIRST_ID
 from service.api.deps import LiveDep, StateDep
 from service.ranker import Ranker
 from service.schemas import (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -27,36 +26,11 @@ from redis.backoff import NoBackoff
 from redis.cluster import LoadBalancingStrategy
 from redis.cluster import RedisCluster as SyncRedisCluster
 
-from model.errors import ConfigError, RedisDataDirInUse
-from service.store.embedded import DEFAULT_REDIS_DATA, EmbeddedRedis
-from service.store.keys import DEFAULT_PREFIX
+from contracts.errors import RedisDataDirInUse
+from service.store.config import RedisConfig
+from service.store.embedded import EmbeddedRedis
 
-
-@dataclass(frozen=True)
-class RedisConfig:
-    url: str | None = None  # None: a private redis-server on `data_dir`
-    data_dir: Path | None = None  # the private server's data directory (None: DEFAULT_REDIS_DATA)
-    prefix: str = DEFAULT_PREFIX  # key prefix (service.store.keys)
-    connect_timeout_s: float = 10.0
-    timeout_s: float = 60.0  # per command; the service sets it low (a slow read degrades)
-    max_connections: int = 64  # per node in a cluster
-    cluster: bool = False  # `url` names one node of a Redis Cluster
-    read_from_replicas: bool = False  # cluster: history reads go to the replicas (READONLY)
-
-    def __post_init__(self) -> None:
-        if self.cluster:
-            if self.url is None:
-                raise ConfigError("Redis Cluster needs a URL naming one of its nodes (DIN_REDIS_URL)")
-            if not self.url.startswith(("redis://", "rediss://")):
-                raise ConfigError(f"Redis Cluster needs a redis:// or rediss:// URL, not {self.url!r}")
-            if "{" in self.prefix or "}" in self.prefix:
-                raise ConfigError(f"in Redis Cluster the key prefix may not hold braces: {self.prefix!r}")
-        elif self.read_from_replicas:
-            raise ConfigError("reading from replicas needs Redis Cluster (DIN_REDIS_CLUSTER=true)")
-
-    @property
-    def private_data_dir(self) -> Path:
-        return Path(self.data_dir or DEFAULT_REDIS_DATA)
+__all__ = ["Endpoint", "RedisConfig", "async_client", "redis_endpoint", "sync_client"]
 
 
 @dataclass(frozen=True)

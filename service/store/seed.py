@@ -21,10 +21,10 @@ import numpy as np
 import redis
 from tqdm import tqdm
 
+from contracts.errors import ConfigError, DataError, RedisServerError
 from model.data import read_reviews
-from model.errors import ConfigError, DataError, RedisServerError
-from service.store.client import RedisConfig, SyncRedisCluster, redis_endpoint, sync_client
-from service.store.embedded import DEFAULT_REDIS_DATA
+from service.store.client import SyncRedisCluster, redis_endpoint, sync_client
+from service.store.config import DEFAULT_REDIS_DATA, RedisConfig
 from service.store.keys import DEFAULT_PREFIX, history_key
 
 # Replace one list atomically (a cluster's per-user transaction): DEL, then RPUSH in chunks.

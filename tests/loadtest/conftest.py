@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.vocab import RESERVED, write_vocab
+from contracts.vocab import RESERVED, write_vocab
 from tests.service.conftest import bundle
 
 __all__ = ["bundle", "items_bundle"]

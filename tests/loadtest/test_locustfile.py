@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from contracts.vocab import RESERVED
 from loadtest.sampling import items_from_bundle
-from model.vocab import RESERVED
 
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from contracts.vocab import OOV_TOKEN, PAD_TOKEN
 from loadtest.sampling import Mix, ids_from_reviews, items_from_bundle, load_ids, mix_from_env, read_ids
-from model.vocab import OOV_TOKEN, PAD_TOKEN
 
 
 def test_mix_shapes_requests() -> None:

@@ -20,9 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 import model.export as export_mod
-from model.bundle import INPUTS, check_model, load_bundle
+from contracts.bundle import INPUTS, check_model, load_bundle
+from contracts.errors import BundleError, ExportError
 from model.din import DIN, DINConfig, build_model
-from model.errors import BundleError, ExportError
 from model.export import export_model
 
 N_ITEMS, N_CATE = 50, 6

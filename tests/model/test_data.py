@@ -11,9 +11,9 @@ import pytest
 
 import model.data
 from cli import main as din_main
+from contracts.errors import DataError, DinError
+from contracts.vocab import OOV, Vocab
 from model.data import gather_histories, load_prepared, prepare, read_vocab
-from model.errors import DataError, DinError
-from model.vocab import OOV, Vocab
 
 # A tiny hand-made data set. u1's b and c share a timestamp: file order decides (b first).
 # u3 has 2 events: skipped, and its item e (nobody else's) stays out of the vocabulary.
@@ -186,7 +186,7 @@ def test_missing_file_and_cli_error(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_data_error_is_the_trees() -> None:
-    """The service imports DataError from model.data: it must be the one in model.errors."""
+    """The service imports DataError from model.data: it must be the one in contracts.errors."""
     assert model.data.DataError is DataError and issubclass(DataError, DinError)
 
 

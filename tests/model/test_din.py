@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
+from contracts.vocab import OOV, PAD
 from model.din import DIN, DINConfig, build_model
-from model.vocab import OOV, PAD
 
 N_ITEMS, N_CATES = 50, 8
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import model.export as export_mod
+from contracts.errors import ExportError
+from contracts.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, Vocab
 from model.din import DIN, DINConfig, build_model
-from model.errors import ExportError
 from model.export import export_model, parity_cases, sha256_file
-from model.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, Vocab
 
 N_ITEMS, N_CATE = 300, 12
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from cli import main as din
+from contracts.errors import DataError, RowError
+from contracts.vocab import known_ids
 from model.checkpoint import load_run
-from model.errors import DataError, RowError
 from model.score import parse_row, score_rows
 from model.train import TrainConfig, train
-from model.vocab import known_ids
 
 
 def _flat(scores: list[list[float]]) -> list[float]:

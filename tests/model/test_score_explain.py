@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cli import main as din
+from contracts.vocab import known_ids
 from model.checkpoint import load_run
 from model.score import contribution_rows, explain_rows, score_rows
 from model.train import TrainConfig, train
-from model.vocab import known_ids
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cli import main as din_main
+from contracts.vocab import FIRST_ID, known_ids
 from model.data import load_prepared
 from model.synth import SynthParams, Truth, generate, load_truth, oracle_auc, oracle_scores
-from model.vocab import FIRST_ID, known_ids
 
 FILES = ("reviews.json.gz", "meta.json.gz", "truth.npz", "truth.json")
 

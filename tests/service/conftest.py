@@ -24,9 +24,9 @@ import redis
 import torch
 import uvicorn
 
+from contracts.vocab import Vocab
 from model.din import DIN, DINConfig, build_model
 from model.export import export_model
-from model.vocab import Vocab
 from service.app import create_app
 from service.config import Settings
 from service.protocol import uvicorn_options

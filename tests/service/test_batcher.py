@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model.bundle import load_bundle
-from model.errors import InferenceFailed, Overloaded, ShuttingDown
-from model.vocab import Vocab
-from service.batcher import Batcher, RankResult, _RecentMedian
-from service.live import LiveModel
+from contracts.bundle import load_bundle
+from contracts.errors import InferenceFailed, Overloaded, ShuttingDown
+from contracts.vocab import Vocab
+from service.batcher import Batcher
+from service.costs import RecentMedian
+from service.errors import http_headers
+from service.inference import RankResult
+from service.live import ModelSet
 from service.metrics import Metrics
 from service.ranker import Ranker
 from service.store.client import RedisConfig, async_client
@@ -37,7 +40,7 @@ def ranker(bundle: BundleInfo) -> Ranker:
 async def running(ranker: Ranker, url: str, **kw: Any) -> AsyncIterator[Batcher]:
     client = async_client(url, RedisConfig(connect_timeout_s=5, timeout_s=5, max_connections=8))
     opts: dict[str, Any] = {"max_delay_s": 0.002, "max_candidates": 4096, "queue_max": 64, "max_inflight": 1}
-    batcher = Batcher(LiveModel(ranker), HistoryStore(client, "din:"), Metrics(), **{**opts, **kw})
+    batcher = Batcher(ModelSet.single(ranker), HistoryStore(client, "din:"), Metrics(), **{**opts, **kw})
     batcher.start()
     try:
         yield batcher
@@ -154,7 +157,7 @@ def test_cancelled_callers_are_skipped(ranker: Ranker, redis_url: str) -> None:
             async with running(ranker, proxy.url) as b:
                 proxy.hold()
                 first = asyncio.create_task(b.submit("a", ["i2"], None))  # stalls on Redis
-                await until(lambda: b._inflight == 1 and b.depth == 0)
+                await until(lambda: b.inflight == 1 and b.depth == 0)
                 gone = asyncio.create_task(b.submit("b", ["i3"], None))
                 await until(lambda: b.depth == 1 and sample(b, "din_queue_admitted_total") == 2)
                 gone.cancel()  # the caller goes away while its request waits for the next batch
@@ -191,13 +194,16 @@ def test_full_queue_refuses_at_once(ranker: Ranker, redis_url: str) -> None:
             async with running(ranker, proxy.url, queue_max=2, max_candidates=1) as b:
                 proxy.hold()
                 held = [asyncio.create_task(b.submit("a", ["i2"], None))]
-                await until(lambda: b._inflight == 1 and b.depth == 0)
+                await until(lambda: b.inflight == 1 and b.depth == 0)
                 held.append(asyncio.create_task(b.submit("b", ["i2"], None)))  # waits for the slot
                 held.append(asyncio.create_task(b.submit("c", ["i2"], None)))  # waits behind it
                 await until(lambda: sample(b, "din_queue_admitted_total") == 3 and b.depth == 2)
                 with pytest.raises(Overloaded) as err:
                     await b.submit("d", ["i2"], None)
-                assert err.value.headers == {"Retry-After": "1"} and err.value.extra["reason"] == "queue_full"
+                assert (
+                    http_headers(err.value) == {"Retry-After": "1"}
+                    and err.value.extra["reason"] == "queue_full"
+                )
                 proxy.release()
                 assert len(await asyncio.gather(*held)) == 3
 
@@ -210,7 +216,7 @@ def test_stop_fails_waiting_requests(ranker: Ranker, redis_url: str) -> None:
             async with running(ranker, proxy.url, max_candidates=1) as b:
                 proxy.hold()
                 first = asyncio.create_task(b.submit("a", ["i2"], None))
-                await until(lambda: b._inflight == 1)
+                await until(lambda: b.inflight == 1)
                 waiting = [asyncio.create_task(b.submit(u, ["i2"], None)) for u in "bc"]
                 await until(lambda: sample(b, "din_queue_admitted_total") == 3)
                 stopping = asyncio.create_task(b.stop())
@@ -242,7 +248,7 @@ def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, 
                 proxy.hold()  # Redis stalls: its answer would come after the deadline
                 t0 = time.perf_counter()
                 stuck = asyncio.create_task(b.submit("a", ["i2"], None, t0 + 0.3))
-                await until(lambda: b._inflight == 1)  # its batch holds the one slot, reading
+                await until(lambda: b.inflight == 1)  # its batch holds the one slot, reading
                 queued = asyncio.create_task(b.submit("b", ["i3"], None, t0 + 0.15))  # waits behind it
                 computed = b.batches
                 # The stalled read is not waited for past the budget: answered degraded, in time.
@@ -255,7 +261,7 @@ def test_deadlines_shed_at_the_door_and_never_compute_late_work(ranker: Ranker, 
                     await queued
                 assert late.value.extra["reason"] == "timeout"
                 proxy.release()
-                await until(lambda: b._inflight == 0 and b.depth == 0)
+                await until(lambda: b.inflight == 0 and b.depth == 0)
                 assert b.batches == computed + 1  # the late request was never computed
                 ok = await b.submit("c", ["i2"], None, time.perf_counter() + 5)
                 assert ok.scores.shape == (1,)
@@ -275,7 +281,7 @@ def test_a_redis_whose_host_is_gone_costs_one_batch_a_bounded_wait_then_nothing(
             client = async_client(url, RedisConfig(connect_timeout_s=0.2, timeout_s=0.1, max_connections=8))
             store = HistoryStore(client, "din:")
             opts: dict[str, Any] = {"max_delay_s": 0.002, "max_candidates": 4096, "queue_max": 64}
-            b = Batcher(LiveModel(ranker), store, Metrics(), max_inflight=1, **opts)
+            b = Batcher(ModelSet.single(ranker), store, Metrics(), max_inflight=1, **opts)
             b.start()
             try:
                 took = []
@@ -349,7 +355,7 @@ def test_cost_estimate_ignores_one_slow_call_and_forgets_old_ones() -> None:
     """The admission estimate is the median of recent calls: one stall does not shed a burst, and an
     estimate older than a second is dropped (else a stale high one would shed every request, and with
     nothing admitted nothing would ever correct it)."""
-    recent = _RecentMedian(size=15, max_age=1.0)
+    recent = RecentMedian(size=15, max_age=1.0)
     assert recent.value(0.0) == 0.0
     for k in range(10):
         recent.add(1e-4, now=k * 0.01)
@@ -390,9 +396,9 @@ def test_explained_requests_are_shed_first_and_answered_last(ranker: Ranker, red
             np.testing.assert_array_equal(got["explained"].scores, got["plain"].scores)
 
             for _ in range(15):  # a known cost: 1 ms a candidate, nothing else (the medians of 15)
-                b._candidate_s.add(0.001)
-                b._redis_s.add(0.0)
-                b._explain_row_s.add(0.0)
+                b.costs.candidate_s.add(0.001)
+                b.costs.redis_s.add(0.0)
+                b.costs.explain_row_s.add(0.0)
             cands = [f"i{k}" for k in range(2, 12)]  # 10 candidates: an expected wait of 10 ms
             deadline = time.perf_counter() + 0.030  # plain: 2 x 10 ms fits; explained: 4 x 10 ms does not
             with pytest.raises(Overloaded) as shed:
@@ -401,5 +407,33 @@ def test_explained_requests_are_shed_first_and_answered_last(ranker: Ranker, red
             assert b.admits(deadline, len(cands))  # the same request without explain is admitted
             assert sample(b, "din_queue_rejections_total", {"reason": "explain"}) == 1
             assert sample(b, "din_queue_rejections_total", {"reason": "deadline"}) == 0
+
+    run(go)
+
+
+def test_every_answer_carries_the_history_it_was_scored_on_and_its_version(
+    ranker: Ranker, redis_url: str
+) -> None:
+    """What a writer of impressions logs: the snapshot the model saw (from Redis or the request, cut to
+    T, empty when degraded) and the version that scored it, explained or not."""
+    T = ranker.max_history
+    long = [f"i{k}" for k in range(2, 2 + T + 5)]
+
+    async def go() -> None:
+        async with running(ranker, redis_url, max_delay_s=0.05) as b:
+            await b.store.append_events([("snap", "i7"), ("snap", "i8")], 100)  # type: ignore[attr-defined]
+            stored, given, explained = await asyncio.gather(
+                b.submit("snap", ["i2"], None),
+                b.submit("x", ["i2", "i3"], long),
+                b.submit("x", ["i2", "i3"], ["i4", "i5"], explain=True),
+            )
+            assert stored.history == ("i8", "i7")  # newest first, as read
+            assert given.history == tuple(long[:T]) and given.history_length == T
+            assert explained.explanation is not None and explained.history == ("i4", "i5")
+            assert {r.model_version for r in (stored, given, explained)} == {ranker.model_version}
+        async with running(ranker, f"redis://127.0.0.1:{free_port()}/0", max_delay_s=0.01) as b:
+            cold = await b.submit("snap", ["i2"], None)  # nothing listens there: degraded
+            assert cold.degraded == "redis_unavailable" and cold.history == ()
+            assert cold.model_version == ranker.model_version
 
     run(go)

@@ -21,11 +21,11 @@ import onnx
 import pytest
 import torch
 
-from model.bundle import EXPLAIN_GRAPH, ITEM_CATEGORIES, load_bundle
+from contracts.bundle import EXPLAIN_GRAPH, ITEM_CATEGORIES, load_bundle
+from contracts.errors import CannotExplain
+from contracts.vocab import Vocab
 from model.din import DINConfig, build_model
-from model.errors import CannotExplain
 from model.export import export_model
-from model.vocab import Vocab
 from service.ranker import Ranker
 from service.store.embedded import EmbeddedRedis
 from tests.service.conftest import BundleInfo, LiveServer, make_settings, seed_histories
@@ -457,7 +457,7 @@ def test_docs_assets_are_served_by_the_service(server: LiveServer) -> None:
 
 
 def test_item_categories_must_match_the_vocabulary(bundle: BundleInfo, tmp_path: Path) -> None:
-    from model.errors import BundleError, ExportError
+    from contracts.errors import BundleError, ExportError
     from model.export import export_model
 
     with pytest.raises(ExportError, match="category ids for a model with n_categories"):

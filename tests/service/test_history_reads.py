@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import redis
 
-from model.bundle import load_bundle
+from contracts.bundle import load_bundle
 from service.batcher import Batcher
-from service.live import LiveModel
+from service.live import ModelSet
 from service.metrics import Metrics
 from service.ranker import Ranker
 from service.store.client import RedisConfig, async_client
@@ -43,7 +43,7 @@ def test_one_unreadable_history_degrades_that_request_alone_in_one_batch(
         client = async_client(redis_url, RedisConfig(connect_timeout_s=5, timeout_s=5, max_connections=8))
         # a long max_delay: the three requests below close one batch together
         batcher = Batcher(
-            LiveModel(ranker),
+            ModelSet.single(ranker),
             HistoryStore(client),
             Metrics(),
             max_delay_s=0.5,

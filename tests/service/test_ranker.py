@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from model.bundle import load_bundle
-from model.errors import BundleError
-from model.vocab import known_ids
+from contracts.bundle import load_bundle
+from contracts.errors import BundleError
+from contracts.vocab import known_ids
 from service.ranker import Ranker, choose_providers
 from tests.service.conftest import BundleInfo
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model.errors import ConfigError
+from contracts.errors import ConfigError
 from service.log import RequestIdFilter
 from service.security import ApiKeys, load_api_keys
 from service.store.embedded import EmbeddedRedis

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
 
-from model.errors import StorePartial, StoreUnavailable
+from contracts.errors import StorePartial, StoreUnavailable
 from service.config import Settings
+from service.errors import http_status
 from service.store.client import RedisConfig, async_client
 from service.store.history import Appended, HistoryStore
 from service.store.keys import cluster_event_key, event_key, history_key
@@ -222,7 +223,7 @@ def test_a_master_refusing_the_script_gives_a_partial_answer_naming_who_was_writ
                 with refusing.client() as c:
                     c.execute_command("ACL", "SETUSER", "default", "+@all")
             body = info.value.body()
-            assert body["error"] == "store_partial" and info.value.status == 503
+            assert body["error"] == "store_partial" and http_status(info.value) == 503
             assert set(body["not_written_users"]) == on_it and body["unknown_users"] == []
             assert set(body["written_users"]) == set(USERS) - on_it
             assert body["written"] == len(USERS) - len(on_it) and body["duplicates"] == 0

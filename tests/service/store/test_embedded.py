@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from model.errors import RedisDataDirInUse, RedisServerError
+from contracts.errors import RedisDataDirInUse, RedisServerError
 from service.store import embedded as redis_server
 from service.store.embedded import EmbeddedRedis, running_url
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from model.errors import StoreTimeout, StoreUnavailable
+from contracts.errors import StoreTimeout, StoreUnavailable
 from service.store.client import RedisConfig, async_client
 from service.store.embedded import EmbeddedRedis, free_port
 from service.store.history import Appended, HistoryStore

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 import cli
-from model.errors import DataError
+from contracts.errors import DataError
 from service.store.seed import seed_reviews
 
 # (user, item, time) in file order. u1 has a time tie (i2, i3 at 20): file order decides.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import DataError
+from contracts.errors import DataError
 
 PAD = 0  # index 0 of every vocabulary is padding
 OOV = 1  # index 1 is the shared out-of-vocabulary entry

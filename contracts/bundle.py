@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from model.errors import BundleError
-from model.vocab import OOV, PAD, Vocab, read_vocab
+from contracts.errors import BundleError
+from contracts.vocab import OOV, PAD, Vocab, read_vocab
 
 FORMAT_VERSION = 1
 # Serving-graph inputs and output with their symbolic dimensions (N candidates, U users, T history).

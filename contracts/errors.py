@@ -1,40 +1,41 @@
 """The project's one exception tree. Every error din-rank raises on purpose is a `DinError`.
 
-    DinError                      status 500, code internal_error
+    DinError                      code internal_error
     ├── DataError                 input data cannot be read: names the file, line and reason (prepare, seed)
     │   └── RowError              a `din score` input row is malformed
     ├── ExportError               `din export` refused (export failed, parity above tolerance, no checkpoint)
     ├── BundleError               a bundle is missing, corrupt or inconsistent: the service must not serve it
-    ├── StoreUnavailable          Redis did not answer, or answered with an error (reads degrade, writes 503)
+    ├── StoreUnavailable          Redis did not answer, or answered with an error (reads degrade, writes fail)
     ├── RedisServerError          the private redis-server cannot be found, started or stopped
     │   └── RedisDataDirInUse     another process runs a redis-server on that data directory
     ├── StageFailed               a `din demo` stage (a `din` subcommand) failed
     ├── ConfigError               a setting names something unusable (an unreadable API keys file): exit 2
-    ├── RequestRefused            4xx: the request itself is refused, before any work is done for it
-    │   ├── Unauthorized          401 unauthorized, with WWW-Authenticate: Bearer (API keys are set)
-    │   ├── RequestTimeout        408 request_timeout: the request's head or body did not arrive in time
-    │   ├── PayloadTooLarge       413 payload_too_large: the body is larger than the limit (named)
-    │   ├── HeadersTooLarge       431 headers_too_large: the request line and headers are too large
-    │   ├── CorsRefused           400 cors_refused: a CORS preflight for an origin or method not allowed
-    │   ├── NotFound              404 not_found: a file the service does not have (the explorer's, the docs')
-    │   └── CannotExplain         422 cannot_explain: `explain` asked of a bundle without attention output
-    ├── ReloadInProgress          409 reload_in_progress: one hot reload at a time
-    ├── ReloadRejected            422 bundle_rejected: the new bundle failed verification; the old one serves
-    ├── ReloadFailed              500 reload_failed: the new bundle loaded but could not be warmed up
-    ├── ServiceUnavailable        503, the request may be retried
-    │   ├── Overloaded            503 overloaded, with Retry-After: shed (queue full, or the request
+    ├── RequestRefused            bad_request: the request itself is refused, before any work is done for it
+    │   ├── Unauthorized          unauthorized: API keys are set and the request carries none of them
+    │   ├── RequestTimeout        request_timeout: the request's head or body did not arrive in time
+    │   ├── PayloadTooLarge       payload_too_large: the body is larger than the limit (named)
+    │   ├── HeadersTooLarge       headers_too_large: the request line and headers are too large
+    │   ├── CorsRefused           cors_refused: a CORS preflight for an origin or method not allowed
+    │   ├── NotFound              not_found: a file the service does not have (the explorer's, the docs')
+    │   └── CannotExplain         cannot_explain: `explain` asked of a bundle without attention output
+    ├── ReloadInProgress          reload_in_progress: one hot reload at a time
+    ├── ReloadRejected            bundle_rejected: the new bundle failed verification; the old one serves
+    ├── ReloadFailed              reload_failed: the new bundle loaded but could not be warmed up
+    ├── ServiceUnavailable        unavailable: the request may be retried
+    │   ├── Overloaded            overloaded, retry after `retry_after_s`: shed (queue full, or the request
     │   │                         cannot be answered within its deadline, or its deadline passed)
-    │   ├── StoreDown             503 store_unavailable (operations that cannot degrade, e.g. writes)
-    │   ├── StoreTimeout          503 store_timeout: a write was sent, no answer came; outcome unknown
-    │   ├── StorePartial          503 store_partial: Redis Cluster wrote some users' events, not all
+    │   ├── StoreDown             store_unavailable (operations that cannot degrade, e.g. writes)
+    │   ├── StoreTimeout          store_timeout: a write was sent, no answer came; outcome unknown
+    │   ├── StorePartial          store_partial: Redis Cluster wrote some users' events, not all
     │   │                         (the body names who was written, who was not, whose outcome is unknown)
-    │   ├── NotReady              503 not_ready
-    │   └── ShuttingDown          503 shutting_down
-    └── InferenceFailed           500 inference_failed: every request of the failed batch gets it
+    │   ├── NotReady              not_ready
+    │   └── ShuttingDown          shutting_down
+    └── InferenceFailed           inference_failed: every request of the failed batch gets it
 
-`status` and `code` are what the service answers when one reaches HTTP (`service.errors` maps the tree
-in one handler); command-line tools print the message and exit 2 (bad input) or 1 (a failure).
-This module is torch-free and imports nothing of the project, so every package can raise from it.
+`code` (and `body()`) say what went wrong in any transport; which HTTP status and headers an error
+answers with is the service's business (`service.errors` maps the tree in one place). Command-line
+tools print the message and exit 2 (bad input) or 1 (a failure). This module is torch-free and
+imports nothing of the project, so every package can raise from it.
 """
 
 from __future__ import annotations
@@ -44,15 +45,14 @@ from typing import Any
 
 
 class DinError(Exception):
-    """Base of every error raised on purpose. `body()` is the JSON the service answers with."""
+    """Base of every error raised on purpose. `body()` is the JSON the service answers with; `extra`
+    (keyword arguments) goes into it as it is."""
 
-    status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+    def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
@@ -117,40 +117,32 @@ class ConfigError(DinError):
 
 
 class RequestRefused(DinError):
-    """The request itself is refused (4xx) before any work is done for it."""
+    """The request itself is refused before any work is done for it."""
 
-    status = 400
     code = "bad_request"
 
 
 class Unauthorized(RequestRefused):
     """API keys are configured and the request carries none of them. The message never echoes a key."""
 
-    status = 401
     code = "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class RequestTimeout(RequestRefused):
     """The request's head or body did not arrive within the read timeout (a slow or stalled client)."""
 
-    status = 408
     code = "request_timeout"
 
 
 class PayloadTooLarge(RequestRefused):
     """The request body is larger than the limit; refused before (or as soon as) it passes it."""
 
-    status = 413
     code = "payload_too_large"
 
 
 class HeadersTooLarge(RequestRefused):
     """The request line and headers together are larger than the limit."""
 
-    status = 431
     code = "headers_too_large"
 
 
@@ -161,7 +153,6 @@ class CorsRefused(RequestRefused):
 
 
 class NotFound(RequestRefused):
-    status = 404
     code = "not_found"
 
 
@@ -169,21 +160,18 @@ class CannotExplain(RequestRefused):
     """`/rank` with `explain` while the model serving has no attention output (its bundle was exported
     before explanations existed): re-exporting it with this version's `din export` adds it."""
 
-    status = 422
     code = "cannot_explain"
 
 
 class ReloadInProgress(DinError):
     """Another hot reload is running; this one was not started."""
 
-    status = 409
     code = "reload_in_progress"
 
 
 class ReloadRejected(DinError):
     """A hot reload's bundle failed verification or could not be loaded; the live model keeps serving."""
 
-    status = 422
     code = "bundle_rejected"
 
 
@@ -194,7 +182,6 @@ class ReloadFailed(DinError):
 
 
 class ServiceUnavailable(DinError):
-    status = 503
     code = "unavailable"
 
 
@@ -205,7 +192,8 @@ class Overloaded(ServiceUnavailable):
     code = "overloaded"
 
     def __init__(self, message: str, *, reason: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, reason=reason)
+        super().__init__(message, reason=reason)
+        self.retry_after_s = retry_after_s  # when a retry may succeed
 
 
 class StoreDown(ServiceUnavailable):

@@ -1,0 +1,46 @@
+"""The records the loop logs: what was answered, with the features as they were served.
+
+An `Impression` is one /rank answer as the model saw it: the history snapshot it was scored on (item
+ids and their categories, newest first, cut to the model's T) and every candidate with its score and
+its place in the answer. Training on these sees the features as they were served, not as the
+history stands when the log is read. Plain data: no torch, no Redis, no HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One candidate of an answer."""
+
+    item_id: str
+    category: str | None  # its category id (None: unknown to the model, or the bundle has no table)
+    score: float  # predicted CTR in (0, 1)
+    position: int | None  # its index in the answer, 0 = best; None: scored but not returned (top_k)
+
+
+@dataclass(frozen=True, slots=True)
+class Impression:
+    """One answer of /rank, as the model saw it."""
+
+    impression_id: str
+    ts: float  # unix seconds when it was answered
+    user_id: str
+    model_version: str  # the version that scored it
+    history: list[str]  # the item ids the model saw, newest first (cut to T)
+    history_categories: list[str | None]  # their categories, in the same order
+    candidates: list[Candidate]  # in the request's order
+    degraded: str | None  # why the history could not be read (then `history` is empty), or None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready): what a log writer stores."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Impression:
+        """The inverse of `to_dict`."""
+        fields = {**data, "candidates": [Candidate(**c) for c in data["candidates"]]}
+        return cls(**fields)

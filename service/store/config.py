@@ -1,0 +1,52 @@
+"""Where and how to reach Redis, as plain data: `RedisConfig` and the rules a configuration must keep.
+
+Light on purpose (no client, no server manager): `service.config` builds one from the settings, so
+importing the settings starts nothing and loads no C library. `service.store.client` turns it into a
+running Redis and a client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts.errors import ConfigError
+from service.store.keys import DEFAULT_PREFIX
+
+# The data directory `din serve`, `din seed` and `din demo` share when no Redis URL is given.
+DEFAULT_REDIS_DATA = ".din/redis"
+
+
+def check_redis_mode(url: str | None, prefix: str, *, cluster: bool, read_from_replicas: bool) -> None:
+    """Refuse a Redis mode that cannot work (ConfigError saying why): a cluster without a redis:// URL
+    or with braces in the prefix, replica reads without a cluster."""
+    if cluster:
+        if url is None:
+            raise ConfigError("Redis Cluster needs a URL naming one of its nodes (DIN_REDIS_URL)")
+        if not url.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"Redis Cluster needs a redis:// or rediss:// URL, not {url!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError(f"in Redis Cluster the key prefix may not hold braces: {prefix!r}")
+    elif read_from_replicas:
+        raise ConfigError("reading from replicas needs Redis Cluster (DIN_REDIS_CLUSTER=true)")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str | None = None  # None: a private redis-server on `data_dir`
+    data_dir: Path | None = None  # the private server's data directory (None: DEFAULT_REDIS_DATA)
+    prefix: str = DEFAULT_PREFIX  # key prefix (service.store.keys)
+    connect_timeout_s: float = 10.0
+    timeout_s: float = 60.0  # per command; the service sets it low (a slow read degrades)
+    max_connections: int = 64  # per node in a cluster
+    cluster: bool = False  # `url` names one node of a Redis Cluster
+    read_from_replicas: bool = False  # cluster: history reads go to the replicas (READONLY)
+
+    def __post_init__(self) -> None:
+        check_redis_mode(
+            self.url, self.prefix, cluster=self.cluster, read_from_replicas=self.read_from_replicas
+        )
+
+    @property
+    def private_data_dir(self) -> Path:
+        return Path(self.data_dir or DEFAULT_REDIS_DATA)
