@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="Redis Cluster: history reads go to the replicas (round robin; their master when one "
         "refuses); a replica may lag its master by a few milliseconds",
     )
+    redis_cluster_nodes: str = Field(
+        "",
+        description="Redis Cluster: more nodes to discover it through (host:port, comma-separated) besides "
+        "DIN_REDIS_URL's, so a replica started while that node is down still finds the cluster",
+    )
 
     # ---------------------------------------------------------------- http
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -166,6 +171,23 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="log one JSON object per line")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _cluster_nodes(cls, value: str, info: ValidationInfo) -> str:
+        """host:port entries, and only with Redis Cluster (ConfigError's reason, with the flag's name)."""
+        try:
+            nodes = tuple(n.strip() for n in value.split(",") if n.strip())
+            check_redis_mode(
+                info.data.get("redis_url"),
+                info.data.get("redis_prefix", DEFAULT_PREFIX),
+                cluster=bool(info.data.get("redis_cluster", False)),
+                read_from_replicas=bool(info.data.get("redis_read_from_replicas", False)),
+                cluster_nodes=nodes,
+            )
+        except ConfigError as e:
+            raise ValueError(e.message) from e
+        return value
+
     @field_validator("redis_cluster", "redis_read_from_replicas")
     @classmethod
     def _redis_mode(cls, value: bool, info: ValidationInfo) -> bool:
@@ -226,6 +248,7 @@ class Settings(BaseSettings):
             max_connections=self.redis_max_connections,
             cluster=self.redis_cluster,
             read_from_replicas=self.redis_read_from_replicas,
+            cluster_nodes=tuple(n.strip() for n in self.redis_cluster_nodes.split(",") if n.strip()),
         )
 
 

@@ -20,14 +20,16 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode as SyncClusterNode
 from redis.cluster import LoadBalancingStrategy
 from redis.cluster import RedisCluster as SyncRedisCluster
 
 from contracts.errors import RedisDataDirInUse
-from service.store.config import RedisConfig
+from service.store.config import RedisConfig, parse_nodes
 from service.store.embedded import EmbeddedRedis
 
 __all__ = ["Endpoint", "RedisConfig", "async_client", "redis_endpoint", "sync_client"]
@@ -88,7 +90,9 @@ def async_client(url: str, cfg: RedisConfig) -> aioredis.Redis | AsyncRedisClust
     cluster client (a pool per node). Nothing connects until the first command. Close it with
     `await client.aclose()` (it owns its pools)."""
     if cfg.cluster:
-        return AsyncRedisCluster.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **_cluster_options(cfg))
+        nodes = [AsyncClusterNode(host, port) for host, port in parse_nodes(cfg.cluster_nodes)]
+        options = _cluster_options(cfg) | ({"startup_nodes": nodes} if nodes else {})
+        return AsyncRedisCluster.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **options)
     return aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **_pool_options(cfg)))
 
 
@@ -96,5 +100,7 @@ def sync_client(url: str, cfg: RedisConfig) -> redis.Redis | SyncRedisCluster:
     """A blocking client (bulk loads, tools); `cfg.cluster`: redis-py's cluster client (it retries
     through failovers). Close it with `client.close()`."""
     if cfg.cluster:
-        return SyncRedisCluster.from_url(url, **_cluster_options(cfg))
+        nodes = [SyncClusterNode(host, port) for host, port in parse_nodes(cfg.cluster_nodes)]
+        options = _cluster_options(cfg) | ({"startup_nodes": nodes} if nodes else {})
+        return SyncRedisCluster.from_url(url, **options)
     return redis.Redis.from_pool(redis.ConnectionPool.from_url(url, **_pool_options(cfg)))

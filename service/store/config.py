@@ -17,9 +17,32 @@ from service.store.keys import DEFAULT_PREFIX
 DEFAULT_REDIS_DATA = ".din/redis"
 
 
-def check_redis_mode(url: str | None, prefix: str, *, cluster: bool, read_from_replicas: bool) -> None:
+def parse_nodes(nodes: str | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """`host:port` entries (a comma-separated string, or a tuple of them) as (host, port) pairs;
+    ConfigError naming the entry that is not one."""
+    entries = [n.strip() for n in (nodes.split(",") if isinstance(nodes, str) else nodes)]
+    out: list[tuple[str, int]] = []
+    for entry in filter(None, entries):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"a Redis Cluster node must be host:port, not {entry!r}")
+        out.append((host.strip("[]"), int(port)))
+    return tuple(out)
+
+
+def check_redis_mode(
+    url: str | None,
+    prefix: str,
+    *,
+    cluster: bool,
+    read_from_replicas: bool,
+    cluster_nodes: tuple[str, ...] = (),
+) -> None:
     """Refuse a Redis mode that cannot work (ConfigError saying why): a cluster without a redis:// URL
-    or with braces in the prefix, replica reads without a cluster."""
+    or with braces in the prefix, replica reads or more cluster nodes without a cluster."""
+    if cluster_nodes and not cluster:
+        raise ConfigError("more Redis Cluster nodes need Redis Cluster (DIN_REDIS_CLUSTER=true)")
+    parse_nodes(cluster_nodes)
     if cluster:
         if url is None:
             raise ConfigError("Redis Cluster needs a URL naming one of its nodes (DIN_REDIS_URL)")
@@ -41,10 +64,17 @@ class RedisConfig:
     max_connections: int = 64  # per node in a cluster
     cluster: bool = False  # `url` names one node of a Redis Cluster
     read_from_replicas: bool = False  # cluster: history reads go to the replicas (READONLY)
+    # cluster: more nodes to discover it through (host:port) besides `url`'s, so a client started
+    # while that one node is down still finds the cluster
+    cluster_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_redis_mode(
-            self.url, self.prefix, cluster=self.cluster, read_from_replicas=self.read_from_replicas
+            self.url,
+            self.prefix,
+            cluster=self.cluster,
+            read_from_replicas=self.read_from_replicas,
+            cluster_nodes=self.cluster_nodes,
         )
 
     @property

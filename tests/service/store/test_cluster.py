@@ -77,6 +77,12 @@ def test_event_markers_share_the_slot_of_their_history_and_single_redis_keys_do_
             "redis_read_from_replicas",
             "Cluster",
         ),
+        ({"redis_cluster_nodes": "h2:1", "redis_url": "redis://h:1"}, "redis_cluster_nodes", "Cluster"),
+        (
+            {"redis_cluster": True, "redis_url": "redis://h:1", "redis_cluster_nodes": "h2:1, h3"},
+            "redis_cluster_nodes",
+            "host:port, not 'h3'",
+        ),
     ],
 )
 def test_settings_refuse_a_cluster_that_cannot_work(kw: dict[str, Any], field: str, says: str) -> None:
@@ -85,7 +91,10 @@ def test_settings_refuse_a_cluster_that_cannot_work(kw: dict[str, Any], field: s
     errors = info.value.errors()
     assert [e["loc"] for e in errors] == [(field,)] and says in errors[0]["msg"], errors
     ok = Settings(_env_file=None, redis_cluster=True, redis_url="redis://h:1", redis_read_from_replicas=True)  # type: ignore[call-arg]
-    assert ok.redis.cluster and ok.redis.read_from_replicas
+    assert ok.redis.cluster and ok.redis.read_from_replicas and ok.redis.cluster_nodes == ()
+    kw = {"redis_cluster": True, "redis_url": "redis://h:1", "redis_cluster_nodes": "h2:2, h3:3"}
+    more = Settings(_env_file=None, **kw)  # type: ignore[call-arg, arg-type]
+    assert more.redis.cluster_nodes == ("h2:2", "h3:3")
 
 
 # ------------------------------------------------------------------ reads
@@ -161,6 +170,31 @@ def test_a_cluster_no_node_of_which_answers_is_unavailable_not_an_error() -> Non
             assert await store.ping() is False
         finally:
             await _close(store)
+
+    asyncio.run(go())
+
+
+def test_a_cluster_whose_url_node_is_down_is_found_through_the_other_nodes(cluster_url: str) -> None:
+    """DIN_REDIS_URL names a node that does not answer (down as a replica starts): with the other
+    nodes given (DIN_REDIS_CLUSTER_NODES) the client discovers the cluster through them; without,
+    it cannot."""
+    from service.store.embedded import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}"
+    live = cluster_url.removeprefix("redis://").split("/")[0]
+
+    async def go() -> None:
+        alone = _store(dead)
+        helped = _store(dead, cluster_nodes=(live,))
+        try:
+            with pytest.raises(StoreUnavailable, match="cannot be connected"):
+                await alone.get_histories(["u1"], 100)
+            assert await helped.append_events([("u1", "a"), ("u2", "b")], 100) == Appended(2, 0)
+            assert await helped.get_histories(["u1", "u2", "u3"], 100) == [["a"], ["b"], []]
+            assert await helped.ping() is True
+        finally:
+            await _close(alone)
+            await _close(helped)
 
     asyncio.run(go())
 
