@@ -15,7 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.errors import ConfigError
-from service.store.config import RedisConfig, check_redis_mode
+from service.store.config import RedisConfig, check_redis_mode, node_list
 from service.store.keys import DEFAULT_PREFIX
 
 
@@ -176,13 +176,12 @@ class Settings(BaseSettings):
     def _cluster_nodes(cls, value: str, info: ValidationInfo) -> str:
         """host:port entries, and only with Redis Cluster (ConfigError's reason, with the flag's name)."""
         try:
-            nodes = tuple(n.strip() for n in value.split(",") if n.strip())
             check_redis_mode(
                 info.data.get("redis_url"),
                 info.data.get("redis_prefix", DEFAULT_PREFIX),
                 cluster=bool(info.data.get("redis_cluster", False)),
                 read_from_replicas=bool(info.data.get("redis_read_from_replicas", False)),
-                cluster_nodes=nodes,
+                cluster_nodes=node_list(value),
             )
         except ConfigError as e:
             raise ValueError(e.message) from e
@@ -248,7 +247,7 @@ class Settings(BaseSettings):
             max_connections=self.redis_max_connections,
             cluster=self.redis_cluster,
             read_from_replicas=self.redis_read_from_replicas,
-            cluster_nodes=tuple(n.strip() for n in self.redis_cluster_nodes.split(",") if n.strip()),
+            cluster_nodes=node_list(self.redis_cluster_nodes),
         )
 
 

@@ -17,12 +17,15 @@ from service.store.keys import DEFAULT_PREFIX
 DEFAULT_REDIS_DATA = ".din/redis"
 
 
-def parse_nodes(nodes: str | tuple[str, ...]) -> tuple[tuple[str, int], ...]:
-    """`host:port` entries (a comma-separated string, or a tuple of them) as (host, port) pairs;
-    ConfigError naming the entry that is not one."""
-    entries = [n.strip() for n in (nodes.split(",") if isinstance(nodes, str) else nodes)]
+def node_list(text: str) -> tuple[str, ...]:
+    """The entries of a comma-separated list of nodes (DIN_REDIS_CLUSTER_NODES), blanks dropped."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def parse_nodes(nodes: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """`host:port` entries as (host, port) pairs; ConfigError naming the entry that is not one."""
     out: list[tuple[str, int]] = []
-    for entry in filter(None, entries):
+    for entry in nodes:
         host, sep, port = entry.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"a Redis Cluster node must be host:port, not {entry!r}")
