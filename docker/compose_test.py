@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "dincomposetest"
@@ -49,12 +50,6 @@ class Failed(Exception):
 def check(cond: bool, msg: str) -> None:
     if not cond:
         raise Failed(msg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def compose_command() -> list[str] | None:
