@@ -38,7 +38,7 @@ from contracts.errors import DinError, InferenceFailed, StoreUnavailable
 from service.explain import Explanation
 from service.live import LiveModel, ModelSet
 from service.metrics import Metrics
-from service.rank_queue import _HEADROOM, Job
+from service.rank_queue import HEADROOM, Job
 from service.ranker import Explained, Ranker, Scored, ranked
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Inference:
             # late, so the batch goes on degraded.
             last = max(job.deadline for job in batch)
             n_cand = sum(len(job.candidates) for job in batch)
-            inference = _HEADROOM * n_cand * member.costs.candidate_s.value()
+            inference = HEADROOM * n_cand * member.costs.candidate_s.value()
             read_by = last - max(inference, _READ_RESERVE * (last - t_read), 0.005)
             histories, degraded = await self._read_histories(member, batch, ranker.max_history, read_by)
             jobs = self._still_waiting(batch)  # callers may have gone during the Redis read

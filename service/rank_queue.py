@@ -41,7 +41,7 @@ CANNOT_MEET_DEADLINE = "the service cannot answer within the request's deadline"
 # what the estimate cannot see (a slow call, an event loop busy refusing, the time a request spent in
 # the socket before it was read). Filling the queue to the deadline adds latency, not goodput: at 2x
 # capacity it answered 200s at p50 190 ms and some past 250 ms by the client's clock (bench/overload.py).
-_HEADROOM = 2.0
+HEADROOM = 2.0  # also what the inference half sets aside for a batch's own inference
 _EXPLAIN_HEADROOM = 4.0  # explained requests: a quarter of the time left, so they are shed first
 
 
@@ -110,7 +110,7 @@ class RankQueue:
         headroom, so it is shed first. The one admission rule, used here and at the door
         (service.middleware)."""
         n = self._typical_candidates if candidates is None else candidates
-        headroom = _EXPLAIN_HEADROOM if explain_rows else _HEADROOM
+        headroom = _EXPLAIN_HEADROOM if explain_rows else HEADROOM
         return time.perf_counter() + headroom * self.expected_wait(n, explain_rows, model) <= deadline
 
     def expected_wait(self, candidates: int, explain_rows: int = 0, model: str = DEFAULT_MODEL) -> float:
