@@ -9,6 +9,10 @@ Redis Cluster (`RedisConfig.cluster`): the URL names any node; the factories ret
 clients, which discover the others (CLUSTER SLOTS) and follow the topology. The async one is built
 with no retries of its own: the service answers within a deadline, so a read that fails degrades at
 once and `service.store.cluster` refreshes the topology in the background instead.
+
+The asyncio clients' TCP connections look host names up through `service.store.resolve` (threads of
+its own, one lookup per name at a time), so a node whose name stopped resolving cannot hold up the
+connects to the nodes that answer.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from redis.cluster import RedisCluster as SyncRedisCluster
 from contracts.errors import RedisDataDirInUse
 from service.store.config import RedisConfig, parse_nodes
 from service.store.embedded import EmbeddedRedis
+from service.store.resolve import ResolvingConnection
 
 __all__ = ["Endpoint", "RedisConfig", "async_client", "redis_endpoint", "sync_client"]
 
@@ -92,8 +97,17 @@ def async_client(url: str, cfg: RedisConfig) -> aioredis.Redis | AsyncRedisClust
     if cfg.cluster:
         nodes = [AsyncClusterNode(host, port) for host, port in parse_nodes(cfg.cluster_nodes)]
         options = _cluster_options(cfg) | ({"startup_nodes": nodes} if nodes else {})
-        return AsyncRedisCluster.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **options)
-    return aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **_pool_options(cfg)))
+        cluster = AsyncRedisCluster.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **options)
+        if cluster.nodes_manager.connection_kwargs.get("connection_class") is aioredis.Connection:
+            # nodes found later are built from these arguments; the startup nodes were built already
+            cluster.nodes_manager.connection_kwargs["connection_class"] = ResolvingConnection
+            for node in cluster.nodes_manager.startup_nodes.values():
+                node.connection_class = ResolvingConnection
+        return cluster
+    pool = aioredis.ConnectionPool.from_url(url, **_pool_options(cfg))
+    if pool.connection_class is aioredis.Connection:  # TCP without TLS (TLS checks the name itself)
+        pool.connection_class = ResolvingConnection
+    return aioredis.Redis.from_pool(pool)
 
 
 def sync_client(url: str, cfg: RedisConfig) -> redis.Redis | SyncRedisCluster:
