@@ -24,7 +24,7 @@ from service.live import ModelSet, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
-from service.schemas import request_models
+from service.schemas import Limits, RequestLimits
 from service.security import cors_origins, load_api_keys
 from service.store.client import async_client, redis_endpoint
 from service.store.history import HistoryStore
@@ -145,11 +145,13 @@ def create_app(
     )
     app.state.din = state
     keys = load_api_keys(settings)  # ConfigError when DIN_API_KEYS_FILE cannot be read
-    app.include_router(api_router(request_models(settings), keys, metrics_auth=settings.metrics_auth))
+    app.include_router(api_router(keys, metrics_auth=settings.metrics_auth))
     install_error_handlers(app)
     # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
     # so BodyLimits' 408 / 413 and AdmissionGate's 503 carry the request id and are counted like any
     # other answer; the gate sits inside BodyLimits, so a body it drains unread is still bounded.
+    # RequestLimits, innermost, puts this app's request limits in force for the request models.
+    app.add_middleware(RequestLimits, limits=Limits.of(settings))
     app.add_middleware(
         AdmissionGate, queue=lambda: state.batcher, budget_s=settings.request_budget_s, paths={"/rank"}
     )
