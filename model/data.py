@@ -41,7 +41,7 @@ import orjson
 from tqdm import tqdm
 
 # DataError stays importable as model.data.DataError: the service's seed imports it from here.
-from contracts.errors import DataError
+from contracts.errors import DataError, InvalidArgument
 from contracts.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, known_ids, read_vocab, write_vocab
 
 UNKNOWN_CATEGORY = "<unknown>"
@@ -231,7 +231,7 @@ class Prepared:
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+            raise InvalidArgument(f"split must be one of {SPLITS}, got {name!r}")
         return getattr(self, name)
 
 
@@ -346,7 +346,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Read SNAP reviews + meta, write DATA_DIR (see the module docstring); returns meta.json's content."""
     if max_history < 1:
-        raise ValueError(f"max_history must be at least 1, got {max_history}")
+        raise InvalidArgument(f"max_history must be at least 1, got {max_history}")
     t0 = time.perf_counter()
     reviews, meta, out = Path(reviews), Path(meta), Path(out)
     for p in (reviews, meta):
@@ -464,7 +464,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     """Load what `prepare` wrote."""
     d = Path(data_dir)
     if not (d / "meta.json").is_file():
-        raise FileNotFoundError(f"{d}: not a prepared data directory (no meta.json; run din prepare)")
+        raise DataError(f"{d}: not a prepared data directory (no meta.json; run din prepare)")
     meta = json.loads((d / "meta.json").read_text())
     with np.load(d / "sequences.npz") as z:
         seq_items, seq_offsets = z["seq_items"], z["seq_offsets"]
@@ -509,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             verbose=True,
         )
-    except (DataError, ValueError, OSError) as e:
+    except (DataError, InvalidArgument, OSError) as e:
         print(f"din prepare: error: {e}", file=sys.stderr)
         return 2
     return 0

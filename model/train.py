@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from contracts.errors import DataError, InvalidArgument
 from model.checkpoint import save_run
 from model.data import gather_histories, load_prepared
 from model.din import DIN, DINConfig, build_model
@@ -147,7 +148,7 @@ def train(
     """
     opt = cfg if cfg is not None else TrainConfig()
     if opt.batch_size < 2:
-        raise ValueError("batch_size must be at least 2 (batch norm in Dice needs two samples)")
+        raise InvalidArgument("batch_size must be at least 2 (batch norm in Dice needs two samples)")
     say = print if verbose else (lambda *a, **k: None)
 
     threads = int(opt.threads) or (os.cpu_count() or 1)
@@ -310,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
             patience=args.patience,
         )
         train(args.data, args.out, cfg, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
+    except (DataError, InvalidArgument, OSError, ValueError) as e:  # ValueError: DIN's own checks
         print(f"din train: {e}", file=sys.stderr)
         return 2
     return 0
