@@ -6,8 +6,7 @@ is the model, Redis and the batcher.
     python bench/floor_service.py --port 8002
 """
 
-# No `from __future__ import annotations`: FastAPI reads the handler's annotations when the route is
-# declared, and the body model is a local of `create_floor` (as in service/api/rank.py).
+from __future__ import annotations
 
 import argparse
 import sys
@@ -17,20 +16,19 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from service.config import Settings
-from service.schemas import JSONResponse, RankRequest, request_models
+from service.schemas import JSONResponse, Limits, RankRequest, RequestLimits
 
 
 def create_floor(settings: Settings) -> FastAPI:
-    RankBody = request_models(settings).rank
     app = FastAPI(title="din-rank HTTP floor (constant scores)")
+    app.add_middleware(RequestLimits, limits=Limits.of(settings))
 
     @app.get("/readyz")
     async def readyz() -> Response:
         return JSONResponse({"status": "ready", "model_version": "floor"})
 
     @app.post("/rank")
-    async def rank(body: RankBody) -> Response:  # type: ignore[valid-type]
-        req: RankRequest = body
+    async def rank(req: RankRequest) -> Response:
         candidates = list(dict.fromkeys(req.candidates))[: req.top_k or None]
         return JSONResponse(
             {

@@ -10,6 +10,8 @@
     │   └── RedisDataDirInUse     another process runs a redis-server on that data directory
     ├── StageFailed               a `din demo` stage (a `din` subcommand) failed
     ├── ConfigError               a setting names something unusable (an unreadable API keys file): exit 2
+    ├── InvalidArgument           invalid_argument: an option or parameter out of its range (synth, prepare,
+    │                             train): names it and what it may be; exit 2
     ├── RequestRefused            bad_request: the request itself is refused, before any work is done for it
     │   ├── Unauthorized          unauthorized: API keys are set and the request carries none of them
     │   ├── RequestTimeout        request_timeout: the request's head or body did not arrive in time
@@ -114,6 +116,13 @@ class ConfigError(DinError):
     message names the setting and the file. `din serve` prints it and exits 2."""
 
     code = "config_error"
+
+
+class InvalidArgument(DinError):
+    """An option or parameter is out of its range (`din synth --items 3`, `din train --batch-size 1`);
+    the message names it and what it may be. Command-line tools print it and exit 2."""
+
+    code = "invalid_argument"
 
 
 class RequestRefused(DinError):

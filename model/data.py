@@ -41,7 +41,7 @@ import orjson
 from tqdm import tqdm
 
 # DataError stays importable as model.data.DataError: the service's seed imports it from here.
-from contracts.errors import DataError
+from contracts.errors import DataError, InvalidArgument
 from contracts.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, known_ids, read_vocab, write_vocab
 
 UNKNOWN_CATEGORY = "<unknown>"
@@ -231,7 +231,7 @@ class Prepared:
 
     def split(self, name: str) -> Split:
         if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+            raise InvalidArgument(f"split must be one of {SPLITS}, got {name!r}")
         return getattr(self, name)
 
 
@@ -346,7 +346,7 @@ def prepare(
 ) -> dict[str, Any]:
     """Read SNAP reviews + meta, write DATA_DIR (see the module docstring); returns meta.json's content."""
     if max_history < 1:
-        raise ValueError(f"max_history must be at least 1, got {max_history}")
+        raise InvalidArgument(f"max_history must be at least 1, got {max_history}")
     t0 = time.perf_counter()
     reviews, meta, out = Path(reviews), Path(meta), Path(out)
     for p in (reviews, meta):
@@ -356,58 +356,12 @@ def prepare(
     r = read_reviews(reviews, progress)
     if len(r.time) == 0:
         raise DataError(f"{reviews.name}: no reviews")
-
-    # order events by (user, time, file order): equal timestamps (day-granular in SNAP) keep file order
-    order = np.lexsort((np.arange(len(r.time)), r.time, r.user))
-    ev_user, ev_item = r.user[order], r.item[order]
-    n_events_all = np.bincount(r.user, minlength=len(r.user_ids))
-    keep_user = n_events_all >= MIN_EVENTS
-    n_skipped = int((~keep_user).sum())
-    kept = keep_user[ev_user]
-    ev_user, ev_item = ev_user[kept], ev_item[kept]
-    if len(ev_user) == 0:
-        raise DataError(f"{reviews.name}: no user has at least {MIN_EVENTS} events")
-
-    # user vocabulary sorted by id (deterministic whatever the file order); no pad / oov
-    kept_users = np.flatnonzero(keep_user)
-    user_order = kept_users[
-        np.argsort(np.asarray([r.user_ids[u] for u in kept_users], dtype=object), kind="stable")
-    ]
-    user_new = np.full(len(r.user_ids), -1, dtype=np.int64)
-    user_new[user_order] = np.arange(len(user_order))
-    ev_user = user_new[ev_user]
-    regroup = np.argsort(ev_user, kind="stable")  # keeps the time order within each user
-    ev_user, ev_item = ev_user[regroup], ev_item[regroup]
-
-    # item vocabulary: items of kept users, by frequency
-    item_counts = np.bincount(ev_item, minlength=len(r.item_ids))
-    present = np.flatnonzero(item_counts > 0)
-    present = present[_frequency_order(item_counts[present], [r.item_ids[i] for i in present])]
-    item_new = np.full(len(r.item_ids), -1, dtype=np.int64)
-    item_new[present] = np.arange(FIRST_ID, len(present) + FIRST_ID)
-    seq_items = item_new[ev_item].astype(np.int32)
-    items = [PAD_TOKEN, OOV_TOKEN, *(r.item_ids[i] for i in present)]
-    n_items = len(items)
-    if n_items <= FIRST_ID:
-        raise DataError(f"{reviews.name}: fewer than one distinct item")
-
-    # categories
-    wanted = set(known_ids(items))
-    cat_of = read_meta_categories(meta, wanted, progress)
-    item_cat_names = [cat_of.get(a, UNKNOWN_CATEGORY) for a in known_ids(items)]
-    cat_names, cat_inv, cat_counts = np.unique(
-        np.asarray(item_cat_names, dtype=object), return_inverse=True, return_counts=True
-    )
-    cat_order = _frequency_order(cat_counts, list(cat_names))
-    cat_new = np.empty(len(cat_names), dtype=np.int64)
-    cat_new[cat_order] = np.arange(FIRST_ID, len(cat_names) + FIRST_ID)
-    categories = [PAD_TOKEN, OOV_TOKEN, *(str(cat_names[i]) for i in cat_order)]
-    item_cate = np.concatenate([[PAD, OOV], cat_new[cat_inv]]).astype(np.int64)
-
+    ev_user, ev_item, user_order, n_skipped = _kept_events(r, reviews.name)
+    items, seq_items = _item_vocabulary(r, ev_item, reviews.name)
+    categories, item_cate, without_meta = _categories(meta, items, progress)
     counts = np.bincount(ev_user, minlength=len(user_order))
     seq_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    rng = np.random.default_rng(seed)
-    splits = build_samples(seq_items, seq_offsets, n_items, rng)
+    splits = build_samples(seq_items, seq_offsets, len(items), np.random.default_rng(seed))
 
     out.mkdir(parents=True, exist_ok=True)
     write_vocab(out / "items.txt", items)
@@ -423,13 +377,13 @@ def prepare(
         "max_history": int(max_history),
         "seed": int(seed),
         "n_users": len(user_order),
-        "n_items": n_items,
+        "n_items": len(items),
         "n_categories": len(categories),
         "n_events": len(seq_items),
         "samples": {name: len(s) for name, s in splits.items()},
         "users_skipped": n_skipped,
         "min_events": MIN_EVENTS,
-        "items_without_meta": len(wanted) - len(cat_of),
+        "items_without_meta": without_meta,
         "reviews_read": len(r.time),
         "sources": {"reviews": str(reviews), "meta": str(meta)},
         "seconds": round(seconds, 3),
@@ -438,6 +392,65 @@ def prepare(
     if verbose:
         print(_summary(info, out))
     return info
+
+
+def _kept_events(r: Reviews, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The events of users with at least MIN_EVENTS, grouped by user (renumbered in id order), each
+    user's in time order: (user, item) per event, the kept users' old numbers in new order, and how
+    many users were skipped."""
+    # order events by (user, time, file order): equal timestamps (day-granular in SNAP) keep file order
+    order = np.lexsort((np.arange(len(r.time)), r.time, r.user))
+    ev_user, ev_item = r.user[order], r.item[order]
+    n_events_all = np.bincount(r.user, minlength=len(r.user_ids))
+    keep_user = n_events_all >= MIN_EVENTS
+    n_skipped = int((~keep_user).sum())
+    kept = keep_user[ev_user]
+    ev_user, ev_item = ev_user[kept], ev_item[kept]
+    if len(ev_user) == 0:
+        raise DataError(f"{source}: no user has at least {MIN_EVENTS} events")
+
+    # user vocabulary sorted by id (deterministic whatever the file order); no pad / oov
+    kept_users = np.flatnonzero(keep_user)
+    user_order = kept_users[
+        np.argsort(np.asarray([r.user_ids[u] for u in kept_users], dtype=object), kind="stable")
+    ]
+    user_new = np.full(len(r.user_ids), -1, dtype=np.int64)
+    user_new[user_order] = np.arange(len(user_order))
+    ev_user = user_new[ev_user]
+    regroup = np.argsort(ev_user, kind="stable")  # keeps the time order within each user
+    return ev_user[regroup], ev_item[regroup], user_order, n_skipped
+
+
+def _item_vocabulary(r: Reviews, ev_item: np.ndarray, source: str) -> tuple[list[str], np.ndarray]:
+    """The item vocabulary (the kept users' items by frequency, after pad and oov) and each event's
+    item in it."""
+    item_counts = np.bincount(ev_item, minlength=len(r.item_ids))
+    present = np.flatnonzero(item_counts > 0)
+    present = present[_frequency_order(item_counts[present], [r.item_ids[i] for i in present])]
+    item_new = np.full(len(r.item_ids), -1, dtype=np.int64)
+    item_new[present] = np.arange(FIRST_ID, len(present) + FIRST_ID)
+    seq_items = item_new[ev_item].astype(np.int32)
+    items = [PAD_TOKEN, OOV_TOKEN, *(r.item_ids[i] for i in present)]
+    if len(items) <= FIRST_ID:
+        raise DataError(f"{source}: fewer than one distinct item")
+    return items, seq_items
+
+
+def _categories(meta: Path, items: list[str], progress: bool) -> tuple[list[str], np.ndarray, int]:
+    """The category vocabulary (by frequency over the items, after pad and oov), each item's category
+    in it, and how many items the meta file did not describe."""
+    wanted = set(known_ids(items))
+    cat_of = read_meta_categories(meta, wanted, progress)
+    item_cat_names = [cat_of.get(a, UNKNOWN_CATEGORY) for a in known_ids(items)]
+    cat_names, cat_inv, cat_counts = np.unique(
+        np.asarray(item_cat_names, dtype=object), return_inverse=True, return_counts=True
+    )
+    cat_order = _frequency_order(cat_counts, list(cat_names))
+    cat_new = np.empty(len(cat_names), dtype=np.int64)
+    cat_new[cat_order] = np.arange(FIRST_ID, len(cat_names) + FIRST_ID)
+    categories = [PAD_TOKEN, OOV_TOKEN, *(str(cat_names[i]) for i in cat_order)]
+    item_cate = np.concatenate([[PAD, OOV], cat_new[cat_inv]]).astype(np.int64)
+    return categories, item_cate, len(wanted) - len(cat_of)
 
 
 def _summary(info: dict[str, Any], out: Path) -> str:
@@ -464,7 +477,7 @@ def load_prepared(data_dir: str | Path) -> Prepared:
     """Load what `prepare` wrote."""
     d = Path(data_dir)
     if not (d / "meta.json").is_file():
-        raise FileNotFoundError(f"{d}: not a prepared data directory (no meta.json; run din prepare)")
+        raise DataError(f"{d}: not a prepared data directory (no meta.json; run din prepare)")
     meta = json.loads((d / "meta.json").read_text())
     with np.load(d / "sequences.npz") as z:
         seq_items, seq_offsets = z["seq_items"], z["seq_offsets"]
@@ -509,7 +522,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             verbose=True,
         )
-    except (DataError, ValueError, OSError) as e:
+    except (DataError, InvalidArgument, OSError) as e:
         print(f"din prepare: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from contracts.errors import InvalidArgument
 from contracts.vocab import FIRST_ID
 
 DAY = 86_400
@@ -141,7 +142,7 @@ def load_truth(raw_dir: str | Path) -> Truth:
 def _ids(n: int, prefix: str, width: int, rng: np.random.Generator) -> np.ndarray:
     """n distinct SNAP-looking ids: prefix + `width` random base-36 digits (duplicates redrawn)."""
     if n > 36**width // 4:
-        raise ValueError(f"cannot make {n} distinct ids of {width} digits")
+        raise InvalidArgument(f"cannot make {n} distinct ids of {width} digits")
     digits = rng.integers(0, 36, size=(n, width))
     while True:
         ids = _B36[digits].view(f"S{width}").ravel()
@@ -155,7 +156,7 @@ def _ids(n: int, prefix: str, width: int, rng: np.random.Generator) -> np.ndarra
 def _catalogue(p: SynthParams, rng: np.random.Generator) -> Truth:
     M, C = p.items, p.n_categories()
     if C < 1 or M < C:
-        raise ValueError(f"need 1 <= categories <= items, got {C} categories for {M} items")
+        raise InvalidArgument(f"need 1 <= categories <= items, got {C} categories for {M} items")
     base = 5 if M >= 5 * C else M // C  # rings of at least 5 items when the catalogue allows
     weights = rng.lognormal(0.0, 0.6, C)
     sizes = base + rng.multinomial(M - base * C, weights / weights.sum())
@@ -332,9 +333,9 @@ def generate(
     """Write RAW_DIR (see the module docstring); returns truth.json's content."""
     p = params or SynthParams()
     if p.users < 1 or p.items < 6:
-        raise ValueError("need at least 1 user and 6 items")
+        raise InvalidArgument("need at least 1 user and 6 items")
     if not (0.0 <= p.explore <= 1.0 and 0.0 < p.recency < 1.0 and 0.0 < p.ring_decay < 1.0):
-        raise ValueError("explore must be in [0, 1], recency and ring_decay in (0, 1)")
+        raise InvalidArgument("explore must be in [0, 1], recency and ring_decay in (0, 1)")
     t0 = time.perf_counter()
     rng = np.random.default_rng(p.seed)
     truth = _catalogue(p, rng)
@@ -441,7 +442,7 @@ def _oracle_core(
 ) -> np.ndarray:
     """hist int64 (B, L) truth indices newest first (-1: unknown), hist_len (B,), target (B,) -> (B,)."""
     if level not in ("item", "category"):
-        raise ValueError(f"level must be 'item' or 'category', got {level!r}")
+        raise InvalidArgument(f"level must be 'item' or 'category', got {level!r}")
     B = len(target)
     out = np.zeros(B, dtype=np.float64)
     order = np.argsort(hist_len, kind="stable")  # chunks of similar length: little padding in (b, L, L)
@@ -492,7 +493,7 @@ def oracle_scores(
     """
     t = truth if isinstance(truth, Truth) else load_truth(truth)
     if len(hist_item_ids_newest_first) != len(target_item_ids):
-        raise ValueError("one history per target")
+        raise InvalidArgument("one history per target")
     lens = np.array([len(h) for h in hist_item_ids_newest_first], dtype=np.int64)
     L = max(int(lens.max(initial=0)), 1)
     hist = np.full((len(lens), L), -1, dtype=np.int64)
@@ -563,7 +564,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         generate(args.out, params, progress=not args.no_progress, verbose=True)
-    except (ValueError, OSError) as e:
+    except (InvalidArgument, OSError) as e:
         print(f"din synth: error: {e}", file=sys.stderr)
         return 2
     return 0

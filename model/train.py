@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from contracts.errors import DataError, InvalidArgument
 from model.checkpoint import save_run
-from model.data import gather_histories, load_prepared
+from model.data import Prepared, gather_histories, load_prepared
 from model.din import DIN, DINConfig, build_model
 from model.metrics import evaluate
 
@@ -147,67 +149,95 @@ def train(
     """
     opt = cfg if cfg is not None else TrainConfig()
     if opt.batch_size < 2:
-        raise ValueError("batch_size must be at least 2 (batch norm in Dice needs two samples)")
+        raise InvalidArgument("batch_size must be at least 2 (batch norm in Dice needs two samples)")
     say = print if verbose else (lambda *a, **k: None)
-
     threads = int(opt.threads) or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
 
     data = load_prepared(data_dir)
-    T = int(data.max_history)
     train_s, valid_s, test_s = (
-        Samples(getattr(data, name), data.seq_items, data.seq_offsets, T)
+        Samples(getattr(data, name), data.seq_items, data.seq_offsets, data.max_history)
         for name in ("train", "valid", "test")
     )
+    model = _build(data, opt)
+    say(_overview(model.cfg, opt, threads, train_s, valid_s, test_s))
+    history, best = _fit(model, train_s, valid_s, opt, progress=progress, say=say)
+    test = _evaluate(model, test_s, opt.eval_batch_size)
+
+    # The options as run: the threads actually used (not 0) and where the data came from.
+    train_args = asdict(opt) | {"threads": threads, "data_dir": str(data_dir)}
+    result: dict[str, Any] = {
+        "epochs": history,
+        "best_epoch": best["epoch"],
+        "valid": best["valid"],
+        "test": test,
+        "train_seconds": sum(row["train_seconds"] for row in history),
+        "total_seconds": time.perf_counter() - t_start,
+        "samples": {"train": len(train_s), "valid": len(valid_s), "test": len(test_s)},
+        "config": model.cfg.to_dict(),
+        "train_args": train_args,
+    }
+    _write_run(Path(out_dir), model, data, result)
+    say(_table(history, best["epoch"]))
+    say(
+        f"test (epoch {best['epoch']}): auc {test['auc']:.4f}  gauc {test['gauc']:.4f}  "
+        f"logloss {test['logloss']:.4f}   training {result['train_seconds']:.1f}s, wrote {out_dir}"
+    )
+    return result
+
+
+def _build(data: Prepared, opt: TrainConfig) -> DIN:
+    """The model for `data`'s vocabularies and T, initialised from `opt.seed`."""
     din_cfg = DINConfig(
         n_items=len(data.items),
         n_categories=len(data.categories),
-        max_history=T,
+        max_history=data.max_history,
         pooling=opt.pooling,
         att_softmax=bool(opt.softmax),
         head_activation=opt.head_activation,
     )
     item_cate = torch.as_tensor(np.asarray(data.item_cate), dtype=torch.int64)
-    model = build_model(din_cfg, item_cate, seed=opt.seed)
+    return build_model(din_cfg, item_cate, seed=opt.seed)
+
+
+def _overview(
+    din_cfg: DINConfig, opt: TrainConfig, threads: int, train_s: Samples, valid_s: Samples, test_s: Samples
+) -> str:
+    return (
+        f"train {len(train_s):,} / valid {len(valid_s):,} / test {len(test_s):,} samples, "
+        f"{din_cfg.n_items:,} items, {din_cfg.n_categories:,} categories, T={din_cfg.max_history}, "
+        f"pooling={din_cfg.pooling}, "
+        f"batch {opt.batch_size}, lr {opt.lr}, {threads} threads"
+    )
+
+
+def _fit(
+    model: DIN,
+    train_s: Samples,
+    valid_s: Samples,
+    opt: TrainConfig,
+    *,
+    progress: bool,
+    say: Callable[..., object],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Epochs until `opt.epochs`, or until `opt.patience` epochs bring no better validation AUC; leaves
+    `model` with the best epoch's weights, in eval mode. Returns one row per epoch run, and the best."""
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(opt.seed)
     torch.manual_seed(opt.seed)
-
-    say(
-        f"train {len(train_s):,} / valid {len(valid_s):,} / test {len(test_s):,} samples, "
-        f"{din_cfg.n_items:,} items, {din_cfg.n_categories:,} categories, T={T}, "
-        f"pooling={din_cfg.pooling}, "
-        f"batch {opt.batch_size}, lr {opt.lr}, {threads} threads"
-    )
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    train_seconds = 0.0
     for epoch in range(1, opt.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        batches = bucketed_batches(train_s.lengths, opt.batch_size, rng, opt.bucket_batches)
-        total, seen = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, file=sys.stderr)
-        for i, idx in enumerate(bar):
-            target, hist, hist_len, label = train_s.batch(idx)
-            loss = loss_fn(model.forward_fast(target, hist, hist_len), label)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-            if i % 50 == 0:
-                bar.set_postfix(loss=f"{total / seen:.4f}")
-        bar.close()
+        train_loss = _train_epoch(model, train_s, optimizer, loss_fn, rng, opt, epoch, progress)
         fit_seconds = time.perf_counter() - t0
-        train_seconds += fit_seconds
         valid = _evaluate(model, valid_s, opt.eval_batch_size)
         row = {
             "epoch": epoch,
-            "train_loss": total / max(seen, 1),
+            "train_loss": train_loss,
             "valid": valid,
             "train_seconds": fit_seconds,
             "seconds": time.perf_counter() - t0,
@@ -223,39 +253,51 @@ def train(
     assert best is not None and best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    test = _evaluate(model, test_s, opt.eval_batch_size)
-    # The options as run: the threads actually used (not 0) and where the data came from.
-    train_args = asdict(opt) | {"threads": threads, "data_dir": str(data_dir)}
-    result: dict[str, Any] = {
-        "epochs": history,
-        "best_epoch": best["epoch"],
-        "valid": best["valid"],
-        "test": test,
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - t_start,
-        "samples": {"train": len(train_s), "valid": len(valid_s), "test": len(test_s)},
-        "config": din_cfg.to_dict(),
-        "train_args": train_args,
-    }
-    out_dir = Path(out_dir)
+    return history, best
+
+
+def _train_epoch(
+    model: DIN,
+    samples: Samples,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    rng: np.random.Generator,
+    opt: TrainConfig,
+    epoch: int,
+    progress: bool,
+) -> float:
+    """One pass over the training samples in length-bucketed batches; returns the mean loss."""
+    model.train()
+    batches = bucketed_batches(samples.lengths, opt.batch_size, rng, opt.bucket_batches)
+    total, seen = 0.0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, file=sys.stderr)
+    for i, idx in enumerate(bar):
+        target, hist, hist_len, label = samples.batch(idx)
+        loss = loss_fn(model.forward_fast(target, hist, hist_len), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+        if i % 50 == 0:
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+    bar.close()
+    return total / max(seen, 1)
+
+
+def _write_run(out_dir: Path, model: DIN, data: Prepared, result: dict[str, Any]) -> None:
+    """The checkpoint (the best epoch's weights, with the vocabularies) and metrics.json."""
     save_run(
         out_dir,
         model,
         items=list(data.items),
         categories=list(data.categories),
-        max_history=T,
-        best_epoch=best["epoch"],
-        metrics={"valid": best["valid"], "test": test},
-        train_args=train_args,
+        max_history=data.max_history,
+        best_epoch=result["best_epoch"],
+        metrics={"valid": result["valid"], "test": result["test"]},
+        train_args=result["train_args"],
     )
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-
-    say(_table(history, best["epoch"]))
-    say(
-        f"test (epoch {best['epoch']}): auc {test['auc']:.4f}  gauc {test['gauc']:.4f}  "
-        f"logloss {test['logloss']:.4f}   training {train_seconds:.1f}s, wrote {out_dir}"
-    )
-    return result
 
 
 def _table(history: list[dict[str, Any]], best_epoch: int) -> str:
@@ -310,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
             patience=args.patience,
         )
         train(args.data, args.out, cfg, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as e:
+    except (DataError, InvalidArgument, OSError, ValueError) as e:  # ValueError: DIN's own checks
         print(f"din train: {e}", file=sys.stderr)
         return 2
     return 0

@@ -24,7 +24,7 @@ from service.live import ModelSet, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
-from service.schemas import request_models
+from service.schemas import Limits, RequestLimits
 from service.security import cors_origins, load_api_keys
 from service.store.client import async_client, redis_endpoint
 from service.store.history import HistoryStore
@@ -91,37 +91,8 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             r = ranker if ranker is not None else await asyncio.to_thread(load_ranker, settings)
             state.live.swap(r)
-            redis_cfg = settings.redis
-            endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(redis_cfg))
-            if endpoint.private:
-                where = redis_cfg.private_data_dir
-                log.info("started a private redis-server at %s (data in %s)", endpoint.url, where)
-            client = async_client(endpoint.url, redis_cfg)
-            stack.push_async_callback(client.aclose)
-            state.store = HistoryStore(
-                client, redis_cfg.prefix, read_from_replicas=redis_cfg.read_from_replicas
-            )
-            stack.push_async_callback(state.store.aclose)
-            if state.store.breaker is not None:  # din_redis_up follows it between /readyz pings
-                state.store.breaker.on_change = lambda up: state.metrics.redis_up.set(int(up))
-            state.batcher = Batcher(
-                state.live,
-                state.store,
-                state.metrics,
-                max_delay_s=settings.batch_max_delay_ms / 1000,
-                max_candidates=settings.batch_max_candidates,
-                queue_max=settings.queue_max,
-                max_inflight=settings.inflight_batches,
-                workers=settings.workers,
-            )
-            state.batcher.start()
-            log.info(
-                "inference: %d workers x %d ONNX Runtime threads, %d batches in flight",
-                settings.workers,
-                settings.threads_per_call,
-                settings.inflight_batches,
-            )
-            stack.push_async_callback(state.batcher.stop)
+            state.store = await _open_store(state, stack)
+            state.batcher = _start_batcher(state, stack)
             describe(state.metrics, r)
             _reload_on_sighup(state, stack)
             warm = asyncio.create_task(_warm_up(state, r, warmup_gate))
@@ -145,11 +116,61 @@ def create_app(
     )
     app.state.din = state
     keys = load_api_keys(settings)  # ConfigError when DIN_API_KEYS_FILE cannot be read
-    app.include_router(api_router(request_models(settings), keys, metrics_auth=settings.metrics_auth))
+    app.include_router(api_router(keys, metrics_auth=settings.metrics_auth))
     install_error_handlers(app)
-    # Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
-    # so BodyLimits' 408 / 413 and AdmissionGate's 503 carry the request id and are counted like any
-    # other answer; the gate sits inside BodyLimits, so a body it drains unread is still bounded.
+    _add_middleware(app, state)
+    return app
+
+
+async def _open_store(state: AppState, stack: contextlib.AsyncExitStack) -> HistoryStore:
+    """The Redis endpoint (a private redis-server when no URL is set), its client and the HistoryStore
+    over it, each closed by `stack`."""
+    redis_cfg = state.settings.redis
+    endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(redis_cfg))
+    if endpoint.private:
+        where = redis_cfg.private_data_dir
+        log.info("started a private redis-server at %s (data in %s)", endpoint.url, where)
+    client = async_client(endpoint.url, redis_cfg)
+    stack.push_async_callback(client.aclose)
+    store = HistoryStore(client, redis_cfg.prefix, read_from_replicas=redis_cfg.read_from_replicas)
+    stack.push_async_callback(store.aclose)
+    if store.breaker is not None:  # din_redis_up follows it between /readyz pings
+        store.breaker.on_change = lambda up: state.metrics.redis_up.set(int(up))
+    return store
+
+
+def _start_batcher(state: AppState, stack: contextlib.AsyncExitStack) -> Batcher:
+    """The batcher over the model set and the store, started now and stopped by `stack`."""
+    settings = state.settings
+    assert state.store is not None
+    batcher = Batcher(
+        state.live,
+        state.store,
+        state.metrics,
+        max_delay_s=settings.batch_max_delay_ms / 1000,
+        max_candidates=settings.batch_max_candidates,
+        queue_max=settings.queue_max,
+        max_inflight=settings.inflight_batches,
+        workers=settings.workers,
+    )
+    batcher.start()
+    log.info(
+        "inference: %d workers x %d ONNX Runtime threads, %d batches in flight",
+        settings.workers,
+        settings.threads_per_call,
+        settings.inflight_batches,
+    )
+    stack.push_async_callback(batcher.stop)
+    return batcher
+
+
+def _add_middleware(app: FastAPI, state: AppState) -> None:
+    """Added innermost first: RequestContext (request id, access log, metrics, JSON 500) wraps the rest,
+    so BodyLimits' 408 / 413 and AdmissionGate's 503 carry the request id and are counted like any
+    other answer; the gate sits inside BodyLimits, so a body it drains unread is still bounded.
+    RequestLimits, innermost, puts this app's request limits in force for the request models."""
+    settings = state.settings
+    app.add_middleware(RequestLimits, limits=Limits.of(settings))
     app.add_middleware(
         AdmissionGate, queue=lambda: state.batcher, budget_s=settings.request_budget_s, paths={"/rank"}
     )
@@ -165,4 +186,3 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestContext, metrics=state.metrics)
-    return app

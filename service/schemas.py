@@ -1,18 +1,31 @@
 """The wire format: request and response models, and the JSON response class.
 
-Limits come from Settings, so request models are built per app (`request_models(settings)`) and the
-OpenAPI docs show the limits actually enforced."""
+Each request model is declared once, here. Its per-deployment limits (DIN_MAX_CANDIDATES and the
+others) are those of the app serving the request: `RequestLimits` puts the app's `Limits` in force for
+each request, and every bound marked `AtMost` reads them when a body is validated (failing with
+pydantic's own error for that bound) and when the OpenAPI schema is written (so the docs show the
+limits actually enforced)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from types import GenericAlias
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import orjson
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
-from pydantic.fields import FieldInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    StringConstraints,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticKnownError, core_schema
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
 
@@ -26,7 +39,128 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-# ------------------------------------------------------------------ requests (base shapes)
+# ------------------------------------------------------------------ request limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One app's request limits, from its Settings."""
+
+    id_length: int  # a user or item id, in characters
+    candidates: int  # per /rank (and its top_k)
+    request_history: int  # an explicit /rank `history`
+    explain_top: int  # `explain_top`
+    events: int  # per /events
+    items: int  # per /ui/items: what one ranking shows (its candidates and its history)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(
+            id_length=settings.max_id_length,
+            candidates=settings.max_candidates,
+            request_history=settings.max_request_history,
+            explain_top=settings.max_explain_top,
+            events=settings.max_events,
+            items=settings.max_candidates + settings.max_request_history,
+        )
+
+
+_in_force: ContextVar[Limits] = ContextVar("request_limits")
+
+
+def limits_in_force() -> Limits:
+    try:
+        return _in_force.get()
+    except LookupError:
+        raise RuntimeError(
+            "request models are validated by an app (RequestLimits puts its limits in force)"
+        ) from None
+
+
+class RequestLimits:
+    """Pure ASGI middleware: `limits` are in force while this app answers a request (its body is
+    validated, its /openapi.json written)."""
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = _in_force.set(self.limits)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _in_force.reset(token)
+
+
+# core schema type -> the JSON schema keyword and the error pydantic's own bound of that name answers
+_BOUNDS = {
+    "str": ("maxLength", "string_too_long"),
+    "list": ("maxItems", "too_long"),
+    "int": ("maximum", "less_than_equal"),
+}
+
+
+@dataclass(frozen=True)
+class AtMost:
+    """Annotated metadata: at most the limit named `limit` (a field of `Limits`) of the limits in force.
+    A value over it fails as pydantic's own `max_length` / `le` would (the same error type and
+    message), and the JSON schema documents it as they would (maxLength, maxItems, maximum)."""
+
+    limit: str
+
+    def bound(self) -> int:
+        return int(getattr(limits_in_force(), self.limit))
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        schema = handler(source)
+        kind = schema["type"]
+        if kind == "str":
+            return core_schema.no_info_after_validator_function(self._string, schema)
+        if kind == "list":  # like pydantic's max_length: counted before the items are validated, and after
+            return core_schema.no_info_wrap_validator_function(self._list, schema)
+        if kind == "int":
+            return core_schema.no_info_after_validator_function(self._int, schema)
+        raise TypeError(f"AtMost bounds a str, a list or an int, not {kind}")
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(schema)
+        inner = schema.get("schema", schema)  # the validator function's: str, list or int
+        out[_BOUNDS[inner["type"]][0]] = self.bound()
+        return out
+
+    def _string(self, value: str) -> str:
+        if len(value) > (most := self.bound()):
+            raise PydanticKnownError("string_too_long", {"max_length": most})
+        return value
+
+    def _list(self, value: Any, handler: Callable[[Any], list[Any]]) -> list[Any]:
+        most = self.bound()
+        if isinstance(value, list | tuple) and len(value) > most:
+            self._too_long(most, len(value))
+        out = handler(value)
+        if len(out) > most:
+            self._too_long(most, len(out))
+        return out
+
+    @staticmethod
+    def _too_long(most: int, length: int) -> None:
+        raise PydanticKnownError(
+            "too_long", {"field_type": "List", "max_length": most, "actual_length": length}
+        )
+
+    def _int(self, value: int) -> int:
+        if value > (most := self.bound()):
+            raise PydanticKnownError("less_than_equal", {"le": most})
+        return value
+
+
+Id = Annotated[str, StringConstraints(strict=True, min_length=1), AtMost("id_length")]
+
+
+# ------------------------------------------------------------------ requests
 
 _RANK_EXAMPLE: dict[str, Any] = {
     "user_id": "A1B2C3D4",
@@ -51,20 +185,36 @@ _EXPLAIN_DOC = (
 _EXPLAIN_TOP_DOC = "with `explain`: how many behaviours each item's `because` and `against` list at most"
 
 
+def _default_explain_top() -> int:
+    return min(DEFAULT_EXPLAIN_TOP, limits_in_force().explain_top)
+
+
+def _document_explain_top_default(schema: dict[str, Any]) -> None:
+    schema["default"] = _default_explain_top()
+
+
 class RankRequest(BaseModel):
     """Rank `candidates` for `user_id`. Duplicate candidates are scored once (first occurrence kept)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_RANK_EXAMPLE]})
 
-    user_id: str = Field(description="user whose behaviour history is read from Redis")
-    candidates: list[str] = Field(description="item ids to rank; unknown ids are scored as out-of-vocabulary")
-    top_k: int | None = Field(None, description="return only the best top_k items (after scoring all)")
-    history: list[str] | None = Field(
+    user_id: Id = Field(description="user whose behaviour history is read from Redis")
+    candidates: Annotated[list[Id], Field(min_length=1), AtMost("candidates")] = Field(
+        description="item ids to rank; unknown ids are scored as out-of-vocabulary"
+    )
+    top_k: Annotated[int, Field(ge=1, strict=True), AtMost("candidates")] | None = Field(
+        None, description="return only the best top_k items (after scoring all)"
+    )
+    history: Annotated[list[Id], AtMost("request_history")] | None = Field(
         None,
         description="the user's history, newest first; replaces the Redis read (truncated to the model's T)",
     )
-    explain: bool = Field(False, description=_EXPLAIN_DOC)
-    explain_top: int = Field(DEFAULT_EXPLAIN_TOP, description=_EXPLAIN_TOP_DOC)
+    explain: bool = Field(False, strict=True, description=_EXPLAIN_DOC)
+    explain_top: Annotated[int, Field(ge=1, strict=True), AtMost("explain_top")] = Field(
+        default_factory=_default_explain_top,
+        description=_EXPLAIN_TOP_DOC,
+        json_schema_extra=_document_explain_top_default,
+    )
 
 
 _EVENT_ID_DOC = (
@@ -77,15 +227,15 @@ _EVENT_ID_DOC = (
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str
-    item_id: str
+    user_id: Id
+    item_id: Id
     ts: float | None = Field(
         None,
         strict=True,
         allow_inf_nan=False,
         description="event time (any monotonic unit, e.g. unix seconds)",
     )
-    event_id: str | None = Field(None, description=_EVENT_ID_DOC)
+    event_id: Id | None = Field(None, description=_EVENT_ID_DOC)
 
 
 class EventsRequest(BaseModel):
@@ -94,7 +244,7 @@ class EventsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EVENTS_EXAMPLE]})
 
-    events: list[Event]
+    events: Annotated[list[Event], Field(min_length=1), AtMost("events")]
 
 
 class ItemsRequest(BaseModel):
@@ -102,58 +252,7 @@ class ItemsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"item_ids": ["B00ITEM001"]}]})
 
-    item_ids: list[str]
-
-
-@dataclass(frozen=True)
-class RequestModels:
-    rank: type[RankRequest]
-    events: type[EventsRequest]
-    items: type[ItemsRequest]
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _limited(
-    base: type[M], default: dict[str, Any] | None = None, **limits: tuple[Any, FieldInfo]
-) -> type[M]:
-    """`base` under its own name (so the OpenAPI components read RankRequest, Event, EventsRequest), each
-    field named in `limits` retyped and constrained (`name=(annotation, Field(constraints))`); its
-    description, and its default unless `default` names another, stay the base's."""
-    fields: dict[str, Any] = {}
-    for name, (annotation, constraints) in limits.items():
-        shape = base.model_fields[name]
-        if default and name in default:
-            shape = Field(default[name], description=shape.description)
-        fields[name] = (Annotated[annotation, constraints], shape)
-    return create_model(base.__name__, __base__=base, __doc__=base.__doc__, **fields)
-
-
-def request_models(settings: Settings) -> RequestModels:
-    """Subclasses of the base shapes that enforce this app's limits (and document them)."""
-    Id = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=settings.max_id_length)]
-    ids = settings.max_candidates
-    rank = _limited(
-        RankRequest,
-        default={"explain_top": min(DEFAULT_EXPLAIN_TOP, settings.max_explain_top)},
-        user_id=(Id, Field()),
-        candidates=(list[Id], Field(min_length=1, max_length=ids)),
-        top_k=(int | None, Field(ge=1, le=ids, strict=True)),
-        history=(list[Id] | None, Field(max_length=settings.max_request_history)),
-        explain=(bool, Field(strict=True)),
-        explain_top=(int, Field(ge=1, le=settings.max_explain_top, strict=True)),
-    )
-    event = _limited(Event, user_id=(Id, Field()), item_id=(Id, Field()), event_id=(Id | None, Field()))
-    events = _limited(
-        EventsRequest,
-        events=(GenericAlias(list, (event,)), Field(min_length=1, max_length=settings.max_events)),
-    )
-    items = _limited(
-        ItemsRequest,
-        item_ids=(list[Id], Field(min_length=1, max_length=ids + settings.max_request_history)),
-    )
-    return RequestModels(rank=rank, events=events, items=items)
+    item_ids: Annotated[list[Id], Field(min_length=1), AtMost("items")]
 
 
 # ------------------------------------------------------------------ responses

@@ -10,12 +10,12 @@ from fastapi import APIRouter
 
 from service.api import admin, docs, events, ops, rank, ui
 from service.api.deps import api_key_guard
-from service.schemas import ErrorBody, RequestModels
+from service.schemas import ErrorBody
 from service.security import ApiKeys
 
 
-def api_router(models: RequestModels, keys: ApiKeys, *, metrics_auth: bool = False) -> APIRouter:
-    """Every route of the service, with this app's request models. With API keys configured, every
+def api_router(keys: ApiKeys, *, metrics_auth: bool = False) -> APIRouter:
+    """Every route of the service. With API keys configured, every
     route needs one (`deps.api_key_guard`) except those included in the open part below."""
     guard = api_key_guard(keys)
     # documented where it can happen: on the routes behind the keys, when keys are set
@@ -36,11 +36,11 @@ def api_router(models: RequestModels, keys: ApiKeys, *, metrics_auth: bool = Fal
 
     # Behind the keys: everything else. A new router goes here.
     protected = APIRouter(dependencies=guard, responses=unauthorized)
-    protected.include_router(rank.router(models))
-    protected.include_router(events.router(models))
+    protected.include_router(rank.router)
+    protected.include_router(events.router)
     protected.include_router(ops.router)
     protected.include_router(admin.router)
     protected.include_router(docs.router)
-    protected.include_router(ui.router(models))
+    protected.include_router(ui.router)
     api.include_router(protected)
     return api

@@ -1,6 +1,6 @@
 """POST /events: append behaviours to users' histories, all or nothing, idempotent by event_id."""
 
-# No `from __future__ import annotations` here: see service/api/rank.py.
+from __future__ import annotations
 
 import asyncio
 import logging
@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from contracts.errors import StoreDown, StorePartial, StoreTimeout, StoreUnavailable
 from service.api.deps import LiveDep, MetricsDep, StateDep, StoreDep
-from service.schemas import ERROR_RESPONSES, EventsRequest, EventsResponse, JSONResponse, RequestModels
+from service.schemas import ERROR_RESPONSES, EventsRequest, EventsResponse, JSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -34,56 +34,52 @@ _RESPONSES = {
 }
 
 
-def router(models: RequestModels) -> APIRouter:
-    EventsBody = models.events
-    api = APIRouter(tags=["ranking"])
+router = APIRouter(tags=["ranking"])
 
-    @api.post(
-        "/events",
-        response_model=EventsResponse,
-        responses=_RESPONSES,
-        summary="Append behaviours to users' histories",
-        description="One atomic Redis script: every event is written or none is (with Redis Cluster: "
-        "atomic per user, see `store_partial`). An event whose "
-        "`event_id` was already written (within DIN_EVENTS_DEDUP_TTL_S), or appears earlier in the "
-        "call, is skipped and counted in `duplicates`, so retries are safe. A 503 `store_unavailable` "
-        "means nothing was written; a 503 `store_timeout` means the outcome is unknown: retry with "
-        "the same event_ids.",
-    )
-    async def events(
-        body: EventsBody,  # type: ignore[valid-type]
-        state: StateDep,
-        store: StoreDep,
-        live: LiveDep,
-        metrics: MetricsDep,
-    ) -> Response:
-        req: EventsRequest = body  # mypy cannot read a per-app class as a type; this is its base
-        evs = req.events
-        # Oldest first for the store; stable, and an event without ts counts as the newest.
-        order = sorted(range(len(evs)), key=lambda i: (evs[i].ts is None, evs[i].ts or 0.0))
-        batch = [(evs[i].user_id, evs[i].item_id, evs[i].event_id) for i in order]
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        try:
-            done = await store.append_events(
-                batch, live.current.max_history, dedup_ttl_s=state.settings.events_dedup_ttl_s
-            )
-        except StorePartial as e:  # its message and lists are for the client; the detail for the log
-            metrics.events_failures.labels(reason=e.code).inc()
-            log.warning("/events partly written (%d events): %s", len(batch), e.detail)
-            raise
-        except StoreTimeout as e:
-            metrics.events_failures.labels(reason=e.code).inc()
-            log.warning("/events outcome unknown (%d events): %s", len(batch), e.message)
-            raise StoreTimeout(OUTCOME_UNKNOWN) from e
-        except StoreUnavailable as e:
-            metrics.events_failures.labels(reason=StoreDown.code).inc()
-            log.warning("/events refused, nothing written (%d events): %s", len(batch), e.message)
-            raise StoreDown(NOT_WRITTEN) from e
-        finally:
-            metrics.redis_latency.labels(op="append_events").observe(loop.time() - t0)
-        metrics.events_written.inc(done.written)
-        metrics.events_duplicates.inc(done.duplicates)
-        return JSONResponse({"written": done.written, "duplicates": done.duplicates})
 
-    return api
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=_RESPONSES,
+    summary="Append behaviours to users' histories",
+    description="One atomic Redis script: every event is written or none is (with Redis Cluster: "
+    "atomic per user, see `store_partial`). An event whose "
+    "`event_id` was already written (within DIN_EVENTS_DEDUP_TTL_S), or appears earlier in the "
+    "call, is skipped and counted in `duplicates`, so retries are safe. A 503 `store_unavailable` "
+    "means nothing was written; a 503 `store_timeout` means the outcome is unknown: retry with "
+    "the same event_ids.",
+)
+async def events(
+    req: EventsRequest,
+    state: StateDep,
+    store: StoreDep,
+    live: LiveDep,
+    metrics: MetricsDep,
+) -> Response:
+    evs = req.events
+    # Oldest first for the store; stable, and an event without ts counts as the newest.
+    order = sorted(range(len(evs)), key=lambda i: (evs[i].ts is None, evs[i].ts or 0.0))
+    batch = [(evs[i].user_id, evs[i].item_id, evs[i].event_id) for i in order]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        done = await store.append_events(
+            batch, live.current.max_history, dedup_ttl_s=state.settings.events_dedup_ttl_s
+        )
+    except StorePartial as e:  # its message and lists are for the client; the detail for the log
+        metrics.events_failures.labels(reason=e.code).inc()
+        log.warning("/events partly written (%d events): %s", len(batch), e.detail)
+        raise
+    except StoreTimeout as e:
+        metrics.events_failures.labels(reason=e.code).inc()
+        log.warning("/events outcome unknown (%d events): %s", len(batch), e.message)
+        raise StoreTimeout(OUTCOME_UNKNOWN) from e
+    except StoreUnavailable as e:
+        metrics.events_failures.labels(reason=StoreDown.code).inc()
+        log.warning("/events refused, nothing written (%d events): %s", len(batch), e.message)
+        raise StoreDown(NOT_WRITTEN) from e
+    finally:
+        metrics.redis_latency.labels(op="append_events").observe(loop.time() - t0)
+    metrics.events_written.inc(done.written)
+    metrics.events_duplicates.inc(done.duplicates)
+    return JSONResponse({"written": done.written, "duplicates": done.duplicates})

@@ -2,8 +2,7 @@
 each returned item says which behaviours of the history raised its score most (`because`) and which
 lowered it most (`against`), by each behaviour's exact leave-one-out contribution."""
 
-# No `from __future__ import annotations` here: FastAPI reads the handler's annotations when the
-# route is declared, and the body model is a local of `router()` (this app's, with its limits).
+from __future__ import annotations
 
 from typing import Any
 
@@ -16,7 +15,7 @@ from service.explain import Reasons, reasons
 from service.inference import RankResult
 from service.log import request_deadline
 from service.ranker import ranked
-from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse, RequestModels
+from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse
 
 _UNEXPLAINED = (
     "nothing is explained: the user's history could not be read ({why}), so the scores rest on no "
@@ -31,69 +30,65 @@ def _explained(result: RankResult, n: int, top: int) -> tuple[list[tuple[Reasons
     return reasons(result.explanation, top), None
 
 
-def router(models: RequestModels) -> APIRouter:
-    RankBody = models.rank
-    api = APIRouter(tags=["ranking"])
+router = APIRouter(tags=["ranking"])
 
-    @api.post(
-        "/rank",
-        response_model=RankResponse,
-        responses=ERROR_RESPONSES,
-        summary="Rank candidates for a user",
-        description="Scores every candidate against the user's history (from Redis, or `history`) and "
-        "returns them by predicted CTR, descending. If Redis is down the answer is still 200, with an "
-        "empty history and `degraded: true`. With `explain: true` each returned item gains `because` and "
-        "`against`: the behaviours whose removal from the history would lower its score most (they raised "
-        "it) and raise it most (they lowered it), each with its `contribution` = score with the history - "
-        "score without that behaviour, exactly; at most `explain_top` each, for at most "
-        "`DIN_MAX_EXPLAIN_ITEMS` returned items (set `top_k`). A degraded answer explains nothing "
-        "(`explained: false`). Explained requests are shed first under load. A model exported before "
-        "explanations existed answers `explain` with 422 cannot_explain.",
+
+@router.post(
+    "/rank",
+    response_model=RankResponse,
+    responses=ERROR_RESPONSES,
+    summary="Rank candidates for a user",
+    description="Scores every candidate against the user's history (from Redis, or `history`) and "
+    "returns them by predicted CTR, descending. If Redis is down the answer is still 200, with an "
+    "empty history and `degraded: true`. With `explain: true` each returned item gains `because` and "
+    "`against`: the behaviours whose removal from the history would lower its score most (they raised "
+    "it) and raise it most (they lowered it), each with its `contribution` = score with the history - "
+    "score without that behaviour, exactly; at most `explain_top` each, for at most "
+    "`DIN_MAX_EXPLAIN_ITEMS` returned items (set `top_k`). A degraded answer explains nothing "
+    "(`explained: false`). Explained requests are shed first under load. A model exported before "
+    "explanations existed answers `explain` with 422 cannot_explain.",
+)
+async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Response:
+    deadline = request_deadline(state.settings.request_budget_s)
+    # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
+    candidates = list(dict.fromkeys(req.candidates))
+    if req.explain:
+        returned = len(candidates) if req.top_k is None else min(req.top_k, len(candidates))
+        most = state.settings.max_explain_items
+        if returned > most:  # each explained item costs a head pass per behaviour: bounded
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "less_than_equal",
+                        "loc": ("body", "top_k"),
+                        "msg": f"with explain, at most {most} items can be returned and explained "
+                        f"(DIN_MAX_EXPLAIN_ITEMS); this request returns {returned}: set top_k <= {most}",
+                        "input": req.top_k,
+                    }
+                ]
+            )
+        if not (ranker := state.live.current).can_explain:
+            raise ranker.cannot_explain()  # at once; the batcher checks again (a reload may come between)
+    result = await batcher.submit(
+        req.user_id, candidates, req.history, deadline, explain=req.explain, top_k=req.top_k
     )
-    async def rank(body: RankBody, batcher: BatcherDep, state: StateDep) -> Response:  # type: ignore[valid-type]
-        req: RankRequest = body  # mypy cannot read a per-app class as a type; this is its base
-        deadline = request_deadline(state.settings.request_budget_s)
-        # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
-        candidates = list(dict.fromkeys(req.candidates))
-        if req.explain:
-            returned = len(candidates) if req.top_k is None else min(req.top_k, len(candidates))
-            most = state.settings.max_explain_items
-            if returned > most:  # each explained item costs a head pass per behaviour: bounded
-                raise RequestValidationError(
-                    [
-                        {
-                            "type": "less_than_equal",
-                            "loc": ("body", "top_k"),
-                            "msg": f"with explain, at most {most} items can be returned and explained "
-                            f"(DIN_MAX_EXPLAIN_ITEMS); this request returns {returned}: set top_k <= {most}",
-                            "input": req.top_k,
-                        }
-                    ]
-                )
-            if not (ranker := state.live.current).can_explain:
-                raise ranker.cannot_explain()  # at once; the batcher checks again (a reload may come between)
-        result = await batcher.submit(
-            req.user_id, candidates, req.history, deadline, explain=req.explain, top_k=req.top_k
-        )
-        scores = result.scores
-        order = result.explanation.order if result.explanation is not None else ranked(scores, req.top_k)
-        values = scores[order].tolist()  # float32 -> python float
-        items = [{"item_id": candidates[i], "score": v} for i, v in zip(order.tolist(), values, strict=True)]
-        answer: dict[str, Any] = {
-            "user_id": req.user_id,
-            "model_version": result.model_version,
-            "items": items,
-            "history_length": result.history_length,
-            "degraded": result.degraded is not None,
-        }
-        if req.explain:
-            lists, note = _explained(result, len(items), req.explain_top)
-            for item, (because, against) in zip(items, lists, strict=True):
-                item["because"] = because
-                item["against"] = against
-            answer["explained"] = note is None
-            if note is not None:
-                answer["explain_note"] = note
-        return JSONResponse(answer)
-
-    return api
+    scores = result.scores
+    order = result.explanation.order if result.explanation is not None else ranked(scores, req.top_k)
+    values = scores[order].tolist()  # float32 -> python float
+    items = [{"item_id": candidates[i], "score": v} for i, v in zip(order.tolist(), values, strict=True)]
+    answer: dict[str, Any] = {
+        "user_id": req.user_id,
+        "model_version": result.model_version,
+        "items": items,
+        "history_length": result.history_length,
+        "degraded": result.degraded is not None,
+    }
+    if req.explain:
+        lists, note = _explained(result, len(items), req.explain_top)
+        for item, (because, against) in zip(items, lists, strict=True):
+            item["because"] = because
+            item["against"] = against
+        answer["explained"] = note is None
+        if note is not None:
+            answer["explain_note"] = note
+    return JSONResponse(answer)

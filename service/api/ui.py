@@ -7,8 +7,7 @@ The page and its files hold no data and are open (a browser cannot send an API k
 everything they read goes through the API behind the keys: with keys set, the page asks for one and
 sends `Authorization: Bearer <key>` with every request."""
 
-# No `from __future__ import annotations` here: FastAPI reads the handler's annotations when the
-# route is declared, and the body model is a local of `router()` (this app's, with its limits).
+from __future__ import annotations
 
 import functools
 import random
@@ -26,7 +25,6 @@ from service.schemas import (
     ItemsRequest,
     ItemsResponse,
     JSONResponse,
-    RequestModels,
     Suggestions,
 )
 from service.store.sample import sample_users
@@ -74,47 +72,44 @@ def _describe(ranker: Ranker, ids: list[str]) -> list[dict[str, object]]:
     return out
 
 
-def router(models: RequestModels) -> APIRouter:
-    ItemsBody = models.items
-    api = APIRouter(tags=["explorer"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["explorer"], responses=ERROR_RESPONSES)
 
-    @api.get(
-        "/ui/suggestions",
-        response_model=Suggestions,
-        summary="Where the ranking explorer starts",
-        description="A few users with a history in Redis, a random sample of the served model's "
-        "catalogue (with categories), and this service's limits. Read-only.",
-    )
-    async def suggestions(
-        state: StateDep,
-        live: LiveDep,
-        users: int = Query(8, ge=0, le=MAX_SAMPLE_USERS, description="users to suggest"),
-        items: int = Query(20, ge=0, le=MAX_SAMPLE_ITEMS, description="catalogue items to sample"),
-    ) -> Response:
-        ranker = live.current
-        known = len(ranker.vocab) - FIRST_ID
-        picks = random.sample(range(FIRST_ID, len(ranker.vocab)), min(items, known))
-        found = await sample_users(state.store, users) if state.store is not None and users else []
-        body = {
-            "model_version": ranker.model_version,
-            "can_explain": ranker.can_explain,
-            "max_history": ranker.max_history,
-            "max_candidates": state.settings.max_candidates,
-            "max_explain_top": state.settings.max_explain_top,
-            "max_explain_items": state.settings.max_explain_items,
-            "users": found,
-            "items": _describe(ranker, [ranker.vocab.ids[i] for i in picks]),
-        }
-        return JSONResponse(body)
 
-    @api.post(
-        "/ui/items",
-        response_model=ItemsResponse,
-        summary="Look items up in the served model's catalogue",
-        description="For each id: whether the model knows it, and its category (read-only).",
-    )
-    async def items(body: ItemsBody, live: LiveDep) -> Response:  # type: ignore[valid-type]
-        req: ItemsRequest = body
-        return JSONResponse({"items": _describe(live.current, req.item_ids)})
+@router.get(
+    "/ui/suggestions",
+    response_model=Suggestions,
+    summary="Where the ranking explorer starts",
+    description="A few users with a history in Redis, a random sample of the served model's "
+    "catalogue (with categories), and this service's limits. Read-only.",
+)
+async def suggestions(
+    state: StateDep,
+    live: LiveDep,
+    users: int = Query(8, ge=0, le=MAX_SAMPLE_USERS, description="users to suggest"),
+    items: int = Query(20, ge=0, le=MAX_SAMPLE_ITEMS, description="catalogue items to sample"),
+) -> Response:
+    ranker = live.current
+    known = len(ranker.vocab) - FIRST_ID
+    picks = random.sample(range(FIRST_ID, len(ranker.vocab)), min(items, known))
+    found = await sample_users(state.store, users) if state.store is not None and users else []
+    body = {
+        "model_version": ranker.model_version,
+        "can_explain": ranker.can_explain,
+        "max_history": ranker.max_history,
+        "max_candidates": state.settings.max_candidates,
+        "max_explain_top": state.settings.max_explain_top,
+        "max_explain_items": state.settings.max_explain_items,
+        "users": found,
+        "items": _describe(ranker, [ranker.vocab.ids[i] for i in picks]),
+    }
+    return JSONResponse(body)
 
-    return api
+
+@router.post(
+    "/ui/items",
+    response_model=ItemsResponse,
+    summary="Look items up in the served model's catalogue",
+    description="For each id: whether the model knows it, and its category (read-only).",
+)
+async def items(req: ItemsRequest, live: LiveDep) -> Response:
+    return JSONResponse({"items": _describe(live.current, req.item_ids)})

@@ -11,7 +11,7 @@ import pytest
 
 import model.data
 from cli import main as din_main
-from contracts.errors import DataError, DinError
+from contracts.errors import DataError, DinError, InvalidArgument
 from contracts.vocab import OOV, Vocab
 from model.data import gather_histories, load_prepared, prepare, read_vocab
 
@@ -165,6 +165,17 @@ def test_malformed_line_names_file_and_line(
     err = capsys.readouterr().err
     assert code == 2
     assert f"{path.name}:3:" in err and "Traceback" not in err
+
+
+def test_a_bad_max_history_is_a_project_error_and_one_clean_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reviews, meta = write_dataset(tmp_path)
+    with pytest.raises(InvalidArgument, match="max_history must be at least 1, got 0"):
+        prepare(reviews, meta, tmp_path / "out", max_history=0)
+    argv = ["prepare", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "o2")]
+    assert din_main([*argv, "--max-history", "0"]) == 2
+    assert capsys.readouterr().err == "din prepare: error: max_history must be at least 1, got 0\n"
 
 
 def test_unwanted_meta_lines_are_not_parsed(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cli import main as din_main
+from contracts.errors import InvalidArgument
 from contracts.vocab import FIRST_ID, known_ids
 from model.data import load_prepared
 from model.synth import SynthParams, Truth, generate, load_truth, oracle_auc, oracle_scores
@@ -92,7 +93,20 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert code == 0 and "reviews" in capsys.readouterr().out
     assert all((tmp_path / "raw" / f).is_file() for f in FILES)
+
+
+def test_bad_arguments_are_a_project_error_and_one_clean_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(InvalidArgument, match="20 categories for 10 items"):
+        generate(tmp_path / "lib", SynthParams(items=10, categories=20))
     assert din_main(["synth", "--out", str(tmp_path / "bad"), "--items", "10", "--categories", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err == "din synth: error: need 1 <= categories <= items, got 20 categories for 10 items\n"
+    assert din_main(["synth", "--out", str(tmp_path / "bad"), "--explore", "2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "din synth: error: explore must be in [0, 1], recency and ring_decay in (0, 1)"
+    ]
 
 
 def test_oracle_matches_the_generator(synth_raw: Path, prepared_data: Path) -> None:

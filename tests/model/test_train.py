@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli import main as din
+from contracts.errors import InvalidArgument
 from model.checkpoint import FORMAT, load_run
 from model.data import load_prepared
 from model.metrics import evaluate
@@ -117,4 +118,17 @@ def test_cli_defaults_are_train_config_defaults():
 
 def test_cli_missing_data(tmp_path, capsys):
     assert din(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
-    assert "din train:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"din train: {tmp_path / 'nope'}: not a prepared data directory (no meta.json; run din prepare)"
+    ]
+
+
+def test_cli_bad_batch_size_is_one_clean_line(prepared_data, tmp_path, capsys):
+    with pytest.raises(InvalidArgument, match="batch_size"):
+        train(prepared_data, tmp_path / "lib", TrainConfig(batch_size=1), progress=False, verbose=False)
+    argv = ["train", "--data", str(prepared_data), "--out", str(tmp_path / "run"), "--batch-size", "1"]
+    assert din(argv) == 2
+    assert capsys.readouterr().err == (
+        "din train: batch_size must be at least 2 (batch norm in Dice needs two samples)\n"
+    )
