@@ -94,7 +94,14 @@ def assert_explained(
 
 @pytest.fixture(scope="module")
 def server(bundle: BundleInfo, redis_server: EmbeddedRedis) -> Iterator[LiveServer]:
-    settings = make_settings(bundle.path, redis_server.url, max_explain_top=30, max_explain_items=MAX_ITEMS)
+    # a budget that a busy machine cannot miss: these tests are about what is explained, not deadlines
+    settings = make_settings(
+        bundle.path,
+        redis_server.url,
+        max_explain_top=30,
+        max_explain_items=MAX_ITEMS,
+        request_timeout_ms=5000,
+    )
     with LiveServer(settings) as s:
         s.wait_ready()
         yield s
