@@ -37,7 +37,7 @@ from service.inference import RankResult
 from service.metrics import Metrics
 from service.store.history import HistoryStore
 from service.store.keys import feedback_key, impressions_key, log_shard
-from service.store.streams import OUTCOMES, WRITTEN, append_entries
+from service.store.streams import OUTCOMES, UNCONFIRMED, WRITTEN, append_entries
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,9 @@ class ImpressionLog:
                 self._writing = True
                 try:
                     await self._write(batch)
+                except asyncio.CancelledError:  # stopped mid-write: sent, perhaps, but not confirmed
+                    self.metrics.impressions_dropped.labels(reason=UNCONFIRMED).inc(len(batch))
+                    raise
                 except Exception:  # a bug here must not end the writer: this batch is lost, counted
                     log.exception("impression log: a batch of %d could not be written", len(batch))
                     self.metrics.impressions_dropped.labels(reason="redis_error").inc(len(batch))
