@@ -3,13 +3,19 @@
 An `Impression` is one /rank answer as the model saw it: the history snapshot it was scored on (item
 ids and their categories, newest first, cut to the model's T) and every candidate with its score and
 its place in the answer. Training on these sees the features as they were served, not as the
-history stands when the log is read. Plain data: no torch, no Redis, no HTTP.
+history stands when the log is read. A `Feedback` is an event of /events that named the impression
+it answers (a click on one of its items). Plain data: no torch, no Redis, no HTTP.
+
+Impression ids are 32 lowercase hex digits: a 48-bit unix time in milliseconds, then 80 random bits
+(`IMPRESSION_ID_PATTERN`), so they sort by time and never need a round trip to be unique.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+IMPRESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,7 @@ class Impression:
     history_categories: list[str | None]  # their categories, in the same order
     candidates: list[Candidate]  # in the request's order
     degraded: str | None  # why the history could not be read (then `history` is empty), or None
+    context: dict[str, Any] | None = None  # the request's context (none is sent yet)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-ready): what a log writer stores."""
@@ -44,3 +51,22 @@ class Impression:
         """The inverse of `to_dict`."""
         fields = {**data, "candidates": [Candidate(**c) for c in data["candidates"]]}
         return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """One event of /events that named an impression: `user_id` acted on `item_id` of that answer."""
+
+    impression_id: str  # the impression it answers (unknown or expired ones are kept: orphans)
+    ts: float  # unix seconds when the service received it
+    user_id: str
+    item_id: str
+    event_id: str | None  # the event's idempotency key, if it had one
+    event_ts: float | None  # the event's own `ts`, as the client sent it (any monotonic unit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Feedback:
+        return cls(**data)

@@ -267,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
     redis_url = args.redis_url or running
     serve_argv += ["--redis-url", redis_url] if redis_url else ["--redis-data", str(demo.redis_data)]
     serve_argv += ["--redis-cluster"] if args.redis_cluster else []
+    serve_argv += ["--log-impressions"]  # the demo shows the loop's first half: what was shown, logged
     curl = curl_command(example_request(demo), args.host, args.port)
     if args.no_serve:
         print("serve it with:\n  din serve " + " ".join(shlex.quote(a) for a in serve_argv))

@@ -20,6 +20,7 @@ from service.api.deps import AppState
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
+from service.impressions import ImpressionLog
 from service.live import ModelSet, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
@@ -92,6 +93,7 @@ def create_app(
             r = ranker if ranker is not None else await asyncio.to_thread(load_ranker, settings)
             state.live.swap(r)
             state.store = await _open_store(state, stack)
+            state.impressions = _start_impression_log(state, stack)
             state.batcher = _start_batcher(state, stack)
             describe(state.metrics, r)
             _reload_on_sighup(state, stack)
@@ -137,6 +139,26 @@ async def _open_store(state: AppState, stack: contextlib.AsyncExitStack) -> Hist
     if store.breaker is not None:  # din_redis_up follows it between /readyz pings
         store.breaker.on_change = lambda up: state.metrics.redis_up.set(int(up))
     return store
+
+
+def _start_impression_log(state: AppState, stack: contextlib.AsyncExitStack) -> ImpressionLog | None:
+    """With DIN_LOG_IMPRESSIONS: the impression log's writer, started now, stopped by `stack` after the
+    batcher (its last answers are logged) and before the store closes."""
+    settings = state.settings
+    if not settings.log_impressions:
+        return None
+    assert state.store is not None
+    impressions = ImpressionLog(state.store, settings, state.metrics)
+    impressions.start()
+    stack.push_async_callback(impressions.stop)
+    log.info(
+        "impression log on: sample rate %g, ~%d per stream over %d stream(s), buffer %d",
+        settings.log_sample_rate,
+        impressions.maxlen,
+        impressions.shards,
+        settings.log_buffer,
+    )
+    return impressions
 
 
 def _start_batcher(state: AppState, stack: contextlib.AsyncExitStack) -> Batcher:

@@ -114,6 +114,40 @@ class Settings(BaseSettings):
         86400, ge=1, description="how long an event_id is remembered: a retry within it is not written twice"
     )
 
+    # ---------------------------------------------------------------- impression log
+    log_impressions: bool = Field(
+        False,
+        description="log every /rank answer (the history scored, the candidates returned with scores and "
+        "positions, the version) to Redis Streams, and /events' feedback naming an impression; off the "
+        "request path: a bounded buffer, records dropped and counted when it is full or Redis is down",
+    )
+    log_sample_rate: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="fraction of impressions logged, decided by the impression id itself (the same id is "
+        "always in or out of the sample, on every replica; feedback is recorded for sampled ones only)",
+    )
+    log_maxlen: int = Field(
+        100_000,
+        ge=1,
+        description="retention: about this many impressions kept (split over the log's streams; feedback "
+        "likewise), trimmed approximately (XADD MAXLEN ~) as records are added",
+    )
+    log_candidates: int = Field(
+        0, ge=0, description="candidates logged per impression, best first (0 = every returned one)"
+    )
+    log_buffer: int = Field(
+        10_000, ge=1, description="impressions waiting to be written; beyond it they are dropped and counted"
+    )
+    log_streams: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="streams the log is spread over (0 = 1 on a single Redis, 8 on a Redis Cluster, spread "
+        "evenly over the slots so every master holds some)",
+    )
+
     # ---------------------------------------------------------------- security
     api_keys: str | None = Field(
         None,
@@ -225,6 +259,11 @@ class Settings(BaseSettings):
     def request_budget_s(self) -> float:
         """A /rank's whole budget, from arrival to answer (DIN_REQUEST_TIMEOUT_MS, in seconds)."""
         return self.request_timeout_ms / 1000
+
+    @property
+    def log_shards(self) -> int:
+        """Streams of the impression log (DIN_LOG_STREAMS, resolved)."""
+        return self.log_streams or (8 if self.redis_cluster else 1)
 
     @property
     def provider_list(self) -> list[str] | None:

@@ -60,6 +60,7 @@ class RankResult:
     model_version: str  # the model that computed these scores
     explanation: Explanation | None = None  # with explain, unless degraded
     history: tuple[str, ...] = ()  # the behaviours the model saw, newest first (cut to T): the snapshot
+    scorer: Ranker | None = None  # the model that scored it (the impression log reads its categories)
 
 
 class Inference:
@@ -119,7 +120,9 @@ class Inference:
                 explaining.append((job, hist[:T], s.scores))
             else:
                 seen = tuple(hist[:T])
-                job.future.set_result(RankResult(s.scores, len(seen), why, ranker.model_version, None, seen))
+                job.future.set_result(
+                    RankResult(s.scores, len(seen), why, ranker.model_version, None, seen, ranker)
+                )
         if explaining:  # every other request of the batch has its answer by now
             await self._explain(member, ranker, explaining)
 
@@ -148,7 +151,7 @@ class Inference:
         for (job, hist, scores), order, ex in zip(work, orders, explained, strict=True):
             if not job.future.done():
                 why = Explanation(order, hist, ex.attention, ex.contribution)
-                result = RankResult(scores, len(hist), None, ranker.model_version, why, tuple(hist))
+                result = RankResult(scores, len(hist), None, ranker.model_version, why, tuple(hist), ranker)
                 job.future.set_result(result)
 
     @staticmethod

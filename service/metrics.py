@@ -77,6 +77,27 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.impressions_logged = Counter(
+            "din_impressions_logged", "impressions written to the log (confirmed by Redis)", registry=r
+        )
+        self.impressions_dropped = Counter(
+            "din_impressions_dropped",
+            "impressions not logged, by reason (buffer_full, redis_down, redis_error, unconfirmed: sent but "
+            "not confirmed, it may be in the log; shutdown: still buffered when the service stopped)",
+            ["reason"],
+            registry=r,
+        )
+        self.impressions_buffered = Gauge(
+            "din_impressions_buffered", "impressions waiting to be written to the log", registry=r
+        )
+        self.feedback_logged = Counter(
+            "din_feedback_logged", "feedback records (/events naming an impression) written", registry=r
+        )
+        self.feedback_lost = Counter(
+            "din_feedback_lost",
+            "feedback of events that were written to histories but not to the log (Redis Cluster only)",
+            registry=r,
+        )
         self.model_info = Info(
             "din_model", "the live bundle (the default member of the model set)", registry=r
         )

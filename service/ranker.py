@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from contracts.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, OUTPUTS, Bundle
 from contracts.errors import BundleError, CannotExplain
+from contracts.vocab import FIRST_ID
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,14 @@ class Ranker:
     def encode(self, ids: list[str]) -> np.ndarray:
         """Item ids -> int64 indices; unknown ids map to the OOV index."""
         return self.vocab.lookup(ids)
+
+    def categories(self, ids: list[str]) -> list[str | None]:
+        """Each item's category id; None for an item the model does not know, or every item when the
+        bundle has no category table (item_categories.txt)."""
+        cats = self.bundle.item_categories
+        if cats is None:
+            return [None] * len(ids)
+        return [cats[i] if i >= FIRST_ID else None for i in self.encode(ids).tolist()]
 
     # ---------------------------------------------------------------- inference
 

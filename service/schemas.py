@@ -27,6 +27,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticKnownError, core_schema
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from contracts.records import IMPRESSION_ID_PATTERN
 from service.config import Settings
 
 
@@ -158,6 +159,9 @@ class AtMost:
 
 
 Id = Annotated[str, StringConstraints(strict=True, min_length=1), AtMost("id_length")]
+# What /rank answers in `impression_id` (contracts.records: 48-bit ms time + 80 random bits, hex)
+ImpressionId = Annotated[str, StringConstraints(strict=True, pattern=IMPRESSION_ID_PATTERN)]
+IMPRESSION_HEADER = "X-Impression-Id"
 
 
 # ------------------------------------------------------------------ requests
@@ -170,7 +174,13 @@ _RANK_EXAMPLE: dict[str, Any] = {
 _EVENTS_EXAMPLE: dict[str, Any] = {
     "events": [
         {"user_id": "A1B2C3D4", "item_id": "B00ITEM002", "ts": 1700000000},
-        {"user_id": "A1B2C3D4", "item_id": "B00ITEM003", "ts": 1700000060, "event_id": "click-7f3a91"},
+        {
+            "user_id": "A1B2C3D4",
+            "item_id": "B00ITEM003",
+            "ts": 1700000060,
+            "event_id": "click-7f3a91",
+            "impression_id": "018c2f6a9b1e4f0c2d7a8b9c0d1e2f3a",
+        },
     ]
 }
 
@@ -236,6 +246,13 @@ class Event(BaseModel):
         description="event time (any monotonic unit, e.g. unix seconds)",
     )
     event_id: Id | None = Field(None, description=_EVENT_ID_DOC)
+    impression_id: ImpressionId | None = Field(
+        None,
+        description="the `impression_id` of the /rank answer this event acts on (e.g. a click on one of "
+        "its items): with the impression log on (DIN_LOG_IMPRESSIONS), the event is also recorded as "
+        "feedback for that impression, written with the event (a duplicate event records none). An "
+        "unknown or expired impression is accepted (its feedback is kept, an orphan to the export)",
+    )
 
 
 class EventsRequest(BaseModel):
@@ -300,6 +317,7 @@ class RankResponse(BaseModel):
                     ],
                     "history_length": 17,
                     "degraded": False,
+                    "impression_id": "018c2f6a9b1e4f0c2d7a8b9c0d1e2f3a",
                 }
             ]
         }
@@ -310,6 +328,11 @@ class RankResponse(BaseModel):
     items: list[ScoredItem] = Field(description="sorted by score, descending")
     history_length: int = Field(description="behaviours the model saw (after truncation to T)")
     degraded: bool = Field(description="true when Redis could not be read and an empty history was used")
+    impression_id: str = Field(
+        description="this answer's id (also in the X-Impression-Id header): 32 hex digits, time-ordered "
+        "and unique; send it with /events to record feedback on this answer",
+        pattern=IMPRESSION_ID_PATTERN,
+    )
     explained: bool | None = Field(
         None,
         description="with `explain`: true when `because` and `against` say what each behaviour did to the "
@@ -323,6 +346,18 @@ class EventsResponse(BaseModel):
 
     written: int = Field(description="events appended to histories")
     duplicates: int = Field(description="events skipped: their event_id was already written")
+    feedback: int | None = Field(
+        None,
+        description="with the impression log on (DIN_LOG_IMPRESSIONS): feedback records written for events "
+        "naming an impression (events skipped as duplicates, or naming an impression outside the log's "
+        "sample, record none)",
+    )
+    feedback_not_recorded: list[str] | None = Field(
+        None,
+        description="Redis Cluster only, where the feedback log lives on other nodes than the histories: the "
+        "impression ids whose feedback could not be written though the event was (the event is in the "
+        "history; a retry would be skipped as a duplicate and record nothing)",
+    )
 
 
 class CatalogueItem(BaseModel):

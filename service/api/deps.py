@@ -24,6 +24,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from contracts.errors import NotReady, Unauthorized
 from service.batcher import Batcher
 from service.config import Settings
+from service.impressions import ImpressionLog
 from service.live import ModelSet
 from service.metrics import Metrics
 from service.security import ApiKeys
@@ -37,6 +38,7 @@ class AppState:
     live: ModelSet = field(default_factory=ModelSet)  # the one holder of the served models
     store: HistoryStore | None = None
     batcher: Batcher | None = None
+    impressions: ImpressionLog | None = None  # with DIN_LOG_IMPRESSIONS
     ready: bool = False  # model loaded and warmed up
     not_ready_reason: str = "starting"
 

@@ -4,18 +4,21 @@ lowered it most (`against`), by each behaviour's exact leave-one-out contributio
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from contracts.records import IMPRESSION_ID_PATTERN
 from service.api.deps import BatcherDep, StateDep
 from service.explain import Reasons, reasons
+from service.impressions import Answered, new_impression_id
 from service.inference import RankResult
 from service.log import request_deadline
 from service.ranker import ranked
-from service.schemas import ERROR_RESPONSES, JSONResponse, RankRequest, RankResponse
+from service.schemas import ERROR_RESPONSES, IMPRESSION_HEADER, JSONResponse, RankRequest, RankResponse
 
 _UNEXPLAINED = (
     "nothing is explained: the user's history could not be read ({why}), so the scores rest on no "
@@ -32,11 +35,23 @@ def _explained(result: RankResult, n: int, top: int) -> tuple[list[tuple[Reasons
 
 router = APIRouter(tags=["ranking"])
 
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            IMPRESSION_HEADER: {
+                "description": "the answer's `impression_id`",
+                "schema": {"type": "string", "pattern": IMPRESSION_ID_PATTERN},
+            }
+        }
+    },
+    **ERROR_RESPONSES,
+}
+
 
 @router.post(
     "/rank",
     response_model=RankResponse,
-    responses=ERROR_RESPONSES,
+    responses=_RESPONSES,
     summary="Rank candidates for a user",
     description="Scores every candidate against the user's history (from Redis, or `history`) and "
     "returns them by predicted CTR, descending. If Redis is down the answer is still 200, with an "
@@ -46,7 +61,10 @@ router = APIRouter(tags=["ranking"])
     "score without that behaviour, exactly; at most `explain_top` each, for at most "
     "`DIN_MAX_EXPLAIN_ITEMS` returned items (set `top_k`). A degraded answer explains nothing "
     "(`explained: false`). Explained requests are shed first under load. A model exported before "
-    "explanations existed answers `explain` with 422 cannot_explain.",
+    "explanations existed answers `explain` with 422 cannot_explain. Every answer carries an "
+    "`impression_id` (body and X-Impression-Id header); with DIN_LOG_IMPRESSIONS the answer is logged "
+    "under it (off the request path: a full buffer or a Redis that is down drops the record, never the "
+    "answer).",
 )
 async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Response:
     deadline = request_deadline(state.settings.request_budget_s)
@@ -76,12 +94,14 @@ async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Respon
     order = result.explanation.order if result.explanation is not None else ranked(scores, req.top_k)
     values = scores[order].tolist()  # float32 -> python float
     items = [{"item_id": candidates[i], "score": v} for i, v in zip(order.tolist(), values, strict=True)]
+    impression_id = new_impression_id()
     answer: dict[str, Any] = {
         "user_id": req.user_id,
         "model_version": result.model_version,
         "items": items,
         "history_length": result.history_length,
         "degraded": result.degraded is not None,
+        "impression_id": impression_id,
     }
     if req.explain:
         lists, note = _explained(result, len(items), req.explain_top)
@@ -91,4 +111,6 @@ async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Respon
         answer["explained"] = note is None
         if note is not None:
             answer["explain_note"] = note
-    return JSONResponse(answer)
+    if state.impressions is not None:  # a side effect: buffered now, written by the log's own task
+        state.impressions.offer(Answered(impression_id, time.time(), req.user_id, candidates, order, result))
+    return JSONResponse(answer, headers={IMPRESSION_HEADER: impression_id})

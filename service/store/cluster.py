@@ -48,7 +48,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from contracts.errors import StoreUnavailable
+from contracts.errors import StoreTimeout, StoreUnavailable
 
 # What a cluster call raises when nodes fail. redis-py's RedisClusterException family ("cannot be
 # connected", no node for a slot) is not a RedisError: catching RedisError alone let it out as a 500.
@@ -72,6 +72,7 @@ class ClusterAppend:
     failed_users: list[str] = field(default_factory=list)  # nothing of these users was written
     unknown_users: list[str] = field(default_factory=list)  # sent, not confirmed: may or may not be
     errors: list[str] = field(default_factory=list)  # for the log (names nodes and Redis errors)
+    fresh: dict[str, list[int]] = field(default_factory=dict)  # per user written: its events written (1..)
 
 
 class ClusterHistories:
@@ -213,7 +214,7 @@ class ClusterHistories:
     # ------------------------------------------------------------------ appends
 
     async def append(
-        self, calls: dict[str, tuple[list[str], list[str | int]]], script: str, sha: str
+        self, calls: dict[str, tuple[list[str], list[str | int | bytes]]], script: str, sha: str
     ) -> ClusterAppend:
         """Run `script` once per user: `calls[user] = (keys, args)`, every key in that user's slot,
         the history key first. Per node, one connection carries that node's calls in one pipeline;
@@ -247,6 +248,7 @@ class ClusterHistories:
                     outcome.written_users.append(user)
                     outcome.written += int(res[0])
                     outcome.duplicates += int(res[1])
+                    outcome.fresh[user] = [int(e) for e in res[2]] if len(res) > 2 else []
                     continue
                 if isinstance(res, _Unknown):
                     outcome.unknown_users.append(user)
@@ -262,7 +264,7 @@ class ClusterHistories:
 
     @staticmethod
     async def _append_on(
-        node: ClusterNode, calls: list[tuple[list[str], list[str | int]]], script: str, sha: str
+        node: ClusterNode, calls: list[tuple[list[str], list[str | int | bytes]]], script: str, sha: str
     ) -> list[Any]:
         """The scripts of one node, pipelined on one connection. Per call: the script's reply, or why
         nothing was written (an error reply: the script did not run; the connection could not be
@@ -295,6 +297,57 @@ class ClusterHistories:
                     await conn.disconnect()
                 for k in pending:
                     replies[k] = _Unknown(f"{type(exc).__name__}: {exc}")
+            return replies
+        finally:
+            node.release(conn)
+
+    # ------------------------------------------------------------------ any command, by node
+
+    async def send(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Each command (its key second: `("XADD", key, ...)`) on the master of its key's slot: one
+        pipeline per node, nodes at once, never retried. Per command its reply, or the exception it
+        met: a node's error reply, `StoreUnavailable` when its node could not be asked (no node serves
+        the slot, or the connection failed before anything was sent), `StoreTimeout` when it was sent
+        and no answer came back (it may or may not have run). Raises `StoreUnavailable` when the
+        cluster cannot be reached at all."""
+        await self._ready()
+        out: list[Any] = [None] * len(commands)
+        groups, uncovered = self._groups([c[1] for c in commands], reads=False)
+        for i in uncovered:
+            out[i] = StoreUnavailable(f"redis cluster: no node serves the slot of {commands[i][1]}")
+        nodes = self.client.nodes_manager.nodes_cache
+        names = list(groups)
+        done = await asyncio.gather(
+            *(self._send_on(nodes[name], [commands[i] for i in groups[name]]) for name in names)
+        )
+        topology_changed = bool(uncovered)
+        for name, results in zip(names, done, strict=True):
+            for i, res in zip(groups[name], results, strict=True):
+                if isinstance(res, (StoreUnavailable, StoreTimeout, *_TOPOLOGY_REPLIES)):
+                    topology_changed = True
+                out[i] = res
+        if topology_changed:
+            self.refresh_soon()
+        return out
+
+    @staticmethod
+    async def _send_on(node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
+        conn = node.acquire_connection()
+        try:
+            try:
+                await conn.connect()
+            except FAILURES as exc:
+                return [StoreUnavailable(f"redis cluster: node {node.name}: {exc}")] * len(commands)
+            replies: list[Any] = [None] * len(commands)
+            pending = list(range(len(commands)))
+            try:
+                await conn.send_packed_command(conn.pack_commands(commands))
+                await _read_replies(conn, pending, replies)
+            except FAILURES as exc:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+                for k in pending:
+                    replies[k] = StoreTimeout(f"redis cluster: node {node.name}: {type(exc).__name__}: {exc}")
             return replies
         finally:
             node.release(conn)

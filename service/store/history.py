@@ -45,30 +45,43 @@ from contracts.errors import StorePartial, StoreTimeout, StoreUnavailable
 from service.store.breaker import RedisBreaker
 from service.store.cluster import ClusterHistories
 from service.store.keys import DEFAULT_PREFIX, cluster_event_key, event_key, history_key
+from service.store.streams import WRITTEN, append_entries
 
 DEFAULT_DEDUP_TTL_S = 86400
 
-# One event for `append_events`: (user_id, item_id) or (user_id, item_id, event_id or None).
-EventIn = tuple[str, str] | tuple[str, str, str | None]
+# One event for `append_events`: (user_id, item_id), (user_id, item_id, event_id or None), or
+# (user_id, item_id, event_id or None, feedback or None), where feedback is (stream key, record bytes):
+# an entry for the impression log's feedback stream, written only when the event is.
+Feedback = tuple[str, bytes]
+EventIn = tuple[str, str] | tuple[str, str, str | None] | tuple[str, str, str | None, Feedback | None]
 
-# KEYS: the U history keys, then the K event-id keys.
-# ARGV: T, dedup ttl (s), U, then per event, oldest first: user index (1..U), item id, event-id index
-# (1..K, 0: no id).
-# Returns {written, duplicates}, or {-1, {user indices whose key is not a list}} having written nothing.
+# KEYS: the U history keys, then the K event-id keys, then the S feedback stream keys.
+# ARGV: T, dedup ttl (s), U, K, stream maxlen, then per event, oldest first: user index (1..U), item id,
+# event-id index (1..K, 0: no id), stream index (1..S, 0: no feedback), feedback record ("" if none).
+# Returns {written, duplicates, {ordinals (1..) of the events written}}, or {-1, {user indices whose key
+# is not a list}} / {-2, {stream indices whose key is not a stream}} having written nothing.
 # Why nothing is half written: a script is not rolled back, but every check comes before the first
-# write, and after the type check no write here can fail (LPUSH/LTRIM on a list or nothing, SET on
-# any key; Redis refuses writes for OOM only before a script's first write).
+# write, and after the type checks no write here can fail (XADD on a stream or nothing, LPUSH/LTRIM on a
+# list or nothing, SET on any key; Redis refuses writes for OOM only before a script's first write).
+# An event skipped as a duplicate records no feedback either: a retry never records a click twice.
 _APPEND = """
-local T, ttl, U = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local T, ttl, U, K = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local maxlen = ARGV[5]
 local bad = {}
 for u = 1, U do
   local t = redis.call('TYPE', KEYS[u])['ok']
   if t ~= 'list' and t ~= 'none' then bad[#bad + 1] = u end
 end
 if #bad > 0 then return {-1, bad} end
-local seen, push, written, dups = {}, {}, 0, 0
-for a = 4, #ARGV, 3 do
-  local u, item, k = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+for s = U + K + 1, #KEYS do
+  local t = redis.call('TYPE', KEYS[s])['ok']
+  if t ~= 'stream' and t ~= 'none' then bad[#bad + 1] = s - U - K end
+end
+if #bad > 0 then return {-2, bad} end
+local seen, push, written, dups, fresh, e = {}, {}, 0, 0, {}, 0
+for a = 6, #ARGV, 5 do
+  e = e + 1
+  local u, item, k, s = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local new = true
   if k > 0 then
     if seen[k] or redis.call('EXISTS', KEYS[U + k]) == 1 then new = false else seen[k] = true end
@@ -77,6 +90,10 @@ for a = 4, #ARGV, 3 do
     push[u] = push[u] or {}
     table.insert(push[u], item)
     written = written + 1
+    fresh[#fresh + 1] = e
+    if s > 0 then
+      redis.call('XADD', KEYS[U + K + s], 'MAXLEN', '~', maxlen, '*', 'record', ARGV[a + 4])
+    end
   else
     dups = dups + 1
   end
@@ -88,7 +105,7 @@ for u, items in pairs(push) do
   end
   redis.call('LTRIM', KEYS[u], 0, T - 1)
 end
-return {written, dups}
+return {written, dups, fresh}
 """
 _APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()
 
@@ -97,6 +114,10 @@ _APPEND_SHA = hashlib.sha1(_APPEND.encode()).hexdigest()
 class Appended:
     written: int  # events pushed onto histories
     duplicates: int  # events skipped: their id was already written (earlier, or earlier in this call)
+    feedback: int = 0  # feedback records written (with their events)
+    # events (positions in the call) whose feedback was not recorded though the event was written:
+    # Redis Cluster only, where the feedback stream is on another node than the history
+    feedback_lost: tuple[int, ...] = ()
 
 
 class HistoryStore:
@@ -165,10 +186,17 @@ class HistoryStore:
         return out
 
     async def append_events(
-        self, events: Sequence[EventIn], max_history: int, *, dedup_ttl_s: int = DEFAULT_DEDUP_TTL_S
+        self,
+        events: Sequence[EventIn],
+        max_history: int,
+        *,
+        dedup_ttl_s: int = DEFAULT_DEDUP_TTL_S,
+        feedback_maxlen: int = 1,
     ) -> Appended:
         """Append events given oldest first, keeping each list to `max_history`; all or nothing.
         An event whose id was written within `dedup_ttl_s` seconds, or earlier in `events`, is skipped.
+        An event's feedback entry is added to its stream (trimmed to about `feedback_maxlen`) when the
+        event is written: in the same script on a single Redis, right after it on a Redis Cluster.
         Raises `StoreUnavailable` (nothing was written) or `StoreTimeout` (outcome unknown)."""
         _check(max_history)
         if dedup_ttl_s < 1:
@@ -176,39 +204,50 @@ class HistoryStore:
         if not events:
             return Appended(0, 0)
         if self.cluster is not None:
-            return await self._append_cluster(events, max_history, dedup_ttl_s)
+            return await self._append_cluster(events, max_history, dedup_ttl_s, feedback_maxlen)
         assert self.breaker is not None
         if self.breaker.open:
             raise StoreUnavailable(f"nothing was written: {self.breaker.why()}")
         users: dict[str, int] = {}
         ids: dict[str, int] = {}
-        args: list[str | int] = [max_history, dedup_ttl_s, 0]
-        for user_id, item_id, *rest in events:
-            event_id = rest[0] if rest else None
+        streams: dict[str, int] = {}
+        args: list[str | int | bytes] = [max_history, dedup_ttl_s, 0, 0, feedback_maxlen]
+        n_feedback = 0
+        for user_id, item_id, event_id, fb in map(_event, events):
             u = users.setdefault(user_id, len(users) + 1)
             k = 0 if event_id is None else ids.setdefault(event_id, len(ids) + 1)
-            args += [u, item_id, k]
-        args[2] = len(users)
-        keys = [self.key(u) for u in users] + [event_key(self.prefix, e) for e in ids]
-        first, second = await self._run_append(keys, args)
+            s = 0 if fb is None else streams.setdefault(fb[0], len(streams) + 1)
+            args += [u, item_id, k, s, b"" if fb is None else fb[1]]
+            n_feedback += fb is not None
+        args[2], args[3] = len(users), len(ids)
+        keys = [self.key(u) for u in users] + [event_key(self.prefix, e) for e in ids] + list(streams)
+        reply = await self._run_append(keys, args)
+        first, second = reply[0], reply[1]
         if first == -1:
             names = list(users)
             bad = ", ".join(self.key(names[int(i) - 1]) for i in second)
             raise StoreUnavailable(f"redis: not a list, nothing was written: {bad}")
-        return Appended(int(first), int(second))
+        if first == -2:
+            names = list(streams)
+            bad = ", ".join(names[int(i) - 1] for i in second)
+            raise StoreUnavailable(f"redis: not a stream, nothing was written: {bad}")
+        written = {int(e) - 1 for e in reply[2]} if len(reply) > 2 else set()
+        feedback = sum(1 for i in written if _event(events[i])[3] is not None) if n_feedback else 0
+        return Appended(int(first), int(second), feedback)
 
     async def _append_cluster(
-        self, events: Sequence[EventIn], max_history: int, dedup_ttl_s: int
+        self, events: Sequence[EventIn], max_history: int, dedup_ttl_s: int, feedback_maxlen: int
     ) -> Appended:
         """Redis Cluster: one `_APPEND` call per user (its history, then its event markers: one slot)."""
         assert self.cluster is not None
-        calls: dict[str, tuple[list[str], list[str | int]]] = {}
+        calls: dict[str, tuple[list[str], list[str | int | bytes]]] = {}
         ids: dict[str, dict[str, int]] = {}  # per user: event id -> its index among that user's keys
-        for user_id, item_id, *rest in events:
-            event_id = rest[0] if rest else None
+        positions: dict[str, list[int]] = {}  # per user: the positions in `events` of its events
+        for i, (user_id, item_id, event_id, _) in enumerate(map(_event, events)):
             if user_id not in calls:
-                calls[user_id] = ([self.key(user_id)], [max_history, dedup_ttl_s, 1])
+                calls[user_id] = ([self.key(user_id)], [max_history, dedup_ttl_s, 1, 0, feedback_maxlen])
                 ids[user_id] = {}
+                positions[user_id] = []
             keys, args = calls[user_id]
             k = 0
             if event_id is not None:
@@ -216,10 +255,22 @@ class HistoryStore:
                     ids[user_id][event_id] = len(ids[user_id]) + 1
                     keys.append(cluster_event_key(self.prefix, user_id, event_id))
                 k = ids[user_id][event_id]
-            args += [1, item_id, k]
+            args += [1, item_id, k, 0, b""]
+            positions[user_id].append(i)
+        for keys, args in calls.values():
+            args[3] = len(keys) - 1
         done = await self.cluster.append(calls, _APPEND, _APPEND_SHA)
+        # the feedback of the events written (the script said which), on the nodes of its streams
+        fresh = [positions[user][int(e) - 1] for user, ordinals in done.fresh.items() for e in ordinals]
+        with_feedback = [i for i in sorted(fresh) if _event(events[i])[3] is not None]
+        lost: tuple[int, ...] = ()
+        if with_feedback:
+            entries = [_event(events[i])[3] for i in with_feedback]
+            outcomes = await append_entries(self, [e for e in entries if e is not None], feedback_maxlen)
+            lost = tuple(i for i, o in zip(with_feedback, outcomes, strict=True) if o != WRITTEN)
+        feedback = len(with_feedback) - len(lost)
         if not done.failed_users and not done.unknown_users:
-            return Appended(done.written, done.duplicates)
+            return Appended(done.written, done.duplicates, feedback, lost)
         detail = "; ".join(done.errors)
         if done.written_users:
             raise StorePartial(
@@ -237,7 +288,7 @@ class HistoryStore:
             raise StoreTimeout(f"redis cluster: no answer to the append: {detail}")
         raise StoreUnavailable(f"redis cluster: nothing was written: {detail}")
 
-    async def _run_append(self, keys: list[str], args: list[str | int]) -> list[Any]:
+    async def _run_append(self, keys: list[str], args: list[str | int | bytes]) -> list[Any]:
         # A connection of our own, connected before the script is sent: a failure to get one means
         # nothing was sent, a failure after sending leaves the outcome unknown.
         assert isinstance(self.client, aioredis.Redis) and self.breaker is not None
@@ -295,6 +346,13 @@ class HistoryStore:
             await self.cluster.aclose()
         if self.breaker is not None:
             await self.breaker.aclose()
+
+
+def _event(event: EventIn) -> tuple[str, str, str | None, Feedback | None]:
+    """(user_id, item_id, event_id or None, feedback or None) of any form of `EventIn`."""
+    if len(event) == 4:
+        return event
+    return event[0], event[1], event[2] if len(event) == 3 else None, None
 
 
 def _not_answering(exc: BaseException) -> bool:

@@ -9,6 +9,13 @@ Redis Cluster keeps the history keys as they are (one key per user, spread over 
 whole name). A script may only touch keys of one slot, so there the event markers live beside the
 history they belong to: `{prefix}evt:{<tag>}:{event_id}`, where the hash tag `<tag>` puts the marker in
 the slot of `user_id`'s history (`cluster_event_key`). An event id is then remembered per user.
+
+The impression log (`service.impressions`) is Redis Streams: `{prefix}log:imp` (what /rank answered)
+and `{prefix}log:fb` (feedback from /events naming an impression). Spread over `n > 1` streams (Redis
+Cluster: DIN_LOG_STREAMS), stream k is `{prefix}log:imp:{<tag k>}` and `{prefix}log:fb:{<tag k>}`: both
+in one slot, chosen evenly over the slot space (`log_slot`), so a cluster whose slots are split evenly
+among its masters (as `redis-cli --cluster create` splits them) gives each master its share of the
+streams. A record goes to stream `log_shard(impression_id, n)`, its feedback to the same one.
 """
 
 from __future__ import annotations
@@ -41,6 +48,38 @@ def cluster_event_key(prefix: str, user_id: str, event_id: str) -> str:
     hashed = _hashed_part(history_key(prefix, user_id))
     tag = hashed if "}" not in hashed else _slot_tag(key_slot(hashed.encode()))
     return f"{prefix}evt:{{{tag}}}:{event_id}"
+
+
+def impressions_key(prefix: str, shard: int = 0, shards: int = 1) -> str:
+    """Stream `shard` (of `shards`) of the impression log."""
+    return f"{prefix}log:imp" if shards == 1 else f"{prefix}log:imp:{{{_log_tag(shard, shards)}}}"
+
+
+def feedback_key(prefix: str, shard: int = 0, shards: int = 1) -> str:
+    """Stream `shard` (of `shards`) of the feedback log: in the slot of impression stream `shard`."""
+    return f"{prefix}log:fb" if shards == 1 else f"{prefix}log:fb:{{{_log_tag(shard, shards)}}}"
+
+
+def log_shard(impression_id: str, shards: int) -> int:
+    """The stream (0..shards-1) of impression `impression_id` and of its feedback: from the id's last
+    32 random bits (a malformed id still gets one, from its hash)."""
+    if shards == 1:
+        return 0
+    try:
+        return int(impression_id[-8:], 16) % shards
+    except ValueError:
+        return key_slot(impression_id.encode()) % shards
+
+
+def log_slot(shard: int, shards: int) -> int:
+    """The hash slot of log stream `shard`: the middle of its share of the 16384 slots."""
+    return (2 * shard + 1) * 16384 // (2 * shards)
+
+
+def _log_tag(shard: int, shards: int) -> str:
+    if not 0 <= shard < shards:
+        raise ValueError(f"log stream {shard} of {shards}")
+    return _slot_tag(log_slot(shard, shards))
 
 
 def _hashed_part(key: str) -> str:

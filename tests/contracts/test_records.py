@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from contracts.records import Candidate, Impression
+from contracts.records import Candidate, Feedback, Impression
 
 
 def test_an_impression_round_trips_through_json() -> None:
@@ -19,3 +19,14 @@ def test_an_impression_round_trips_through_json() -> None:
         degraded=None,
     )
     assert Impression.from_dict(orjson.loads(orjson.dumps(imp.to_dict()))) == imp
+
+
+def test_feedback_round_trips_through_json() -> None:
+    fb = Feedback("0190f3c2a1b2" + "0" * 20, 1700000001.25, "u1", "i9", "click-1", 17.0)
+    assert Feedback.from_dict(orjson.loads(orjson.dumps(fb.to_dict()))) == fb
+
+
+def test_orjson_writes_a_record_as_its_dict() -> None:
+    """The log writer serialises records with orjson directly (no `to_dict` copy): the same JSON."""
+    imp = Impression("x", 1.5, "u", "v", [], [], [Candidate("i", None, 0.5, 0)], "redis_unavailable")
+    assert orjson.loads(orjson.dumps(imp)) == imp.to_dict()
