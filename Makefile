@@ -13,7 +13,7 @@ TORCH_FIND_LINKS ?= $(shell pip3 config get global.find-links 2> /dev/null)
 PIP_TORCH := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 REQ     := requirements
 
-PACKAGES := contracts model service cli demo loadtest
+PACKAGES := contracts model service cli demo loadtest loop
 
 .PHONY: install test test-fast test-latest lock lint bench demo compose-test clean
 

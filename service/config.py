@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.errors import ConfigError
 from service.store.config import RedisConfig, check_redis_mode, node_list
-from service.store.keys import DEFAULT_PREFIX
+from service.store.keys import DEFAULT_PREFIX, log_streams
 
 
 class Settings(BaseSettings):
@@ -263,7 +263,7 @@ class Settings(BaseSettings):
     @property
     def log_shards(self) -> int:
         """Streams of the impression log (DIN_LOG_STREAMS, resolved)."""
-        return self.log_streams or (8 if self.redis_cluster else 1)
+        return log_streams(self.log_streams, self.redis_cluster)
 
     @property
     def provider_list(self) -> list[str] | None:

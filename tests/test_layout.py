@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("contracts", "model", "service", "cli", "demo", "loadtest")
+PACKAGES = ("contracts", "model", "service", "cli", "demo", "loadtest", "loop")
 
 
 def _sources(package: str) -> list[Path]:
@@ -34,6 +34,8 @@ def test_the_server_imports_no_client_plotting_load_generation_or_torch() -> Non
         "matplotlib",
         "locust",
         "loadtest",
+        "loop",
+        "pyarrow",
         "demo",
         "torch",
     }
@@ -43,7 +45,7 @@ def test_the_server_imports_no_client_plotting_load_generation_or_torch() -> Non
 
 def test_the_model_side_never_imports_the_server_or_the_tools() -> None:
     found = {
-        str(p.relative_to(ROOT)): _imports(p) & {"service", "cli", "demo", "loadtest"}
+        str(p.relative_to(ROOT)): _imports(p) & {"service", "cli", "demo", "loadtest", "loop"}
         for p in _sources("model")
     }
     assert not {k: v for k, v in found.items() if v}
@@ -96,7 +98,7 @@ def _names(path: Path) -> set[str]:
 def test_the_contracts_are_torch_free_and_import_only_each_other() -> None:
     found = {
         str(p.relative_to(ROOT)): _imports(p)
-        & {"torch", "onnx", "model", "service", "cli", "demo", "loadtest"}
+        & {"torch", "onnx", "model", "service", "cli", "demo", "loadtest", "loop", "pyarrow"}
         for p in _sources("contracts")
     }
     assert not {k: v for k, v in found.items() if v}

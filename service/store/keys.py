@@ -60,6 +60,15 @@ def feedback_key(prefix: str, shard: int = 0, shards: int = 1) -> str:
     return f"{prefix}log:fb" if shards == 1 else f"{prefix}log:fb:{{{_log_tag(shard, shards)}}}"
 
 
+DEFAULT_CLUSTER_LOG_STREAMS = 8  # a Redis Cluster's log streams when none are configured
+
+
+def log_streams(configured: int, cluster: bool) -> int:
+    """How many streams the log is spread over: `configured` (DIN_LOG_STREAMS), or by default 1 on a
+    single Redis and DEFAULT_CLUSTER_LOG_STREAMS on a cluster (the writer and every reader agree)."""
+    return configured or (DEFAULT_CLUSTER_LOG_STREAMS if cluster else 1)
+
+
 def log_shard(impression_id: str, shards: int) -> int:
     """The stream (0..shards-1) of impression `impression_id` and of its feedback: from the id's last
     32 random bits (a malformed id still gets one, from its hash)."""
