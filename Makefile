@@ -80,12 +80,13 @@ test-latest:
 	DIN_TEST_LATEST=1 $(LATEST)/bin/pytest -q -p no:cacheprovider
 
 # The serving graph alone, the whole service against the seed-style baseline, then the service at
-# 1x, 2x and 5x its capacity, and what `explain` costs (JSON in bench/results).
+# 1x, 2x and 5x its capacity, what `explain` costs, and what the impression log costs (JSON in bench/results).
 bench: $(STAMP)
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/overload.py
 	$(BIN)/python bench/explain.py
+	$(BIN)/python bench/impressions.py
 
 demo: $(STAMP)
 	$(BIN)/din demo
