@@ -12,6 +12,7 @@
     ├── ConfigError               a setting names something unusable (an unreadable API keys file): exit 2
     ├── InvalidArgument           invalid_argument: an option or parameter out of its range (synth, prepare,
     │                             train): names it and what it may be; exit 2
+    ├── ExportBusy                export_busy: another `din log export` of the group holds the directory
     ├── RequestRefused            bad_request: the request itself is refused, before any work is done for it
     │   ├── Unauthorized          unauthorized: API keys are set and the request carries none of them
     │   ├── RequestTimeout        request_timeout: the request's head or body did not arrive in time
@@ -123,6 +124,12 @@ class InvalidArgument(DinError):
     the message names it and what it may be. Command-line tools print it and exit 2."""
 
     code = "invalid_argument"
+
+
+class ExportBusy(DinError):
+    """Another `din log export` of the same consumer group holds the output directory's lock."""
+
+    code = "export_busy"
 
 
 class RequestRefused(DinError):

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 import redis
 from tqdm import tqdm
 
-from contracts.errors import ConfigError, RedisServerError
+from contracts.errors import ConfigError, ExportBusy, RedisServerError
 from contracts.records import IMPRESSION_ID_PATTERN, Feedback, Impression
 from service.store.client import SyncRedisCluster, redis_endpoint, sync_client
 from service.store.config import DEFAULT_REDIS_DATA, RedisConfig
@@ -464,10 +464,6 @@ def _remove_temporaries(out: Path) -> None:
     """What a killed run left half written (never renamed, never acknowledged)."""
     for tmp in [*out.glob(f"hour=*/{TMP_PREFIX}*"), *out.glob(f"{STATE_DIR}/{TMP_PREFIX}*")]:
         tmp.unlink(missing_ok=True)
-
-
-class ExportBusy(RuntimeError):
-    """Another export holds the directory's lock for this group."""
 
 
 @contextlib.contextmanager
