@@ -13,7 +13,7 @@ candidates and click draws whatever the timing):
 - User: one of the population, uniformly.
 - Candidates (--candidates N): a share (--relevant) drawn as the generator draws the user's next
   item (a recency-weighted trigger among their past items and a ring walk from it, or an exploration
-  draw by popularity: synth's own `_Simulator._draw`), the rest uniformly from the catalogue (as the
+  draw by popularity: synth's `next_item_draws`), the rest uniformly from the catalogue (as the
   training negatives were); distinct, none already in the history.
 - Ranking: POST /rank; the user looks at the top k (--top-k) of the answer.
 - Click model: the shown item j at position p (0 = top) is clicked with probability
@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 
 from contracts.errors import InvalidArgument
-from model.synth import SynthParams, Truth, _oracle_core, _Simulator, generate, load_truth
+from model.synth import SynthParams, Truth, generate, load_truth, next_item_draws, oracle_for_history
 
 MAX_HIDDEN_HISTORY = 100  # what the generator's triggers can reach in practice: λ^100 is negligible
 _CANDIDATE_TRIES = 20  # rounds of next-item draws before the relevant share is topped up uniformly
@@ -86,7 +86,7 @@ def drift_truth(truth: Truth, fraction: float, seed: int) -> Truth:
         raise InvalidArgument(f"drift fraction must be in [0, 1], got {fraction}")
     rng = np.random.default_rng([seed, 0xD81F7])
     m = len(truth.ring_items)
-    slots = np.sort(rng.choice(m, size=int(round(fraction * m)), replace=False))
+    slots = np.sort(rng.choice(m, size=round(fraction * m), replace=False))
     ring_items = truth.ring_items.copy()
     ring_items[slots] = truth.ring_items[rng.permutation(slots)]
     cat_of_slot = np.repeat(np.arange(len(truth.cat_size)), truth.cat_size)
@@ -103,10 +103,7 @@ def click_probabilities(
     """True click probability of each item (truth indices) for a user with `history` (newest first).
 
     P(j | h) / (P(j | h) + 1/M), times examine[position] when given (one entry per item)."""
-    h = np.asarray(history[:MAX_HIDDEN_HISTORY], dtype=np.int64)
-    n = len(items)
-    hist = np.tile(h if len(h) else np.full(1, -1, dtype=np.int64), (n, 1))
-    p = _oracle_core(truth, hist, np.full(n, len(h), dtype=np.int64), np.asarray(items), "item")
+    p = oracle_for_history(truth, history[:MAX_HIDDEN_HISTORY], items)
     q = 1.0 / len(truth.item_ids)
     out = p / (p + q)
     return out * examine if examine is not None else out
@@ -124,13 +121,11 @@ def sample_candidates(
         raise InvalidArgument(f"{n} candidates asked but only {free} items are new to a user")
     picked: list[int] = []
     taken = set(seen)
-    want = int(round(relevant * n))
+    want = round(relevant * n)
     h = list(history[:MAX_HIDDEN_HISTORY])
     if want and h:
-        sim = _Simulator(truth, np.array([len(h) + 1], dtype=np.int64), rng)
-        sim.seq[: len(h)] = h[::-1]  # the generator keeps a user's events oldest first
         for _ in range(_CANDIDATE_TRIES):
-            for j in sim._draw(np.zeros(2 * want, dtype=np.int64), len(h)).tolist():
+            for j in next_item_draws(truth, h, 2 * want, rng).tolist():
                 if j not in taken and len(picked) < want:
                     picked.append(j)
                     taken.add(j)
@@ -265,7 +260,7 @@ class SimConfig:
             raise InvalidArgument(f"--candidates must be at least 1, got {self.candidates}")
         if not 0.0 <= self.relevant <= 1.0:
             raise InvalidArgument(f"--relevant must be in [0, 1], got {self.relevant}")
-        if not 1 <= self.top_k:
+        if self.top_k < 1:
             raise InvalidArgument(f"--top-k must be at least 1, got {self.top_k}")
         if not (self.position_bias >= 0 and math.isfinite(self.position_bias)):
             raise InvalidArgument(f"--position-bias must be >= 0, got {self.position_bias}")
@@ -389,10 +384,9 @@ def summarise(outcomes: Sequence[Outcome], cfg: SimConfig, seconds: float = 0.0,
     series = []
     for wi in sorted(windows):
         t0 = wi * cfg.window_s
-        first_step = math.ceil(t0 * cfg.rate)
+        drifted = cfg.drift_step is not None and math.ceil(t0 * cfg.rate) >= cfg.drift_step
         series.append(
-            {"t": t0, "phase": "after drift" if cfg.drift_step is not None and first_step >= cfg.drift_step else "before drift"}
-            | windows[wi].summary()
+            {"t": t0, "phase": "after drift" if drifted else "before drift"} | windows[wi].summary()
         )
     return Report(total.summary(), phases, series, asdict(cfg), round(seconds, 3), behind)
 
@@ -460,9 +454,13 @@ def _f(v: float | None, digits: int = 3) -> str:
 
 
 def format_table(report: Report) -> str:
-    head = f"{'phase':<14}{'requests':>10}{'errors':>8}{'shown':>9}{'clicks':>8}{'CTR':>8}{'exp. CTR':>10}{'oracle CTR':>12}{'AUC':>8}"
+    head = (
+        f"{'phase':<14}{'requests':>10}{'errors':>8}{'shown':>9}{'clicks':>8}{'CTR':>8}{'exp. CTR':>10}"
+        f"{'oracle CTR':>12}{'AUC':>8}"
+    )
     rows = [head, "-" * len(head)]
-    named = [*report.phases.items(), ("all", report.total)] if len(report.phases) > 1 else [("all", report.total)]
+    named = [*report.phases.items(), ("all", report.total)] if len(report.phases) > 1 else []
+    named = named or [("all", report.total)]
     for name, s in named:
         rows.append(
             f"{name:<14}{s['requests']:>10,}{s['errors']:>8,}{s['shown']:>9,}{s['clicks']:>8,}"

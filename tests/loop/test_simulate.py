@@ -326,3 +326,9 @@ def test_bad_arguments_are_one_line_and_exit_2(args: list[str], message: str, ra
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("din simulate: error:") and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
+
+
+def test_the_simulator_never_imports_torch() -> None:
+    code = "import sys, loop.simulate, cli; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
