@@ -601,7 +601,14 @@ async def _run(sim: Simulation, args: argparse.Namespace) -> tuple[list[Outcome]
     cfg = sim.cfg
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    bar = tqdm(total=cfg.requests, desc="simulate", unit=" req", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(
+        total=cfg.requests,
+        desc="simulate",
+        unit=" req",
+        disable=args.no_progress,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
     clicks = shown = 0
 
     def progress(o: Outcome) -> None:
