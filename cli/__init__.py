@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.server", "run the ranking service"),
     "demo": ("demo.pipeline", "synth, prepare, train, export, seed and serve, end to end"),
     "loadtest": ("loadtest.openloop", "open-loop load test against a running service"),
+    "simulate": ("loop.simulate", "simulated users of the synth world: rank, click, drift (online CTR, AUC)"),
     "log": ("loop.log", "the impression log's offline jobs: `din log export` (labelled Parquet by hour)"),
 }
 

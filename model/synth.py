@@ -504,6 +504,23 @@ def oracle_scores(
     return _oracle_core(t, hist, lens, t.item_index(list(target_item_ids)), level)
 
 
+def next_item_draws(truth: Truth, history: Sequence[int], n: int, rng: np.random.Generator) -> np.ndarray:
+    """n independent draws of a user's next item by the generator's own step (before its no-repeat rule).
+
+    history: truth indices, newest first (`din simulate` draws candidates with it)."""
+    sim = _Simulator(truth, np.array([len(history) + 1], dtype=np.int64), rng)
+    sim.seq[: len(history)] = np.asarray(history, dtype=np.int64)[::-1]  # the simulator keeps oldest first
+    return sim._draw(np.zeros(n, dtype=np.int64), len(history))
+
+
+def oracle_for_history(truth: Truth, history: Sequence[int], targets: np.ndarray) -> np.ndarray:
+    """The oracle (module docstring) of many targets for one history; truth indices, newest first."""
+    h = np.asarray(history, dtype=np.int64)
+    n = len(targets)
+    hist = np.tile(h if len(h) else np.full(1, -1, dtype=np.int64), (n, 1))
+    return _oracle_core(truth, hist, np.full(n, len(h), dtype=np.int64), np.asarray(targets), "item")
+
+
 def oracle_auc(raw_dir: str | Path, data_dir: str | Path, split: str = "test", level: str = "item") -> float:
     """AUC of the oracle on a prepared split (histories cut to the prepared max_history)."""
     from model.data import gather_histories, load_prepared
