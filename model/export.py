@@ -56,7 +56,7 @@ from contracts.bundle import (
 )
 from contracts.errors import BundleError, ExportError
 from contracts.vocab import FIRST_ID, OOV, PAD, write_vocab
-from model.din import DIN
+from model.din import DIN, DINConfig
 
 TOLERANCE = 1e-5
 EXPLAIN_PARITY_CANDIDATES = 24  # per parity case, for explain.onnx: the reference is T forwards each
@@ -391,87 +391,153 @@ def export_model(
     model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
     """
     model = model.eval()
-    cfg = model.cfg
-    if len(items) != cfg.n_items:
-        raise ExportError(f"{len(items)} item ids for a model with n_items={cfg.n_items}")
-    if categories is not None and len(categories) != cfg.n_categories:
-        raise ExportError(f"{len(categories)} category ids for a model with n_categories={cfg.n_categories}")
+    _check_vocabularies(model, items, categories)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
+    staging = _staging_dir(out_dir)
     try:
-        onnx_path = staging / "model.onnx"
         t0 = time.perf_counter()
-        _export_onnx(model, onnx_path)
-        import onnx
-
-        onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
-        try:  # what the service checks on load: refuse here rather than write a bundle it would refuse
-            check_model(onnx_path.read_bytes())
-        except BundleError as e:
-            raise ExportError(
-                f"the exported graph breaks the bundle contract: {e}; no bundle written"
-            ) from None
-        explain_path = staging / EXPLAIN_GRAPH
-        _export_onnx(model, explain_path, explaining=True)
-        onnx.checker.check_model(onnx.load(str(explain_path)), full_check=True)
-        try:
-            check_model(explain_path.read_bytes(), name=EXPLAIN_GRAPH, outputs=EXPLAIN_OUTPUTS, optional={})
-        except BundleError as e:
-            raise ExportError(
-                f"the exported explaining graph breaks the bundle contract: {e}; no bundle written"
-            ) from None
+        onnx_path = _export_serving_graph(model, staging)
+        explain_path = _export_explaining_graph(model, staging)
         export_s = time.perf_counter() - t0
-        parity = check_parity(model, onnx_path, cfg.max_history)
-        if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN
-            worst = max(parity["cases"], key=lambda c: max(c["max_abs_diff"], c["attention_max_abs_diff"]))
-            raise ExportError(
-                f"parity check failed: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "
-                f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
-            )
-        explain_parity = check_explain_parity(model, explain_path, cfg.max_history)
-        if not explain_parity["max_abs_diff"] <= TOLERANCE:
-            worst = max(explain_parity["cases"], key=lambda c: c["max_abs_diff"])
-            raise ExportError(
-                f"parity check failed: {EXPLAIN_GRAPH} differs from PyTorch by "
-                f"{explain_parity['max_abs_diff']:.3g} (> {TOLERANCE:g}) on case {worst['name']!r}; "
-                "no bundle written"
-            )
-        write_vocab(staging / "items.txt", items)
-        written = ["model.onnx", EXPLAIN_GRAPH, "items.txt"]
-        if categories is not None:
-            write_vocab(staging / ITEM_CATEGORIES, [categories[c] for c in model.item_cate.tolist()])
-            written.append(ITEM_CATEGORIES)
-        files = {name: sha256_file(staging / name) for name in written}
+        parity = _serving_parity(model, onnx_path)
+        explain_parity = _explaining_parity(model, explain_path)
+        written = _write_vocabularies(staging, model, items, categories)
+        files = {f: sha256_file(staging / f) for f in ["model.onnx", EXPLAIN_GRAPH, *written]}
         if model_version is None:  # the content decides the version: a retrained model is a new one
-            model_version = f"{name or 'din-' + cfg.pooling}-{files['model.onnx'][:12]}"
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "model_version": model_version,
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "config": cfg.to_dict(),
-            "max_history": cfg.max_history,
-            "pad_index": PAD,
-            "oov_index": OOV,
-            "inputs": INPUTS,
-            "outputs": OUTPUTS | OPTIONAL_OUTPUTS,
-            "input_dtype": "int64",
-            "output_dtype": "float32",
-            "vocab": {"items": cfg.n_items, "categories": cfg.n_categories},
-            "metrics": metrics or {},
-            "parity": parity,
-            "explain": {"graph": EXPLAIN_GRAPH, "outputs": EXPLAIN_OUTPUTS, "parity": explain_parity},
-            "export_seconds": round(export_s, 2),
-            "source": source or {},
-            "files": files,
-        }
+            model_version = f"{name or 'din-' + model.cfg.pooling}-{files['model.onnx'][:12]}"
+        manifest = _manifest(
+            model.cfg,
+            files,
+            model_version=model_version,
+            metrics=metrics or {},
+            parity=parity,
+            explain_parity=explain_parity,
+            export_s=export_s,
+            source=source or {},
+        )
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         replace_dir(staging, out_dir)
         return manifest
     finally:
         if staging.exists():  # a refused or failed export, or the swapped-out old bundle left over
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_vocabularies(model: DIN, items: list[str], categories: list[str] | None) -> None:
+    """One item id per item index and, when given, one category id per category index."""
+    cfg = model.cfg
+    if len(items) != cfg.n_items:
+        raise ExportError(f"{len(items)} item ids for a model with n_items={cfg.n_items}")
+    if categories is not None and len(categories) != cfg.n_categories:
+        raise ExportError(f"{len(categories)} category ids for a model with n_categories={cfg.n_categories}")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A new empty directory beside out_dir (same file system, so it can be renamed into place)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
+    return staging
+
+
+def _export_serving_graph(model: DIN, staging: Path) -> Path:
+    """model.onnx (DIN.serve_explained), checked as the service will check it."""
+    path = staging / "model.onnx"
+    _export_onnx(model, path)
+    _check_graph(path, "the exported graph")
+    return path
+
+
+def _export_explaining_graph(model: DIN, staging: Path) -> Path:
+    """explain.onnx (DIN.serve_contributions), checked against its own contract."""
+    path = staging / EXPLAIN_GRAPH
+    _export_onnx(model, path, explaining=True)
+    _check_graph(
+        path, "the exported explaining graph", name=EXPLAIN_GRAPH, outputs=EXPLAIN_OUTPUTS, optional={}
+    )
+    return path
+
+
+def _check_graph(path: Path, what: str, **contract: Any) -> None:
+    """ONNX's full check, then what the service checks on load (check_model with `contract`): refuse
+    here rather than write a bundle it would refuse."""
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    try:
+        check_model(path.read_bytes(), **contract)
+    except BundleError as e:
+        raise ExportError(f"{what} breaks the bundle contract: {e}; no bundle written") from None
+
+
+def _serving_parity(model: DIN, onnx_path: Path) -> dict[str, Any]:
+    """check_parity's report; refuses (ExportError) unless every case is within TOLERANCE."""
+    parity = check_parity(model, onnx_path, model.cfg.max_history)
+    if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN
+        worst = max(parity["cases"], key=lambda c: max(c["max_abs_diff"], c["attention_max_abs_diff"]))
+        raise ExportError(
+            f"parity check failed: ONNX Runtime differs from PyTorch by {parity['max_abs_diff']:.3g} "
+            f"(> {TOLERANCE:g}) on case {worst['name']!r}; no bundle written"
+        )
+    return parity
+
+
+def _explaining_parity(model: DIN, explain_path: Path) -> dict[str, Any]:
+    """check_explain_parity's report; refuses (ExportError) unless every case is within TOLERANCE."""
+    parity = check_explain_parity(model, explain_path, model.cfg.max_history)
+    if not parity["max_abs_diff"] <= TOLERANCE:  # also refuses NaN
+        worst = max(parity["cases"], key=lambda c: c["max_abs_diff"])
+        raise ExportError(
+            f"parity check failed: {EXPLAIN_GRAPH} differs from PyTorch by "
+            f"{parity['max_abs_diff']:.3g} (> {TOLERANCE:g}) on case {worst['name']!r}; "
+            "no bundle written"
+        )
+    return parity
+
+
+def _write_vocabularies(
+    staging: Path, model: DIN, items: list[str], categories: list[str] | None
+) -> list[str]:
+    """items.txt and, with categories, item_categories.txt (line i: item i's category id); their names."""
+    write_vocab(staging / "items.txt", items)
+    if categories is None:
+        return ["items.txt"]
+    write_vocab(staging / ITEM_CATEGORIES, [categories[c] for c in model.item_cate.tolist()])
+    return ["items.txt", ITEM_CATEGORIES]
+
+
+def _manifest(
+    cfg: DINConfig,
+    files: dict[str, str],
+    *,
+    model_version: str,
+    metrics: dict[str, Any],
+    parity: dict[str, Any],
+    explain_parity: dict[str, Any],
+    export_s: float,
+    source: dict[str, Any],
+) -> dict[str, Any]:
+    """manifest.json: what the bundle holds and how it was checked (the bundle contract's keys)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_version": model_version,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "max_history": cfg.max_history,
+        "pad_index": PAD,
+        "oov_index": OOV,
+        "inputs": INPUTS,
+        "outputs": OUTPUTS | OPTIONAL_OUTPUTS,
+        "input_dtype": "int64",
+        "output_dtype": "float32",
+        "vocab": {"items": cfg.n_items, "categories": cfg.n_categories},
+        "metrics": metrics,
+        "parity": parity,
+        "explain": {"graph": EXPLAIN_GRAPH, "outputs": EXPLAIN_OUTPUTS, "parity": explain_parity},
+        "export_seconds": round(export_s, 2),
+        "source": source,
+        "files": files,
+    }
 
 
 def export(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:

@@ -3,9 +3,12 @@ and the curl command it prints works verbatim against the server it starts."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from cli import main
-from service.store.embedded import free_port
+from service.store.embedded import EmbeddedRedis, free_port
 
 TINY = ["--users", "60", "--items", "100", "--epochs", "1"]
 
@@ -26,14 +30,30 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DIN_")}
 
 
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis
+) -> tuple[Path, list[str], str]:
+    """The first `din demo --no-serve` in a new workdir, seeding the (flushed) session Redis: the
+    workdir, its argv and what it printed. Both tests start from it (a build is a minute on 2 cores)."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    argv = ["demo", "--workdir", str(workdir), "--redis-url", redis_server.url, "--no-serve", *TINY]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
+    return workdir, argv, printed.getvalue()
+
+
 @pytest.mark.slow
 def test_demo_builds_once_then_reuses(
-    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+    built: tuple[Path, list[str], str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    workdir = tmp_path / "demo"
-    argv = ["demo", "--workdir", str(workdir), "--redis-url", redis_url, "--no-serve", *TINY]
-    assert main(argv) == 0
-    first = capsys.readouterr().out
+    workdir, argv, first = built
     for name in ("synth", "prepare", "train", "export", "seed"):
         assert re.search(rf"^{name}\s+[\d.]+\s+ran\s", first, re.M), first
     assert (workdir / "bundle" / "manifest.json").is_file()
@@ -47,8 +67,10 @@ def test_demo_builds_once_then_reuses(
 
 
 @pytest.mark.slow
-def test_demo_serves_and_its_curl_works(tmp_path: Path) -> None:
+def test_demo_serves_and_its_curl_works(built: tuple[Path, list[str], str], tmp_path: Path) -> None:
+    """In a copy of the built workdir: the demo reuses its stages, seeds its own Redis, and serves."""
     workdir, port = tmp_path / "demo", free_port()
+    shutil.copytree(built[0], workdir)
     cmd = [sys.executable, "-m", "cli", "demo", "--workdir", str(workdir), "--port", str(port), *TINY]
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env()

@@ -17,6 +17,7 @@ from contracts.errors import ExportError
 from contracts.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, Vocab
 from model.din import DIN, DINConfig, build_model
 from model.export import export_model, parity_cases, sha256_file
+from tests.model.conftest import ExportCache
 
 N_ITEMS, N_CATE = 300, 12
 
@@ -39,10 +40,13 @@ FILES = ["explain.onnx", "items.txt", "manifest.json", "model.onnx"]  # what the
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[DIN, Path, dict]:
+def bundle(tmp_path_factory: pytest.TempPathFactory, export_cache: ExportCache) -> tuple[DIN, Path, dict]:
+    """A real export of make_model(); its graphs are kept for the tests that use `reused_exports`."""
     model, items = make_model()
     out = tmp_path_factory.mktemp("export") / "bundle"
     manifest = export_model(model, items, out, metrics={"auc": 0.5}, name="unit")
+    export_cache.add(model, out / "model.onnx")
+    export_cache.add(model, out / "explain.onnx", explaining=True)
     return model, out, manifest
 
 
@@ -338,7 +342,7 @@ def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
 
 @pytest.mark.parametrize("output", [0, 1], ids=["ctr", "attention"])
 def test_refuses_to_write_when_parity_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reused_exports: ExportCache, output: int
 ) -> None:
     model, items = make_model()
     real = export_mod._reference
@@ -357,11 +361,13 @@ def test_refuses_to_write_when_parity_fails(
 
 
 def test_refuses_to_write_when_the_contributions_differ(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reused_exports: ExportCache
 ) -> None:
     model, items = make_model()
-    real = DIN.leave_one_out
-    monkeypatch.setattr(DIN, "leave_one_out", lambda m, *a: real(m, *a) + 1e-4)
+    real = model.leave_one_out
+    # This model's reference, not DIN's code: explain.onnx (serve_contributions) never calls it, so
+    # the graph is the one make_model() always exports, and the check must refuse it.
+    monkeypatch.setattr(model, "leave_one_out", lambda *a: real(*a) + 1e-4)
     out = tmp_path / "bundle"
     with pytest.raises(ExportError, match=r"parity check failed: explain\.onnx differs"):
         export_model(model, items, out)
@@ -381,7 +387,11 @@ def _snapshot(d: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("swap", ["exchange", "rename aside"])
 def test_export_replaces_an_existing_bundle(
-    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+    bundle: tuple[DIN, Path, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reused_exports: ExportCache,
+    swap: str,
 ) -> None:
     _, first, first_manifest = bundle
     out = tmp_path / "bundle"
@@ -408,7 +418,11 @@ def test_export_replaces_an_existing_bundle(
 
 @pytest.mark.parametrize("failure", ["parity", "swap"])
 def test_failed_export_leaves_the_old_bundle_untouched(
-    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+    bundle: tuple[DIN, Path, dict],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    reused_exports: ExportCache,
+    failure: str,
 ) -> None:
     """Refused by the parity gate, or failing at the very swap (no renameat2, the new bundle cannot be
     renamed into place after the old one was moved aside): the old bundle stays, byte for byte."""
