@@ -176,6 +176,20 @@ def test_the_lineage_names_the_parent_the_data_and_both_scores(
     assert manifest["metrics"] == valid["new"] and manifest["source"]["run_dir"] == str(trained.parent)
 
 
+def test_without_init_a_fresh_model_takes_its_vocabulary_from_the_log(log_dir: Path, tmp_path: Path) -> None:
+    lineage = retrain(log_dir, tmp_path / "run", _cfg(1), progress=False, verbose=False)
+    assert lineage["parent"] is None and lineage["valid"]["parent"] is None
+    assert lineage["valid"]["new"]["auc"] is not None and lineage["valid"]["served"]["auc"] == 0.5
+    model, ckpt = load_run(tmp_path / "run")
+    table = read_log(log_dir)
+    seen = set(table["item_id"].to_pylist()) | {i for h in table["history"].to_pylist() for i in h}
+    assert set(ckpt.items[2:]) == seen and ckpt.items[:2] == ["<pad>", "<oov>"]
+    assert ckpt.categories[2:] == ["c2", "c3", "c4", "c5"]
+    for index, item in enumerate(ckpt.items[2:], 2):  # each item keeps the category it was logged with
+        assert ckpt.categories[int(model.item_cate[index])] == _category(int(item[1:]))
+    assert _manifest(tmp_path / "run" / "bundle")["lineage"] == lineage
+
+
 def test_bad_arguments_are_one_line_and_exit_2(
     log_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
