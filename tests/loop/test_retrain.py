@@ -5,6 +5,7 @@ is right, and a live service is reloaded only with a model no worse than its par
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +137,15 @@ def test_a_log_of_one_hour_is_refused_in_one_line(
 # ---------------------------------------------------------------- warm start and lineage
 
 
-def test_a_warm_start_starts_from_the_parents_weights(log_dir: Path, parent: Path, tmp_path: Path) -> None:
-    lineage = retrain(log_dir, tmp_path / "run", _cfg(0), init=parent, progress=False, verbose=False)
+def test_a_warm_start_starts_from_the_parents_weights(
+    log_dir: Path, parent: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--from-log", str(log_dir), "--init", str(parent), "--out", str(run), "--epochs", "0"]
+    assert din([*argv, "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"warm start from {parent.resolve()}" in printed and "on the validation hour" in printed
+    lineage = _manifest(run / "bundle")["lineage"]
     parent_model, _ = load_run(_manifest(parent)["source"]["run_dir"])
     new_model, ckpt = load_run(tmp_path / "run")
     for name, value in parent_model.state_dict().items():
@@ -191,9 +199,19 @@ def test_without_init_a_fresh_model_takes_its_vocabulary_from_the_log(log_dir: P
 
 
 def test_bad_arguments_are_one_line_and_exit_2(
-    log_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    log_dir: Path, parent: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    orphan = tmp_path / "orphan"  # a bundle whose run dir is gone: ONNX only, no weights to start from
+    shutil.copytree(parent, orphan)
+    manifest = _manifest(orphan)
+    (orphan / "manifest.json").write_text(
+        json.dumps(manifest | {"source": {"run_dir": str(tmp_path / "gone")}})
+    )
     cases = [
+        (
+            ["train", "--from-log", str(log_dir), "--init", str(orphan), "--out", str(tmp_path / "r")],
+            "ONNX only",
+        ),
         (
             ["train", "--data", str(tmp_path), "--init", "x", "--out", str(tmp_path / "r")],
             "--init and --bundle",
