@@ -11,7 +11,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("model.synth", "generate a synthetic SNAP-format data set with known ground truth"),
     "prepare": ("model.data", "turn SNAP reviews + meta into train / valid / test samples"),
-    "train": ("model.train", "train a DIN (or the sum-pooling BaseModel) and keep the best epoch"),
+    "train": (
+        "loop.retrain",
+        "train a DIN (or the sum-pooling BaseModel) on prepared samples, or retrain on the impression log",
+    ),
     "score": ("model.score", "score rows offline with the PyTorch model (the reference)"),
     "export": ("model.export", "write a parity-checked ONNX serving bundle"),
     "seed": ("service.store.seed", "bulk-load users' behaviour histories into Redis"),
@@ -19,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo.pipeline", "synth, prepare, train, export, seed and serve, end to end"),
     "loadtest": ("loadtest.openloop", "open-loop load test against a running service"),
     "simulate": ("loop.simulate", "simulated users of the synth world: rank, click, drift (online CTR, AUC)"),
+    "promote": ("loop.promote", "put a retrained bundle live if no worse than its parent; --rollback"),
     "log": ("loop.log", "the impression log's offline jobs: `din log export` (labelled Parquet by hour)"),
 }
 

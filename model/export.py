@@ -382,6 +382,7 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
     categories: list[str] | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export, check parity, and write the bundle, replacing any at out_dir atomically. Returns the manifest.
 
@@ -389,6 +390,8 @@ def export_model(
     categories: category id for every category index (len == n_categories); when given, the bundle
     also holds item_categories.txt (line i: the category id of item index i), for people to read.
     model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
+    lineage: where a retrained model came from (`din train --from-log`: parent, data, held-out
+    metrics), kept in the manifest as is; `din promote` reads it.
     """
     model = model.eval()
     _check_vocabularies(model, items, categories)
@@ -415,6 +418,8 @@ def export_model(
             export_s=export_s,
             source=source or {},
         )
+        if lineage is not None:
+            manifest["lineage"] = lineage
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         replace_dir(staging, out_dir)
         return manifest

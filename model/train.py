@@ -84,10 +84,23 @@ def bucketed_batches(
 
 
 class Samples:
-    """One split's samples with a way to build model inputs for any subset of them."""
+    """One split's samples with a way to build model inputs for any subset of them.
 
-    def __init__(self, split: Any, seq_items: np.ndarray, seq_offsets: np.ndarray, max_history: int) -> None:
+    `split.user` indexes the sequences the histories are cut from; `group` (default: the same) is who
+    GAUC groups by. They differ when each sample carries its own history snapshot (the impression log:
+    one sequence per impression, grouped by user).
+    """
+
+    def __init__(
+        self,
+        split: Any,
+        seq_items: np.ndarray,
+        seq_offsets: np.ndarray,
+        max_history: int,
+        group: np.ndarray | None = None,
+    ) -> None:
         self.user = np.asarray(split.user)
+        self.group = self.user if group is None else np.asarray(group)
         self.pos = np.asarray(split.pos)
         self.target = np.asarray(split.target)
         self.label = np.asarray(split.label, dtype=np.float32)
@@ -127,8 +140,9 @@ def predict(model: DIN, samples: Samples, batch_size: int = 4096) -> np.ndarray:
     return probs
 
 
-def _evaluate(model: DIN, samples: Samples, batch_size: int) -> dict[str, float]:
-    return evaluate(samples.user, samples.label, predict(model, samples, batch_size))
+def evaluate_samples(model: DIN, samples: Samples, batch_size: int = 4096) -> dict[str, float]:
+    """AUC, GAUC (by `samples.group`) and log loss of `model` on `samples`."""
+    return evaluate(samples.group, samples.label, predict(model, samples, batch_size))
 
 
 # ---------------------------------------------------------------- the loop
@@ -148,8 +162,7 @@ def train(
     verbose: the summary line and the per-epoch table on stdout.
     """
     opt = cfg if cfg is not None else TrainConfig()
-    if opt.batch_size < 2:
-        raise InvalidArgument("batch_size must be at least 2 (batch norm in Dice needs two samples)")
+    check_config(opt)
     say = print if verbose else (lambda *a, **k: None)
     threads = int(opt.threads) or (os.cpu_count() or 1)
     torch.set_num_threads(threads)
@@ -162,8 +175,8 @@ def train(
     )
     model = _build(data, opt)
     say(_overview(model.cfg, opt, threads, train_s, valid_s, test_s))
-    history, best = _fit(model, train_s, valid_s, opt, progress=progress, say=say)
-    test = _evaluate(model, test_s, opt.eval_batch_size)
+    history, best = fit(model, train_s, valid_s, opt, progress=progress, say=say)
+    test = evaluate_samples(model, test_s, opt.eval_batch_size)
 
     # The options as run: the threads actually used (not 0) and where the data came from.
     train_args = asdict(opt) | {"threads": threads, "data_dir": str(data_dir)}
@@ -179,12 +192,20 @@ def train(
         "train_args": train_args,
     }
     _write_run(Path(out_dir), model, data, result)
-    say(_table(history, best["epoch"]))
+    say(epoch_table(history, best["epoch"]))
     say(
         f"test (epoch {best['epoch']}): auc {test['auc']:.4f}  gauc {test['gauc']:.4f}  "
         f"logloss {test['logloss']:.4f}   training {result['train_seconds']:.1f}s, wrote {out_dir}"
     )
     return result
+
+
+def check_config(opt: TrainConfig) -> None:
+    """Refuse options no training can run with, before any data is read."""
+    if opt.batch_size < 2:
+        raise InvalidArgument("batch_size must be at least 2 (batch norm in Dice needs two samples)")
+    if opt.epochs < 0:
+        raise InvalidArgument(f"epochs must be >= 0, got {opt.epochs}")
 
 
 def _build(data: Prepared, opt: TrainConfig) -> DIN:
@@ -212,7 +233,7 @@ def _overview(
     )
 
 
-def _fit(
+def fit(
     model: DIN,
     train_s: Samples,
     valid_s: Samples,
@@ -222,7 +243,13 @@ def _fit(
     say: Callable[..., object],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Epochs until `opt.epochs`, or until `opt.patience` epochs bring no better validation AUC; leaves
-    `model` with the best epoch's weights, in eval mode. Returns one row per epoch run, and the best."""
+    `model` with the best epoch's weights, in eval mode. Returns one row per epoch run, and the best.
+
+    With `opt.epochs == 0` the model is left as it came (a warm start's parent, unchanged): no rows,
+    and the best is "epoch 0" with its validation numbers."""
+    if opt.epochs == 0:
+        model.eval()
+        return [], {"epoch": 0, "valid": evaluate_samples(model, valid_s, opt.eval_batch_size)}
     optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(opt.seed)
@@ -234,7 +261,7 @@ def _fit(
         t0 = time.perf_counter()
         train_loss = _train_epoch(model, train_s, optimizer, loss_fn, rng, opt, epoch, progress)
         fit_seconds = time.perf_counter() - t0
-        valid = _evaluate(model, valid_s, opt.eval_batch_size)
+        valid = evaluate_samples(model, valid_s, opt.eval_batch_size)
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -300,7 +327,7 @@ def _write_run(out_dir: Path, model: DIN, data: Prepared, result: dict[str, Any]
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _table(history: list[dict[str, Any]], best_epoch: int) -> str:
+def epoch_table(history: list[dict[str, Any]], best_epoch: int) -> str:
     lines = [
         f"{'epoch':>5}  {'train loss':>10}  {'valid auc':>9}  {'gauc':>6}  {'logloss':>7}  {'seconds':>7}"
     ]
@@ -318,9 +345,14 @@ def _table(history: list[dict[str, Any]], best_epoch: int) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()  # every default comes from TrainConfig, so it is written once
     parser.add_argument("--data", required=True, help="prepared data directory (din prepare)")
     parser.add_argument("--out", required=True, help="run directory to write (checkpoint.pt, metrics.json)")
+    add_training_options(parser)
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig flags, shared by `din train --data` and `din train --from-log`."""
+    d = TrainConfig()  # every default comes from TrainConfig, so it is written once
     parser.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
@@ -338,20 +370,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        pooling=args.pooling,
+        seed=args.seed,
+        softmax=args.softmax,
+        head_activation=args.head_activation,
+        threads=args.threads,
+        patience=args.patience,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        cfg = TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            pooling=args.pooling,
-            seed=args.seed,
-            softmax=args.softmax,
-            head_activation=args.head_activation,
-            threads=args.threads,
-            patience=args.patience,
-        )
-        train(args.data, args.out, cfg, progress=not args.no_progress)
+        train(args.data, args.out, config_from_args(args), progress=not args.no_progress)
     except (DataError, InvalidArgument, OSError, ValueError) as e:  # ValueError: DIN's own checks
         print(f"din train: {e}", file=sys.stderr)
         return 2

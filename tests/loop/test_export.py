@@ -13,25 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow.dataset as ds
 import pytest
-import redis
 
 from contracts.records import Candidate, Feedback, Impression
 from loop.export import ExportOptions, export_log
 from service.impressions import new_impression_id
 from service.store.keys import feedback_key, impressions_key
 from service.store.streams import FIELD
+from tests.loop.helpers import client as _client
+from tests.loop.helpers import export as _export
+from tests.loop.helpers import log_records as _log
 from tests.service.conftest import BundleInfo, LiveServer, make_settings, seed_histories
 from tests.service.conftest import bundle as bundle  # the fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = ["i2", "i3", "i4", "i5", "i6", "i7"]
-
-
-def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -50,25 +47,6 @@ def _impression(ts: float, user: str, items: list[str], k: int = 0) -> Impressio
         candidates=[Candidate(i, f"c{j}", 0.5 - j / 100, j) for j, i in enumerate(items)],
         degraded=None,
     )
-
-
-def _log(url: str, records: list[Impression | Feedback]) -> None:
-    """XADD each record as the service's writers do: one field, the record's JSON."""
-    r = _client(url)
-    try:
-        for rec in records:
-            key = impressions_key("din:") if isinstance(rec, Impression) else feedback_key("din:")
-            r.xadd(key, {FIELD: orjson.dumps(rec)})
-    finally:
-        r.close()
-
-
-def _export(url: str, out: Path, now: float, window_s: float = 5.0, **kw: Any) -> Any:
-    r = _client(url)
-    try:
-        return export_log(r, out, ExportOptions(window_s=window_s, **kw), now=lambda: now)
-    finally:
-        r.close()
 
 
 def test_end_to_end_rows_are_what_was_served_and_labels_the_clicks(
