@@ -51,7 +51,7 @@ from tqdm import tqdm
 from contracts.errors import ConfigError, ExportBusy, RedisServerError
 from contracts.records import IMPRESSION_ID_PATTERN, Feedback, Impression
 from service.store.client import SyncRedisCluster, redis_endpoint, sync_client
-from service.store.config import DEFAULT_REDIS_DATA, RedisConfig
+from service.store.config import RedisConfig, add_redis_options
 from service.store.keys import DEFAULT_PREFIX, feedback_key, impressions_key, log_streams
 from service.store.streams import FIELD
 
@@ -484,19 +484,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory (hour=... partitions)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--redis-url", help="redis://host:port/db or unix:///path.sock")
-    where.add_argument(
-        "--redis-data",
-        type=Path,
-        default=Path(DEFAULT_REDIS_DATA),
-        help=f"without --redis-url: the embedded redis-server's data dir (default {DEFAULT_REDIS_DATA}, "
-        "the one `din serve` uses); a server already running there is used as is",
-    )
-    parser.add_argument(
-        "--redis-cluster",
-        action="store_true",
-        help="--redis-url names one node of a Redis Cluster (every log stream is read)",
+    add_redis_options(
+        parser,
+        cluster_help="--redis-url names one node of a Redis Cluster (every log stream is read)",
     )
     parser.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help="key prefix (the service's DIN_REDIS_PREFIX)"

@@ -7,6 +7,7 @@ running Redis and a client.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,22 @@ from service.store.keys import DEFAULT_PREFIX
 
 # The data directory `din serve`, `din seed` and `din demo` share when no Redis URL is given.
 DEFAULT_REDIS_DATA = ".din/redis"
+
+
+def add_redis_options(parser: argparse.ArgumentParser, *, cluster_help: str) -> None:
+    """The command-line options a tool that talks to Redis shares with `din seed`: --redis-url or
+    --redis-data (the private server's directory), and --redis-cluster (`cluster_help` says what it
+    means for this tool)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--redis-url", help="redis://host:port/db or unix:///path.sock")
+    where.add_argument(
+        "--redis-data",
+        type=Path,
+        default=Path(DEFAULT_REDIS_DATA),
+        help=f"without --redis-url: the embedded redis-server's data dir (default {DEFAULT_REDIS_DATA}, "
+        "the one `din serve` uses); a server already running there is used as is",
+    )
+    parser.add_argument("--redis-cluster", action="store_true", help=cluster_help)
 
 
 def node_list(text: str) -> tuple[str, ...]:

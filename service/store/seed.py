@@ -24,7 +24,7 @@ from tqdm import tqdm
 from contracts.errors import ConfigError, DataError, RedisServerError
 from model.data import read_reviews
 from service.store.client import SyncRedisCluster, redis_endpoint, sync_client
-from service.store.config import DEFAULT_REDIS_DATA, RedisConfig
+from service.store.config import RedisConfig, add_redis_options
 from service.store.keys import DEFAULT_PREFIX, history_key
 
 # Replace one list atomically (a cluster's per-user transaction): DEL, then RPUSH in chunks.
@@ -141,19 +141,9 @@ def seed_reviews(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reviews", required=True, type=Path, help="SNAP reviews JSON lines (.json or .gz)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--redis-url", help="redis://host:port/db or unix:///path.sock")
-    where.add_argument(
-        "--redis-data",
-        type=Path,
-        default=Path(DEFAULT_REDIS_DATA),
-        help=f"without --redis-url: the embedded redis-server's data dir (default {DEFAULT_REDIS_DATA}, "
-        "the one `din serve` uses); a server already running there is used as is",
-    )
-    parser.add_argument(
-        "--redis-cluster",
-        action="store_true",
-        help="--redis-url names one node of a Redis Cluster (the same keys, spread over its nodes)",
+    add_redis_options(
+        parser,
+        cluster_help="--redis-url names one node of a Redis Cluster (the same keys, spread over its nodes)",
     )
     parser.add_argument("--max-history", type=int, default=100, help="items kept per user (T)")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="key prefix: keys are PREFIX + hist:USER")
