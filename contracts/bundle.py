@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -39,6 +40,16 @@ EXPLAIN_OUTPUTS: dict[str, list[str]] = {"ctr": ["N"], "attention": ["N", "T"], 
 # An optional file (bundles exported before it lack it): line i is the category id of item index i.
 # For people (the ranking explorer labels behaviours with it); the graph holds its own item -> category table.
 ITEM_CATEGORIES = "item_categories.txt"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk (a renamed file or bundle is whole after a power
+    loss): the bundle writer's and the log export's durability rule, written once."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:

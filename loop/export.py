@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 import redis
 from tqdm import tqdm
 
+from contracts.bundle import fsync_path
 from contracts.errors import ConfigError, ExportBusy, RedisServerError
 from contracts.records import IMPRESSION_ID_PATTERN, Feedback, Impression
 from service.store.client import SyncRedisCluster, redis_endpoint, sync_client
@@ -323,14 +324,14 @@ class _ShardExport:
         fresh = not directory.exists()
         directory.mkdir(exist_ok=True)
         if fresh:
-            _fsync_dir(self.out)
+            fsync_path(self.out)
         path = directory / f"part-{ids[0]}-{ids[-1]}.parquet"
         tmp = directory / f"{TMP_PREFIX}{path.name}"
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(directory)
+        fsync_path(directory)
         self.stats.files += 1
         self.stats.impressions += len(group)
         self.stats.rows += table.num_rows
@@ -442,14 +443,6 @@ def _by_hour(ready: list[tuple[str, Impression]]) -> dict[str, list[tuple[str, I
     return dict(sorted(groups.items()))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     with open(tmp, "wb") as f:
@@ -457,7 +450,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _remove_temporaries(out: Path) -> None:

@@ -52,6 +52,7 @@ from contracts.bundle import (
     OPTIONAL_OUTPUTS,
     OUTPUTS,
     check_model,
+    fsync_path,
     sha256_file,
 )
 from contracts.errors import BundleError, ExportError
@@ -198,15 +199,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's entries to disk, so a renamed bundle is whole after a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_dir(new: Path, dest: Path) -> None:
     """Move the complete directory `new` to `dest`, replacing whatever is there.
 
@@ -216,8 +208,8 @@ def replace_dir(new: Path, dest: Path) -> None:
     The old bundle is deleted last, once the new one is in place. Both must be in the same directory.
     """
     for f in new.iterdir():
-        _fsync(f)
-    _fsync(new)
+        fsync_path(f)
+    fsync_path(new)
     if not dest.exists() and not dest.is_symlink():
         new.rename(dest)
     elif _exchange(new, dest):
@@ -231,7 +223,7 @@ def replace_dir(new: Path, dest: Path) -> None:
             old.rename(dest)  # the old bundle goes back: never leave `dest` without one
             raise
         _remove(old)
-    _fsync(dest.parent)
+    fsync_path(dest.parent)
 
 
 def parity_cases(n_items: int, max_history: int, seed: int = 0) -> list[dict[str, Any]]:
