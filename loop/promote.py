@@ -1,10 +1,11 @@
 """`din promote`: put a retrained bundle live only if it is no worse than its parent, or roll back.
 
 The decision is read from the bundle's `lineage` (written by `din train --from-log`): the AUC of the
-new model and of its parent on the same held-out hour. The new model goes live only when
-`new >= parent + --min-gain`; without a parent (a fresh model) the baseline is the AUC of the scores
-the service logged on that hour. The live service must serve the parent (or, without one, anything):
-otherwise the comparison says nothing about what would be replaced, and the promotion is refused.
+new model and of its parent on the same held-out rows (the log's newest hour, or its last
+--valid-seconds). The new model goes live only when `new >= parent + --min-gain`; without a parent (a
+fresh model) the baseline is the AUC of the scores the service logged on those rows. The live service
+must serve the parent (or, without one, anything): otherwise the comparison says nothing about what
+would be replaced, and the promotion is refused.
 
 Promoting is the service's own atomic hot reload (POST /admin/reload with the bundle's absolute path,
 so the service must see the same path), then a check that GET /model reports the new version.
@@ -117,7 +118,7 @@ def promote(bundle: str | Path, service: Service, *, min_gain: float = 0.0) -> s
         )
     if not new_auc >= base_auc + min_gain:
         raise Refused(
-            f"refused: {version} has AUC {new_auc:.4f} on the hour from {hour}, {base_name} has "
+            f"refused: {version} has AUC {new_auc:.4f} on the rows from {hour}, {base_name} has "
             f"{base_auc:.4f}, and min gain is {min_gain:g}; {live} keeps serving"
         )
     service.reload(path)
@@ -125,7 +126,7 @@ def promote(bundle: str | Path, service: Service, *, min_gain: float = 0.0) -> s
     if now != version:
         raise Refused(f"after the reload GET /model reports {now}, not {version}")
     return (
-        f"promoted {version} (AUC {new_auc:.4f} vs {base_name} {base_auc:.4f} on the hour from {hour}): "
+        f"promoted {version} (AUC {new_auc:.4f} vs {base_name} {base_auc:.4f} on the rows from {hour}): "
         f"{service.url} now serves it, replacing {live}"
     )
 
@@ -161,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-gain",
         type=float,
         default=0.0,
-        help="promote only if the new AUC >= the parent's + this, on the held-out hour (default 0: no worse)",
+        help="promote only if the new AUC >= the parent's + this, on the held-out rows (default 0: no worse)",
     )
     parser.add_argument(
         "--rollback",

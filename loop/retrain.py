@@ -8,6 +8,9 @@ model (ids it never saw -> OOV), or, without `--init`, a vocabulary built from t
 The split is by time, never random: rows of the most recent clock hour (UTC, the export's partition)
 are validation, every earlier row is training, so no training row is younger than a validation row.
 A log of fewer than two hours, or a validation hour without both clicks and non-clicks, is refused.
+`--valid-seconds S` validates on the log's last S seconds instead (a log of minutes: the loop demo);
+the split stays a time split. `--since TIME` keeps only the rows logged from TIME on (after a drift,
+yesterday's world is noise).
 
 `--init` warm-starts from the parent's weights. A bundle holds ONNX only, so its weights are read
 from the checkpoint of the run that produced it (`source.run_dir` in its manifest); a run directory
@@ -87,9 +90,9 @@ def read_log(log_dir: str | Path) -> pa.Table:
 
 @dataclass(frozen=True)
 class TimeSplit:
-    """Row indices of training (before `boundary`) and validation (the most recent hour, from it on)."""
+    """Row indices of training (before `boundary`) and validation (the most recent period, from it on)."""
 
-    boundary: float  # start of the most recent hour: every train ts < boundary <= every valid ts
+    boundary: float  # start of the validation period: every train ts < boundary <= every valid ts
     train: np.ndarray  # int64 row indices
     valid: np.ndarray
     first_ts: float
@@ -97,18 +100,31 @@ class TimeSplit:
     hours: int  # distinct clock hours holding rows
 
 
-def split_by_time(ts: np.ndarray) -> TimeSplit:
-    """The most recent clock hour is validation, every earlier row training; refuses a log of one hour."""
+def split_by_time(ts: np.ndarray, valid_seconds: float | None = None) -> TimeSplit:
+    """Validation is the most recent clock hour (or, with `valid_seconds`, the last that many seconds
+    of the log), every earlier row training; refuses a split that leaves either side empty."""
     ts = np.asarray(ts, dtype=np.float64)
     if len(ts) == 0:
         raise DataError("the log holds no rows")
     hours = np.unique(np.floor(ts / HOUR_S))
-    boundary = float(hours[-1] * HOUR_S)
-    if len(hours) < 2:
-        raise DataError(
-            f"the log spans one hour only ({_iso(boundary)[:13]}): need at least 2 hours, "
-            "the most recent for validation and earlier ones for training"
-        )
+    if valid_seconds is None:
+        boundary = float(hours[-1] * HOUR_S)
+        if len(hours) < 2:
+            raise DataError(
+                f"the log spans one hour only ({_iso(boundary)[:13]}): need at least 2 hours, "
+                "the most recent for validation and earlier ones for training "
+                "(or validate on its last seconds: --valid-seconds)"
+            )
+    else:
+        if not (valid_seconds > 0 and math.isfinite(valid_seconds)):
+            raise InvalidArgument(f"--valid-seconds must be a positive number, got {valid_seconds}")
+        boundary = float(ts.max()) - float(valid_seconds)
+        if not (ts < boundary).any():
+            span = float(ts.max() - ts.min())
+            raise DataError(
+                f"the log spans {span:.0f} s, not more than --valid-seconds {valid_seconds:g}: "
+                "no row is left to train on"
+            )
     train = np.flatnonzero(ts < boundary)
     valid = np.flatnonzero(ts >= boundary)
     return TimeSplit(boundary, train, valid, float(ts.min()), float(ts.max()), len(hours))
@@ -246,6 +262,8 @@ def retrain(
     *,
     init: str | Path | None = None,
     bundle_dir: str | Path | None = None,
+    since: float | None = None,
+    valid_seconds: float | None = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -262,7 +280,11 @@ def retrain(
 
     parent = load_parent(init) if init is not None else None
     table = read_log(log_dir)
-    split = split_by_time(table["ts"].to_numpy())
+    if since is not None:
+        table = table.filter(pc.greater_equal(table["ts"], since))
+        if len(table) == 0:
+            raise DataError(f"the log holds no rows since {_iso(since)} (--since)")
+    split = split_by_time(table["ts"].to_numpy(), valid_seconds)
     if parent is not None:
         vocab = Vocabularies(parent.items, parent.categories, parent.model.item_cate.numpy())
     else:
@@ -271,7 +293,7 @@ def retrain(
     valid_labels = rows.label[split.valid]
     if valid_labels.min() == valid_labels.max():
         raise DataError(
-            f"the validation hour ({_iso(split.boundary)[:13]}) holds only "
+            f"the validation rows (from {_iso(split.boundary)}) hold only "
             f"{'clicks' if valid_labels[0] else 'non-clicks'}: AUC is undefined there"
         )
 
@@ -291,7 +313,7 @@ def retrain(
     valid_s = rows.subset(split.valid, max_history)
     say(
         f"log {log_dir}: {len(table):,} rows over {split.hours} hours; train {len(train_s):,} rows before "
-        f"{_iso(split.boundary)}, valid {len(valid_s):,} rows of the last hour; "
+        f"{_iso(split.boundary)}, valid {len(valid_s):,} rows from then on; "
         + (f"warm start from {parent.bundle or parent.run_dir}" if parent else "fresh model")
     )
     parent_valid = evaluate_samples(parent.model, valid_s, opt.eval_batch_size) if parent else None
@@ -312,6 +334,7 @@ def retrain(
         ),
         "data": {
             "log_dir": str(Path(log_dir).resolve()),
+            "since": _iso(since) if since is not None else None,
             "from": _iso(split.first_ts),
             "to": _iso(split.last_ts),
             "valid_from": _iso(split.boundary),
@@ -369,7 +392,7 @@ def retrain(
 
 
 def _comparison(valid: dict[str, Any]) -> str:
-    lines = [f"{'on the validation hour':<24}  {'auc':>7}  {'gauc':>7}"]
+    lines = [f"{'on the validation rows':<24}  {'auc':>7}  {'gauc':>7}"]
     for who in ("served", "parent", "new"):
         m = valid.get(who)
         if m is not None:
@@ -392,6 +415,19 @@ def _iso(ts: float) -> str:
 # ---------------------------------------------------------------- CLI
 
 
+def _timestamp(text: str) -> float:
+    """--since: unix seconds, or ISO 8601 (naive = UTC)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time (ISO 8601 or unix seconds): {text!r}") from None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).timestamp()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="prepared data directory (din prepare)")
@@ -412,13 +448,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bundle", metavar="DIR", help="with --from-log: the bundle to write (default OUT/bundle)"
     )
+    parser.add_argument(
+        "--since",
+        type=_timestamp,
+        default=None,
+        metavar="TIME",
+        help="with --from-log: only the rows logged at or after TIME (ISO 8601, UTC unless it says, "
+        "or unix seconds): e.g. the data since a drift",
+    )
+    parser.add_argument(
+        "--valid-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --from-log: validate on the log's last S seconds instead of its most recent clock hour",
+    )
     prepared_training.add_training_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.data is not None:
-        if args.init is not None or args.bundle is not None:
-            print("din train: --init and --bundle go with --from-log", file=sys.stderr)
+        if any(v is not None for v in (args.init, args.bundle, args.since, args.valid_seconds)):
+            print(
+                "din train: --init, --bundle, --since and --valid-seconds go with --from-log", file=sys.stderr
+            )
             return 2
         return prepared_training.run(args)
     try:
@@ -428,6 +481,8 @@ def run(args: argparse.Namespace) -> int:
             prepared_training.config_from_args(args),
             init=args.init,
             bundle_dir=args.bundle,
+            since=args.since,
+            valid_seconds=args.valid_seconds,
             progress=not args.no_progress,
         )
     except (DataError, InvalidArgument, ExportError, ValueError) as e:

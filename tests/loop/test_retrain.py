@@ -124,6 +124,34 @@ def test_the_time_split_leaks_nothing(log_dir: Path) -> None:
     assert len(split.valid) == ds.dataset(newest, format="parquet").count_rows()
 
 
+def test_the_last_seconds_split_and_since_leak_nothing(log_dir: Path, parent: Path, tmp_path: Path) -> None:
+    ts = read_log(log_dir)["ts"].to_numpy()
+    split = split_by_time(ts, valid_seconds=600.0)
+    assert split.boundary == ts.max() - 600.0
+    assert ts[split.train].max() < split.boundary <= ts[split.valid].min()
+    assert len(split.valid) == int((ts >= ts.max() - 600.0).sum()) and len(split.train) + len(
+        split.valid
+    ) == len(ts)
+    # --since drops the older rows before the split: the child trains on the last two hours only
+    since = HOUR0 + 3600
+    lineage = retrain(
+        log_dir,
+        tmp_path / "run",
+        _cfg(0),
+        init=parent,
+        since=since,
+        valid_seconds=600.0,
+        progress=False,
+        verbose=False,
+    )
+    data = lineage["data"]
+    assert data["since"] == "2023-11-14T23:00:00+00:00" and data["from"] >= data["since"]
+    assert data["rows"] == {
+        "train": int(((ts >= since) & (ts < ts.max() - 600.0)).sum()),
+        "valid": int((ts >= ts.max() - 600.0).sum()),
+    }
+
+
 def test_a_log_of_one_hour_is_refused_in_one_line(
     redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -144,7 +172,7 @@ def test_a_warm_start_starts_from_the_parents_weights(
     argv = ["train", "--from-log", str(log_dir), "--init", str(parent), "--out", str(run), "--epochs", "0"]
     assert din([*argv, "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert f"warm start from {parent.resolve()}" in printed and "on the validation hour" in printed
+    assert f"warm start from {parent.resolve()}" in printed and "on the validation rows" in printed
     lineage = _manifest(run / "bundle")["lineage"]
     parent_model, _ = load_run(_manifest(parent)["source"]["run_dir"])
     new_model, ckpt = load_run(tmp_path / "run")
@@ -214,7 +242,19 @@ def test_bad_arguments_are_one_line_and_exit_2(
         ),
         (
             ["train", "--data", str(tmp_path), "--init", "x", "--out", str(tmp_path / "r")],
-            "--init and --bundle",
+            "--init, --bundle, --since and --valid-seconds go with --from-log",
+        ),
+        (
+            ["train", "--from-log", str(log_dir), "--valid-seconds", "0", "--out", str(tmp_path / "r")],
+            "--valid-seconds must be a positive number",
+        ),
+        (
+            ["train", "--from-log", str(log_dir), "--valid-seconds", "99999", "--out", str(tmp_path / "r")],
+            "not more than --valid-seconds 99999",
+        ),
+        (
+            ["train", "--from-log", str(log_dir), "--since", "2030-01-01", "--out", str(tmp_path / "r")],
+            "no rows since 2030-01-01T00:00:00+00:00",
         ),
         (["train", "--from-log", str(tmp_path / "no"), "--out", str(tmp_path / "r")], "not a directory"),
         (
