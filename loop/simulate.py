@@ -15,7 +15,8 @@ candidates and click draws whatever the timing):
   item (a recency-weighted trigger among their past items and a ring walk from it, or an exploration
   draw by popularity: synth's `next_item_draws`), the rest uniformly from the catalogue (as the
   training negatives were); distinct, none already in the history.
-- Ranking: POST /rank; the user looks at the top k (--top-k) of the answer.
+- Ranking: POST /rank with top_k = --top-k: the answer (and the impression the service logs) is what
+  the user is shown, and looks at.
 - Click model: the shown item j at position p (0 = top) is clicked with probability
       examine(p) * P(j | h) / (P(j | h) + 1/M)
   where P(j | h) is the generator's exact probability that j is the user's next item (synth's oracle,
@@ -392,11 +393,20 @@ def summarise(outcomes: Sequence[Outcome], cfg: SimConfig, seconds: float = 0.0,
 
 
 async def simulate(
-    sim: Simulation, rank: RankFn, events: EventsFn, progress: Callable[[Outcome], None] | None = None
+    sim: Simulation,
+    rank: RankFn,
+    events: EventsFn,
+    progress: Callable[[Outcome], None] | None = None,
+    *,
+    first: int = 0,
+    count: int | None = None,
 ) -> tuple[list[Outcome], int]:
-    """Steps 0..requests-1, step i started at i / rate (at most `concurrency` in flight). Returns the
-    outcomes in step order and how many steps started more than a second behind their schedule."""
+    """Steps first..first+count-1 (default: 0..requests-1), step i started at (i - first) / rate after
+    the call (at most `concurrency` in flight). Returns the outcomes in step order and how many steps
+    started more than a second behind their schedule. The same Simulation may run consecutive ranges
+    (a loop in phases): its users' histories carry over."""
     cfg = sim.cfg
+    count = cfg.requests - first if count is None else count
     gate = asyncio.Semaphore(cfg.concurrency)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -412,26 +422,31 @@ async def simulate(
             progress(o)
         return o
 
-    for i in range(cfg.requests):
-        delay = t0 + i / cfg.rate - loop.time()
+    for i in range(first, first + count):
+        due = t0 + (i - first) / cfg.rate
+        delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         await gate.acquire()
-        if loop.time() - (t0 + i / cfg.rate) > 1.0:
+        if loop.time() - due > 1.0:
             behind += 1
         tasks.append(asyncio.create_task(one(i)))  # created in step order: users queue in step order
     return list(await asyncio.gather(*tasks)), behind
 
 
-def http_calls(client: Any, url: str) -> tuple[RankFn, EventsFn]:
-    """RankFn / EventsFn over an httpx.AsyncClient."""
+def http_calls(client: Any, url: str, top_k: int | None = None) -> tuple[RankFn, EventsFn]:
+    """RankFn / EventsFn over an httpx.AsyncClient. `top_k`: ask for only the items the user will see
+    (so the answer, and the impression it logs, is what was shown)."""
     import orjson
 
     url = url.rstrip("/")
     headers = {"content-type": "application/json"}
 
     async def rank(user_id: str, candidates: list[str]) -> tuple[str | None, list[tuple[str, float]]]:
-        body = orjson.dumps({"user_id": user_id, "candidates": candidates})
+        req: dict[str, Any] = {"user_id": user_id, "candidates": candidates}
+        if top_k is not None:
+            req["top_k"] = min(top_k, len(candidates))
+        body = orjson.dumps(req)
         r = await client.post(url + "/rank", content=body, headers=headers)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}")
@@ -626,7 +641,7 @@ async def _run(sim: Simulation, args: argparse.Namespace) -> tuple[list[Outcome]
             raise InvalidArgument(f"cannot reach {args.url}: {e}") from None
         if r.status_code != 200:
             raise InvalidArgument(f"{args.url}/readyz answered {r.status_code}: the service is not ready")
-        rank, events = http_calls(c, args.url)
+        rank, events = http_calls(c, args.url, cfg.top_k)
         t0 = time.perf_counter()
         outcomes, behind = await simulate(sim, rank, events, progress)
         seconds = time.perf_counter() - t0
