@@ -15,7 +15,7 @@ REQ     := requirements
 
 PACKAGES := contracts model service cli demo loadtest loop
 
-.PHONY: install test test-fast test-latest lock lint bench demo compose-test clean
+.PHONY: install test test-fast test-latest lock lint bench demo loop-demo compose-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -90,6 +90,11 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/din demo
+
+# The loop, one turn: the demo model served with impressions logged, simulated users, a drift, export,
+# retrain, promote, and the same users again (prints CTR/AUC per phase; .din/loop/loop.png).
+loop-demo: $(STAMP)
+	$(BIN)/din loop-demo
 
 # The real stack under Docker: build, compose up, rank through the balancer, scale, kill a ranker
 # and stop Redis under load, the cluster profile (docker/compose_test.py; skips without an engine).
