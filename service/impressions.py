@@ -12,8 +12,8 @@ owned by the app's lifespan, which writes whatever has gathered in the buffer as
 Why a thread: a record of 200 candidates and a 100-item history is ~20 kB of JSON; building it,
 encoding it and sending it took 0.5-0.9 ms of the event loop's CPU per answer (measured), and a batch
 of them held every request waiting on the loop (its JSON parsing, its answer) for milliseconds at a
-time. The writer thread runs niced, and sleeps YIELD_S after each record so that the GIL goes to the
-loop when it waits: the loop waits on the writer for about one record at most. The record is encoded
+time. The writer thread sleeps YIELD_S after each record so that the GIL goes to the loop when it
+waits: the loop waits on the writer for about one record at most. The record is encoded
 from plain dicts (`encode`, ~0.15 ms: 4x faster than building the dataclasses and encoding those).
 
 - Bounded: at most DIN_LOG_BUFFER impressions wait; one more is dropped (`buffer_full`). A batch Redis
@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 
 FLUSH_MAX = 256  # impressions per pipeline (a record of 200 candidates is ~15 kB of JSON)
 STOP_FLUSH_S = 2.0  # at shutdown, how long the last records may take to be written
-WRITER_NICE = 10  # the writer thread's CPU priority (Linux threads have their own): below the loop's
-YIELD_S = 0.00005  # after each record the writer sleeps this long: the GIL goes to the loop if it waits
+# After each record the writer sleeps this long, so the GIL goes to the event loop if it waits. (The
+# writer is not niced: on a busy machine a niced thread that holds the GIL waits long for a CPU, and
+# the loop waits with it: a priority inversion.)
+YIELD_S = 0.00005
 BUFFER_FULL, SHUTDOWN = "buffer_full", "shutdown"
 
 
@@ -180,8 +182,6 @@ class ImpressionLog:
     # ------------------------------------------------------------------ the writer thread
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # below the event loop (see WRITER_NICE)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         writer = self._writer()
         try:
             while True:
