@@ -17,6 +17,9 @@ serving event loop. On a single Redis it follows the store's breaker (open: noth
 that stops answering opens it, one that answers closes it, each handed to the loop); on a Redis Cluster
 each master gets its own pipeline on a connection of its own, never retried, and a reply that says the
 slot map moved (or a node that failed) makes the writer read the topology again before its next batch.
+Its connections look host names up in the writer's thread (blocking): a name that stopped resolving
+holds up that thread alone (its records are dropped, counted), never the loop nor the store's lookups
+(`service.store.resolve`).
 """
 
 from __future__ import annotations
