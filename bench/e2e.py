@@ -194,12 +194,27 @@ def max_rate_at_p99(
     )
 
 
-def measure(name: str, url: str, mix: Mix, args: argparse.Namespace, open_loop: bool) -> dict[str, Any]:
-    warm = mix.payloads(30, seed=99)
-    asyncio.run(run_closed(url, warm, connections=2, duration=2.0))
-    closed: ClosedLoopResult = asyncio.run(
-        run_closed(url, mix.payloads(2000, seed=1), connections=args.connections, duration=args.duration)
+def add_workload_options(ap: argparse.ArgumentParser, *, duration: float, duration_help: str) -> None:
+    """The workload options the end-to-end benchmarks share; the defaults are `make bench`'s setting."""
+    ap.add_argument(
+        "--workdir", type=Path, default=ROOT / ".din" / "demo", help="where the model is (or is built)"
     )
+    ap.add_argument("--users", type=int, default=500, help="users with full histories in Redis")
+    ap.add_argument("--candidates", type=int, default=200, help="candidates a request")
+    ap.add_argument("--connections", type=int, default=8, help="closed-loop clients")
+    ap.add_argument("--duration", type=float, default=duration, help=duration_help)
+
+
+def closed_loop(url: str, mix: Mix, connections: int, duration: float) -> ClosedLoopResult:
+    """A warm-up (2 clients, 2 s), then `connections` closed-loop clients for `duration` seconds."""
+    asyncio.run(run_closed(url, mix.payloads(30, seed=99), connections=2, duration=2.0))
+    return asyncio.run(
+        run_closed(url, mix.payloads(2000, seed=1), connections=connections, duration=duration)
+    )
+
+
+def measure(name: str, url: str, mix: Mix, args: argparse.Namespace, open_loop: bool) -> dict[str, Any]:
+    closed = closed_loop(url, mix, args.connections, args.duration)
     print(
         f"  {name}: closed loop x{args.connections}: {closed.throughput:,.1f} req/s, "
         f"p50 {fmt(closed.latency_ms.get('p50'))} ms, p99 {fmt(closed.latency_ms.get('p99'))} ms, "
@@ -227,14 +242,8 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--workdir", type=Path, default=ROOT / ".din" / "demo", help="where the model is (or is built)"
-    )
+    add_workload_options(ap, duration=15.0, duration_help="closed-loop seconds per service")
     ap.add_argument("--epochs", type=int, default=1, help="training epochs when the model is built here")
-    ap.add_argument("--users", type=int, default=500, help="users with full histories in Redis")
-    ap.add_argument("--candidates", type=int, default=200, help="candidates a request")
-    ap.add_argument("--connections", type=int, default=8, help="closed-loop clients")
-    ap.add_argument("--duration", type=float, default=15.0, help="closed-loop seconds per service")
     ap.add_argument("--step-duration", type=float, default=4.0, help="open-loop seconds per rate tried")
     ap.add_argument("--p99-ms", type=float, default=50.0, help="open-loop objective")
     ap.add_argument("--no-open-loop", action="store_true", help="closed loop only")

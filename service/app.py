@@ -92,8 +92,8 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             r = ranker if ranker is not None else await asyncio.to_thread(load_ranker, settings)
             state.live.swap(r)
-            state.store = await _open_store(state, stack)
-            state.impressions = _start_impression_log(state, stack)
+            state.store, redis_url = await _open_store(state, stack)
+            state.impressions = _start_impression_log(state, stack, redis_url)
             state.batcher = _start_batcher(state, stack)
             describe(state.metrics, r)
             _reload_on_sighup(state, stack)
@@ -124,9 +124,9 @@ def create_app(
     return app
 
 
-async def _open_store(state: AppState, stack: contextlib.AsyncExitStack) -> HistoryStore:
+async def _open_store(state: AppState, stack: contextlib.AsyncExitStack) -> tuple[HistoryStore, str]:
     """The Redis endpoint (a private redis-server when no URL is set), its client and the HistoryStore
-    over it, each closed by `stack`."""
+    over it, each closed by `stack`: (the store, the endpoint's URL)."""
     redis_cfg = state.settings.redis
     endpoint = await asyncio.to_thread(stack.enter_context, redis_endpoint(redis_cfg))
     if endpoint.private:
@@ -138,17 +138,20 @@ async def _open_store(state: AppState, stack: contextlib.AsyncExitStack) -> Hist
     stack.push_async_callback(store.aclose)
     if store.breaker is not None:  # din_redis_up follows it between /readyz pings
         store.breaker.on_change = lambda up: state.metrics.redis_up.set(int(up))
-    return store
+    return store, endpoint.url
 
 
-def _start_impression_log(state: AppState, stack: contextlib.AsyncExitStack) -> ImpressionLog | None:
-    """With DIN_LOG_IMPRESSIONS: the impression log's writer, started now, stopped by `stack` after the
-    batcher (its last answers are logged) and before the store closes."""
+def _start_impression_log(
+    state: AppState, stack: contextlib.AsyncExitStack, redis_url: str
+) -> ImpressionLog | None:
+    """With DIN_LOG_IMPRESSIONS: the impression log's writer thread (its own client on `redis_url`, the
+    store's endpoint), started now, stopped by `stack` after the batcher (its last answers are logged)
+    and before the store closes."""
     settings = state.settings
     if not settings.log_impressions:
         return None
     assert state.store is not None
-    impressions = ImpressionLog(state.store, settings, state.metrics)
+    impressions = ImpressionLog(state.store, settings, state.metrics, url=redis_url)
     impressions.start()
     stack.push_async_callback(impressions.stop)
     log.info(

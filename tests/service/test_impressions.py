@@ -6,9 +6,11 @@ records feedback naming an impression with the event. With the log off nothing i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +23,14 @@ import redis
 from redis.cluster import RedisCluster
 
 from contracts.records import Feedback, Impression
-from service.impressions import new_impression_id, sampled
+from service.impressions import STOP_FLUSH_S, Answered, ImpressionLog, new_impression_id, sampled
+from service.metrics import Metrics
+from service.ports import free_port
+from service.store.client import RedisConfig, async_client
 from service.store.embedded import EmbeddedRedis
+from service.store.history import HistoryStore
 from service.store.keys import feedback_key, impressions_key, log_shard, log_slot
+from service.store.streams import REDIS_DOWN, REDIS_ERROR, WRITTEN, StreamWriter
 from tests.redis_cluster import cluster_url as cluster_url  # fixtures
 from tests.redis_cluster import redis_cluster as redis_cluster
 from tests.service.conftest import (
@@ -33,6 +40,7 @@ from tests.service.conftest import (
     LiveServer,
     make_settings,
     metric_value,
+    run,
     seed_histories,
 )
 from tests.service.test_faults import CANDIDATES, Load, assert_only_200_or_overloaded, serving
@@ -401,3 +409,193 @@ def test_on_a_cluster_the_log_is_spread_over_streams_on_different_masters(
         assert cluster.lrange("din:hist:u1", 0, -1) == ["i7"]
     finally:
         cluster.close()
+
+
+# ------------------------------------------------------------------ the writer thread
+
+
+def _answers(bundle: BundleInfo, n: int, *, scorer: bool = True, seed: int = 0) -> list[Answered]:
+    """`n` answers as /rank hands them to the log: all the bundle's items as candidates, a history of
+    its items, scored by a real model (its categories) or by none."""
+    import random
+
+    import numpy as np
+
+    from service.inference import RankResult
+    from service.live import load_ranker
+
+    ranker = load_ranker(make_settings(bundle.path, None))
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        candidates = [*rng.sample(bundle.items, len(bundle.items)), "not-an-item"]
+        history = tuple(rng.sample(bundle.items, min(MAX_HISTORY, len(bundle.items))))
+        scores = np.array([rng.random() for _ in candidates], dtype=np.float32)
+        order = np.argsort(-scores)[: 1 + k % len(candidates)]  # top_k: 1, 2, ... candidates
+        degraded = "history_unreadable" if k % 7 == 3 else None
+        result = RankResult(
+            scores,
+            len(history),
+            degraded,
+            ranker.model_version,
+            None,
+            () if degraded else history,
+            ranker if scorer else None,
+        )
+        out.append(Answered(new_impression_id(), time.time(), f"u{k}", candidates, order, result))
+    return out
+
+
+def _log(bundle: BundleInfo, url: str | None, store: Any = None, **kw: Any) -> tuple[ImpressionLog, Metrics]:
+    metrics = Metrics()
+    return ImpressionLog(
+        store, make_settings(bundle.path, url, log_impressions=True, **kw), metrics, url=url
+    ), metrics
+
+
+def _counter(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client import generate_latest
+
+    return metric_value(generate_latest(metrics.registry).decode(), name, labels)
+
+
+@pytest.mark.parametrize("log_candidates", [0, 3])
+def test_the_record_is_encoded_to_exactly_the_json_of_the_records_dataclass(
+    bundle: BundleInfo, log_candidates: int
+) -> None:
+    """The writer encodes from plain dicts (fast); the bytes are those of `orjson.dumps(record)`."""
+    log, _ = _log(bundle, None, log_candidates=log_candidates)
+    answers = _answers(bundle, 12) + _answers(bundle, 3, scorer=False, seed=1)
+    for a in answers:
+        encoded = log.encode(a)
+        assert encoded == orjson.dumps(log.record(a))
+        assert Impression.from_dict(orjson.loads(encoded)) == log.record(a)
+    assert any(c.category is not None for c in log.record(answers[0]).candidates)
+
+
+def test_the_writer_encodes_and_writes_off_the_event_loop(bundle: BundleInfo, redis_url: str) -> None:
+    """Every record is built, encoded and sent by the writer's own thread (its own Redis client): the
+    event loop only appends to the buffer. stop() writes what is buffered."""
+    answers = _answers(bundle, 40)
+
+    async def go() -> tuple[set[str], str]:
+        client = async_client(redis_url, RedisConfig(url=redis_url))
+        store = HistoryStore(client)
+        log, metrics = _log(bundle, redis_url, store)
+        threads: set[str] = set()
+        encode = log.encode
+
+        def spying(a: Answered) -> bytes:
+            threads.add(threading.current_thread().name)
+            return encode(a)
+
+        log.encode = spying  # type: ignore[method-assign]
+        log.start()
+        for a in answers[:20]:
+            log.offer(a)
+            await asyncio.sleep(0.001)
+        for a in answers[20:]:  # at once: stop() must still write them
+            log.offer(a)
+        await log.stop()
+        assert _counter(metrics, "din_impressions_logged_total") == 40
+        assert _counter(metrics, "din_impressions_buffered") == 0
+        await store.aclose()
+        await client.aclose()
+        return threads, threading.current_thread().name
+
+    threads, loop_thread = run(go())
+    assert threads == {"impression-log"} and loop_thread not in threads
+    logged = _records(redis_url)
+    assert [rec["impression_id"] for rec in logged] == [a.impression_id for a in answers]
+
+
+def test_stop_is_bounded_when_redis_does_not_answer(bundle: BundleInfo, redis_url: str) -> None:
+    """Redis holds the writer's pipeline: stop() returns within STOP_FLUSH_S (and a little), the batch
+    on its way counted `unconfirmed`, the rest `shutdown`; the writer, once its send ends, counts
+    nothing twice."""
+    answers = _answers(bundle, 10)
+
+    async def go(proxy: FaultProxy) -> tuple[Metrics, threading.Thread]:
+        client = async_client(proxy.url, RedisConfig(url=proxy.url))
+        store = HistoryStore(client)
+        log, metrics = _log(bundle, proxy.url, store, redis_timeout_ms=10_000)
+        log.start()
+        thread = log._thread
+        assert thread is not None
+        proxy.hold(FaultProxy.TO_SERVER)
+        log.offer(answers[0])
+        deadline = time.monotonic() + 5
+        while log._in_flight == 0:  # the first batch is on its way
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        for a in answers[1:]:
+            log.offer(a)
+        t0 = time.monotonic()
+        await log.stop()
+        assert time.monotonic() - t0 < STOP_FLUSH_S + 1.0
+        await client.aclose()
+        return metrics, thread
+
+    with FaultProxy(redis_url) as proxy:
+        metrics, thread = run(go(proxy))
+        dropped = {
+            why: _counter(metrics, "din_impressions_dropped_total", {"reason": why})
+            for why in ("unconfirmed", "shutdown", "redis_down", "buffer_full")
+        }
+        assert dropped == {"unconfirmed": 1, "shutdown": 9, "redis_down": 0, "buffer_full": 0}
+        proxy.release(FaultProxy.TO_SERVER)
+        thread.join(15)
+        assert not thread.is_alive()
+    assert _counter(metrics, "din_impressions_logged_total") == 0  # counted once, as unconfirmed
+    assert _counter(metrics, "din_impressions_dropped_total", {"reason": "unconfirmed"}) == 1
+
+
+def test_the_stream_writer_on_a_single_redis(redis_url: str) -> None:
+    """Its own blocking client: written, an error reply per entry, nothing sent while the breaker is
+    open, a Redis that is not there found down (and reported), never raising."""
+    cfg = RedisConfig(url=redis_url, timeout_s=5.0)
+    r = _redis(redis_url)
+    r.set("din:log:not-a-stream", "x")
+    calls: list[str] = []
+    writer = StreamWriter(redis_url, cfg, failed=calls.append, succeeded=lambda: calls.append("ok"))
+    try:
+        entries = [(IMP, b'{"n": 1}'), ("din:log:not-a-stream", b"{}"), (IMP, b'{"n": 2}')]
+        assert writer.append(entries, 100) == [WRITTEN, REDIS_ERROR, WRITTEN]
+        assert [f["record"] for _, f in r.xrange(IMP)] == ['{"n": 1}', '{"n": 2}']
+        assert calls == ["ok"] and writer.append([], 100) == []
+    finally:
+        writer.close()
+    shut = StreamWriter(redis_url, cfg, down=lambda: True, failed=calls.append)
+    assert shut.append([(IMP, b"{}")], 100) == [REDIS_DOWN] and r.xlen(IMP) == 2  # nothing sent
+    r.close()
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    gone = StreamWriter(nowhere, RedisConfig(url=nowhere, connect_timeout_s=1.0), failed=calls.append)
+    try:
+        assert gone.append([(IMP, b"{}")] * 3, 100) == [REDIS_DOWN] * 3
+        assert len(calls) == 2 and "Connection" in calls[1]
+    finally:
+        gone.close()
+
+
+@pytest.mark.slow
+def test_the_stream_writer_on_a_cluster_writes_each_stream_on_its_master(cluster_url: str) -> None:
+    cfg = RedisConfig(url=cluster_url, cluster=True, timeout_s=5.0)
+    keys = [impressions_key("din:", k, 3) for k in range(3)]
+    cluster = RedisCluster.from_url(cluster_url, decode_responses=True)
+    cluster.set("{s0}not-a-stream", "x")
+    writer = StreamWriter(cluster_url, cfg)
+    try:
+        entries = [(keys[n % 3], f'{{"n": {n}}}'.encode()) for n in range(12)]
+        entries.append(("{s0}not-a-stream", b"{}"))
+        assert writer.append(entries, 100) == [WRITTEN] * 12 + [REDIS_ERROR]
+        for k, key in enumerate(keys):
+            got = [orjson.loads(f["record"])["n"] for _, f in cluster.xrange(key)]
+            assert got == [n for n in range(12) if n % 3 == k]
+        assert len({cluster.get_node_from_key(key).name for key in keys}) == 3
+    finally:
+        writer.close()
+        cluster.close()
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    gone = StreamWriter(nowhere, RedisConfig(url=nowhere, cluster=True, connect_timeout_s=1.0))
+    assert gone.append([(keys[0], b"{}")], 100) == [REDIS_DOWN]
+    gone.close()
