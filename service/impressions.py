@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 
 FLUSH_MAX = 256  # impressions per pipeline (a record of 200 candidates is ~15 kB of JSON)
 STOP_FLUSH_S = 2.0  # at shutdown, how long the last records may take to be written
+# The writer's own reply timeout: a pipeline of 256 records of ~20 kB may take longer than a history
+# read's budget (DIN_REDIS_TIMEOUT_MS) on a busy host, and only the writer's thread waits for it.
+WRITER_TIMEOUT_S = 2.0
 # After each record the writer sleeps this long, so the GIL goes to the event loop if it waits. (The
 # writer is not niced: on a busy machine a niced thread that holds the GIL waits long for a CPU, and
 # the loop waits with it: a priority inversion.)
@@ -103,7 +107,9 @@ class ImpressionLog:
         self.store = store
         self.metrics = metrics
         self.url = url if url is not None else settings.redis.url
-        self.redis_cfg = settings.redis
+        self.redis_cfg = dataclasses.replace(
+            settings.redis, timeout_s=max(settings.redis.timeout_s, WRITER_TIMEOUT_S)
+        )
         self.prefix = settings.redis_prefix
         self.sample_rate = settings.log_sample_rate
         self.max_candidates = settings.log_candidates  # 0: every returned one

@@ -14,7 +14,9 @@ would grow without bound behind a Redis that is down, and a retried XADD may dup
 log's writer) over a blocking client of its own, built from the same endpoint and options as the
 store's (`service.store.client.sync_client`), so neither the encoding nor the round trips run on the
 serving event loop. On a single Redis it follows the store's breaker (open: nothing is sent; a Redis
-that stops answering opens it, one that answers closes it, each handed to the loop); on a Redis Cluster
+that cannot be reached opens it, one that answers closes it, each handed to the loop; a reply slower
+than the writer's own timeout drops the batch as `unconfirmed` but leaves the breaker alone: the
+breaker guards the history reads, and a big pipeline's slowness says little about theirs); on a Redis Cluster
 each master gets its own pipeline on a connection of its own, never retried, and a reply that says the
 slot map moved (or a node that failed) makes the writer read the topology again before its next batch.
 Its connections look host names up in the writer's thread (blocking): a name that stopped resolving
@@ -178,8 +180,8 @@ class StreamWriter:
                 for key, data in entries:
                     pipe.xadd(key, {FIELD: data}, maxlen=maxlen, approximate=True)
                 replies = pipe.execute(raise_on_error=False)
-        except RedisTimeoutError as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
+        except RedisTimeoutError:
+            # slow, not down: the breaker guards the history reads, and their own timeouts decide
             return [UNCONFIRMED] * len(entries)
         except (RedisConnectionError, ConnectionError, OSError) as exc:
             self._failed(f"{type(exc).__name__}: {exc}")

@@ -23,14 +23,21 @@ import redis
 from redis.cluster import RedisCluster
 
 from contracts.records import Feedback, Impression
-from service.impressions import STOP_FLUSH_S, Answered, ImpressionLog, new_impression_id, sampled
+from service.impressions import (
+    STOP_FLUSH_S,
+    WRITER_TIMEOUT_S,
+    Answered,
+    ImpressionLog,
+    new_impression_id,
+    sampled,
+)
 from service.metrics import Metrics
 from service.ports import free_port
 from service.store.client import RedisConfig, async_client
 from service.store.embedded import EmbeddedRedis
 from service.store.history import HistoryStore
 from service.store.keys import feedback_key, impressions_key, log_shard, log_slot
-from service.store.streams import REDIS_DOWN, REDIS_ERROR, WRITTEN, StreamWriter
+from service.store.streams import REDIS_DOWN, REDIS_ERROR, UNCONFIRMED, WRITTEN, StreamWriter
 from tests.redis_cluster import cluster_url as cluster_url  # fixtures
 from tests.redis_cluster import redis_cluster as redis_cluster
 from tests.service.conftest import (
@@ -575,6 +582,28 @@ def test_the_stream_writer_on_a_single_redis(redis_url: str) -> None:
         assert len(calls) == 2 and "Connection" in calls[1]
     finally:
         gone.close()
+
+
+def test_a_slow_reply_drops_the_batch_unconfirmed_and_leaves_the_breaker_alone(
+    bundle: BundleInfo, redis_url: str
+) -> None:
+    """A pipeline Redis is slow to answer (held past the writer's timeout) is `unconfirmed`, and the
+    store's breaker, which guards the history reads, is not told: slow logging never degrades /rank.
+    The log's writer gets a timeout of its own, never below WRITER_TIMEOUT_S."""
+    calls: list[str] = []
+    with FaultProxy(redis_url) as proxy:
+        cfg = RedisConfig(url=proxy.url, timeout_s=0.3)
+        writer = StreamWriter(proxy.url, cfg, failed=calls.append, succeeded=lambda: calls.append("ok"))
+        try:
+            assert writer.append([(IMP, b"{}")], 100) == [WRITTEN]
+            proxy.hold(FaultProxy.TO_CLIENT)
+            assert writer.append([(IMP, b"{}")] * 2, 100) == [UNCONFIRMED] * 2
+            assert calls == ["ok"]  # failed() never called
+        finally:
+            proxy.release(FaultProxy.TO_CLIENT)
+            writer.close()
+    log, _ = _log(bundle, redis_url, None, redis_timeout_ms=100)
+    assert log.redis_cfg.timeout_s == WRITER_TIMEOUT_S and log.redis_cfg.url == redis_url
 
 
 @pytest.mark.slow
