@@ -38,6 +38,7 @@ from typing import Any
 
 from contracts.errors import InvalidArgument, StageFailed
 from demo.pipeline import DEFAULT_WORKDIR, DEMO_EPOCHS, DEMO_ITEMS, DEMO_USERS, Demo, build
+from loop.simulate import DRIFT_KINDS
 
 DEFAULT_LOOP_DIR = ".din/loop"
 PREFIX = "din:"
@@ -54,6 +55,7 @@ class LoopConfig:
     candidates: int = 50
     top_k: int = 10
     relevant: float = 0.2
+    drift_kind: str = "rings"
     drift_fraction: float = 1.0
     drift_seed: int = 1
     seed: int = 0
@@ -238,7 +240,13 @@ def run_loop(demo: Demo, loop_dir: Path, cfg: LoopConfig, progress: bool = True)
         drift_step=n1,
         window_s=cfg.window_s,
     )
-    world = load_world(demo.raw, users=None, drift_fraction=cfg.drift_fraction, drift_seed=cfg.drift_seed)
+    world = load_world(
+        demo.raw,
+        users=None,
+        drift_fraction=cfg.drift_fraction,
+        drift_seed=cfg.drift_seed,
+        drift_kind=cfg.drift_kind,
+    )
     sim = Simulation(world, sim_cfg)
     max_history = int(json.loads((demo.bundle / "manifest.json").read_text())["max_history"])
     outcomes: list[Any] = []
@@ -408,6 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=d.candidates, help="candidates per request")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="items shown (and logged)")
     parser.add_argument("--relevant", type=float, default=d.relevant, help="as din simulate's")
+    parser.add_argument("--drift-kind", choices=DRIFT_KINDS, default=d.drift_kind, help="as din simulate's")
     parser.add_argument("--drift-fraction", type=float, default=d.drift_fraction, help="as din simulate's")
     parser.add_argument("--drift-seed", type=int, default=d.drift_seed)
     parser.add_argument("--seed", type=int, default=d.seed, help="the simulation's and the retrain's")
@@ -431,6 +440,7 @@ def run(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         top_k=args.top_k,
         relevant=args.relevant,
+        drift_kind=args.drift_kind,
         drift_fraction=args.drift_fraction,
         drift_seed=args.drift_seed,
         seed=args.seed,

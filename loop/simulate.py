@@ -78,14 +78,31 @@ EventsFn = Callable[[list[dict[str, Any]]], Awaitable[None]]
 # ---------------------------------------------------------------- the world
 
 
-def drift_truth(truth: Truth, fraction: float, seed: int) -> Truth:
-    """The world after the drift: a `fraction` of the ring slots (chosen by `seed`) swap their items.
+DRIFT_KINDS = ("rings", "trend")
+TREND_EXPLORE = 0.5  # a trend drift: the share of next items drawn by (the new) popularity
+TREND_SIGMA = 1.5  # and the log-normal spread of the popularity redrawn: a few new hits
 
-    Category sizes, popularity and item ids stay; an item that moves takes its new slot's category and
-    ring position, so the next-item process (and the click probabilities) follow the new rings."""
+
+def drift_truth(truth: Truth, fraction: float, seed: int, kind: str = "rings") -> Truth:
+    """The world after the drift, by `kind`:
+
+    - "rings": a `fraction` of the ring slots (chosen by `seed`) swap their items. Category sizes,
+      popularity and item ids stay; an item that moves takes its new slot's category and ring position,
+      so the next-item process (and the click probabilities) follow the new rings.
+    - "trend": a `fraction` of the items get a new popularity, drawn log-normal with spread
+      TREND_SIGMA (new hits), and the share of next items drawn by popularity rises to TREND_EXPLORE
+      (if lower): what is in fashion changes, the rings stay."""
     if not 0.0 <= fraction <= 1.0:
         raise InvalidArgument(f"drift fraction must be in [0, 1], got {fraction}")
+    if kind not in DRIFT_KINDS:
+        raise InvalidArgument(f"drift kind must be one of {', '.join(DRIFT_KINDS)}, got {kind!r}")
     rng = np.random.default_rng([seed, 0xD81F7])
+    if kind == "trend":
+        pop = truth.pop.copy()
+        chosen = rng.choice(len(pop), size=round(fraction * len(pop)), replace=False)
+        fresh = rng.lognormal(0.0, TREND_SIGMA, len(chosen))
+        pop[chosen] = fresh / fresh.mean() * pop[chosen].mean()  # the chosen share keeps its total
+        return replace(truth, pop=pop, explore=max(truth.explore, TREND_EXPLORE))  # the total stays 1
     m = len(truth.ring_items)
     slots = np.sort(rng.choice(m, size=round(fraction * m), replace=False))
     ring_items = truth.ring_items.copy()
@@ -153,7 +170,9 @@ class World:
         return self.drifted if after_drift else self.truth
 
 
-def load_world(raw: Path, *, users: int | None, drift_fraction: float, drift_seed: int) -> World:
+def load_world(
+    raw: Path, *, users: int | None, drift_fraction: float, drift_seed: int, drift_kind: str = "rings"
+) -> World:
     """The `din synth` world in `raw` (truth.npz + reviews.json.gz); the first `users` users (file order)."""
     from model.data import read_reviews
 
@@ -169,7 +188,8 @@ def load_world(raw: Path, *, users: int | None, drift_fraction: float, drift_see
     histories = [
         item[order[ends[u] - counts[u] : ends[u]]][:MAX_HIDDEN_HISTORY].tolist() for u in range(n_users)
     ]
-    return World(truth, drift_truth(truth, drift_fraction, drift_seed), r.user_ids[:n_users], histories)
+    drifted = drift_truth(truth, drift_fraction, drift_seed, drift_kind)
+    return World(truth, drifted, r.user_ids[:n_users], histories)
 
 
 # ---------------------------------------------------------------- metrics
@@ -548,7 +568,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     drift = parser.add_mutually_exclusive_group()
     drift.add_argument("--drift-at", type=float, default=None, help="drift at this second of the schedule")
     drift.add_argument("--drift-after", type=int, default=None, help="drift after this many requests")
-    parser.add_argument("--drift-fraction", type=float, default=1.0, help="share of ring slots reshuffled")
+    parser.add_argument(
+        "--drift-kind",
+        choices=DRIFT_KINDS,
+        default="rings",
+        help="rings: ring slots reshuffled (tastes move); trend: popularity redrawn, more next items by it",
+    )
+    parser.add_argument(
+        "--drift-fraction", type=float, default=1.0, help="share of ring slots (or items, trend) redrawn"
+    )
     parser.add_argument("--drift-seed", type=int, default=1, help="which slots, which shuffle")
     parser.add_argument("--window", type=float, default=d.window_s, help="seconds per window of the series")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP call")
@@ -606,7 +634,13 @@ def _world(args: argparse.Namespace, tmp: str) -> World:
         generate(raw, params)
     elif not raw.is_dir():
         raise InvalidArgument(f"--raw {raw}: no such directory (a `din synth --out` directory)")
-    return load_world(raw, users=args.users, drift_fraction=args.drift_fraction, drift_seed=args.drift_seed)
+    return load_world(
+        raw,
+        users=args.users,
+        drift_fraction=args.drift_fraction,
+        drift_seed=args.drift_seed,
+        drift_kind=args.drift_kind,
+    )
 
 
 async def _run(sim: Simulation, args: argparse.Namespace) -> tuple[list[Outcome], int, float]:

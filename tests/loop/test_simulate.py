@@ -19,7 +19,9 @@ import pytest
 import redis
 import torch
 
+from contracts.errors import InvalidArgument
 from loop.simulate import (
+    TREND_EXPLORE,
     Outcome,
     SimConfig,
     Simulation,
@@ -205,6 +207,26 @@ def test_drift_reshuffles_the_rings_and_changes_the_true_click_probabilities(raw
     assert before["expected_ctr"] == pytest.approx(before["oracle_ctr"], rel=0.02)
     assert after["expected_ctr"] < 0.75 * after["oracle_ctr"]
     assert before["auc"] > 0.7 and after["auc"] < before["auc"] - 0.15
+
+
+def test_a_trend_drift_redraws_popularity_keeps_the_rings_and_stales_the_ranking(raw: Path) -> None:
+    t = _world(raw).truth
+    d = drift_truth(t, 0.5, seed=1, kind="trend")
+    assert np.array_equal(d.ring_items, t.ring_items) and np.array_equal(d.item_cat, t.item_cat)
+    assert d.pop.sum() == pytest.approx(1.0) and d.explore == TREND_EXPLORE > t.explore
+    moved = d.pop != t.pop
+    assert moved.sum() == pytest.approx(0.5 * len(t.pop), abs=1)  # the chosen half, and only it
+    # the new hits: the spread of the redrawn share is wider than the old one's
+    assert np.std(np.log(d.pop[moved])) > np.std(np.log(t.pop[moved])) * 1.4
+    with pytest.raises(InvalidArgument, match="drift kind must be one of rings, trend"):
+        drift_truth(t, 0.5, seed=1, kind="fashion")
+    world = load_world(raw, users=None, drift_fraction=1.0, drift_seed=1, drift_kind="trend")
+    cfg = SimConfig(seed=2, requests=300, rate=1e6, drift_step=150, candidates=30)
+    outs, _ = asyncio.run(simulate(Simulation(world, cfg), _stale_oracle(world), _no_events))
+    r = summarise(outs, cfg)
+    before, after = r.phases["before drift"], r.phases["after drift"]
+    assert before["expected_ctr"] == pytest.approx(before["oracle_ctr"], rel=0.02)
+    assert after["expected_ctr"] < 0.9 * after["oracle_ctr"]
 
 
 def test_position_bias_lowers_the_click_probability_down_the_list(raw: Path) -> None:
