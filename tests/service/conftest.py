@@ -77,16 +77,29 @@ def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_H
     return BundleInfo(model, items, path, manifest)
 
 
+# The session bundles, made once per test process. Other packages' tests import the `bundle` fixture
+# (tests/loadtest/conftest.py, tests/test_docker.py, tests/loop/...), and pytest makes an imported
+# fixture the importing module's own: a session fixture per importer, and an export (two traced
+# graphs, the longest setup of the suite) each time, of the same model. Treat them as read-only.
+_SESSION_BUNDLES: dict[str, BundleInfo] = {}
+
+
+def _session_bundle(tmp_path_factory: pytest.TempPathFactory, version: str, **kw: Any) -> BundleInfo:
+    if version not in _SESSION_BUNDLES:
+        path = tmp_path_factory.mktemp("bundle") / "bundle"
+        _SESSION_BUNDLES[version] = make_bundle(path, version=version, **kw)
+    return _SESSION_BUNDLES[version]
+
+
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle", seed=7, version="test-v1")
+    return _session_bundle(tmp_path_factory, "test-v1", seed=7)
 
 
 @pytest.fixture(scope="session")
 def bundle_v2(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
     """Another model (other weights, a shorter T) for hot reloads."""
-    path = tmp_path_factory.mktemp("bundle") / "bundle"
-    return make_bundle(path, seed=11, version="test-v2", max_history=10)
+    return _session_bundle(tmp_path_factory, "test-v2", seed=11, max_history=10)
 
 
 def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settings:
