@@ -102,6 +102,34 @@ def bundle_v2(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
     return _session_bundle(tmp_path_factory, "test-v2", seed=11, max_history=10)
 
 
+TRAINED_T = 20  # the trained run's max_history: below the longest histories, so truncation is exercised
+
+
+def din_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`din ARGS` in a process of its own, as a user runs it; it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"din {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A model as a user makes one: din synth data -> din prepare (max_history TRAINED_T) -> din train
+    (2 epochs) -> din export, each in a process of its own: {"raw", "data", "run", "bundle"}, read-only.
+    Training and exporting are among the suite's longest setups (a minute on 2 cores): the held-out
+    checks (test_end_to_end, test_explain_heldout) share this one."""
+    from model.synth import SynthParams, generate
+
+    root = tmp_path_factory.mktemp("e2e")
+    raw, data, run, bundle = root / "raw", root / "data", root / "run", root / "bundle"
+    generate(raw, SynthParams(users=120, items=150, categories=5, events_per_user=15.0, seed=3))
+    din_cli("prepare", "--reviews", str(raw / "reviews.json.gz"), "--meta", str(raw / "meta.json.gz"),
+            "--out", str(data), "--max-history", str(TRAINED_T), "--no-progress")  # fmt: skip
+    din_cli("train", "--data", str(data), "--out", str(run), "--epochs", "2", "--no-progress")
+    din_cli("export", str(run), "--out", str(bundle))
+    return {"raw": raw, "data": data, "run": run, "bundle": bundle}
+
+
 def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settings:
     base: dict[str, Any] = {
         "bundle": bundle_path,
