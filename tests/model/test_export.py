@@ -313,10 +313,16 @@ def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_p
     assert again["model_version"] == manifest["model_version"]
 
 
+OTHER: dict = {"seed": 3, "pooling": "sum"}  # another model than make_model()'s: its first variant
+
+
 @pytest.mark.parametrize("kw", [{"pooling": "sum"}, {"att_softmax": True, "head_activation": "prelu"}])
-def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
+def test_variants_export_within_tolerance(tmp_path: Path, export_cache: ExportCache, kw: dict) -> None:
     model, items = make_model(seed=3, **kw)
     manifest = export_model(model, items, tmp_path / "b")
+    # real exports: kept for the tests that need a second model (OTHER) and use `reused_exports`
+    export_cache.add(model, tmp_path / "b" / "model.onnx")
+    export_cache.add(model, tmp_path / "b" / "explain.onnx", explaining=True)
     assert manifest["parity"]["max_abs_diff"] <= 1e-5
     assert manifest["explain"]["parity"]["max_abs_diff"] <= 1e-5
     check_parity_here(model, items, tmp_path / "b" / "model.onnx")
@@ -387,7 +393,7 @@ def test_export_replaces_an_existing_bundle(
         return swapped[-1]
 
     monkeypatch.setattr(export_mod, "_exchange", exchange)
-    model, items = make_model(seed=1)
+    model, items = make_model(**OTHER)
     manifest = export_model(model, items, out, name="unit")
     if swap == "exchange" and swapped != [True]:
         pytest.skip("renameat2 RENAME_EXCHANGE is not available here")
@@ -431,7 +437,7 @@ def test_failed_export_leaves_the_old_bundle_untouched(
 
         monkeypatch.setattr(Path, "rename", rename)
         expected = (OSError, "disk on fire")
-    model, items = make_model(seed=1)
+    model, items = make_model(**OTHER)
     with pytest.raises(expected[0], match=expected[1]):
         export_model(model, items, out)
     assert _snapshot(out) == before
