@@ -58,8 +58,21 @@ class BundleInfo:
             return torch.sigmoid(self.model(target, h, hist_len)).tolist()
 
 
-def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_HISTORY) -> BundleInfo:
-    """Export a random DIN (weights scaled so scores spread) as a bundle at `path`."""
+def make_bundle(
+    path: Path,
+    *,
+    seed: int,
+    version: str,
+    max_history: int = MAX_HISTORY,
+    graphs_of: BundleInfo | None = None,
+) -> BundleInfo:
+    """Export a random DIN (weights scaled so scores spread) as a bundle at `path`.
+
+    `graphs_of`: a bundle of the same weights (the same seed), perhaps another max_history, whose
+    traced graphs (model.onnx, explain.onnx: what the exporter's `_export_onnx` wrote) this export
+    takes instead of tracing them again. The graph does not read max_history (DIN's forward never
+    does: the service cuts histories to the manifest's); everything after the trace runs as usual,
+    the parity checks at this bundle's T included."""
     g = torch.Generator().manual_seed(7)
     item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
     item_cate[0], item_cate[1] = 0, 1
@@ -71,10 +84,34 @@ def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_H
     model.eval()
     items = ["<pad>", "<oov>", *(f"i{k}" for k in range(2, N_ITEMS))]
     categories = ["<pad>", "<oov>", *(f"c{k}" for k in range(2, N_CATE))]
-    manifest = export_model(
-        model, items, path, model_version=version, metrics={"auc": 0.5}, categories=categories
-    )
+    with contextlib.ExitStack() as stack:
+        if graphs_of is not None:
+            stack.enter_context(_graphs_copied_from(graphs_of, model))
+        manifest = export_model(
+            model, items, path, model_version=version, metrics={"auc": 0.5}, categories=categories
+        )
     return BundleInfo(model, items, path, manifest)
+
+
+@contextlib.contextmanager
+def _graphs_copied_from(source: BundleInfo, model: DIN) -> Iterator[None]:
+    import dataclasses
+    import shutil
+
+    import model.export as export_mod
+
+    same_cfg = dataclasses.replace(source.model.cfg, max_history=model.cfg.max_history) == model.cfg
+    theirs, ours = source.model.state_dict(), model.state_dict()
+    same_weights = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert type(source.model) is type(model) and same_cfg and same_weights, "not the same model"
+
+    def copy_graph(m: DIN, path: Path, *, explaining: bool = False, serve: Any = None) -> None:
+        assert m is model and serve is None, "the graphs copied are the serving and explaining ones"
+        shutil.copyfile(source.path / ("explain.onnx" if explaining else "model.onnx"), path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_mod, "_export_onnx", copy_graph)
+        yield
 
 
 # The session bundles, made once per test process. Other packages' tests import the `bundle` fixture

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bundle_t100(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle", seed=3, version="t100", max_history=100)
+def bundle_t100(bundle: BundleInfo, tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+    """The session bundle's model (its traced graphs reused) with T = 100."""
+    path = tmp_path_factory.mktemp("bundle") / "bundle"
+    return make_bundle(path, seed=7, version="t100", max_history=100, graphs_of=bundle)
 
 
 async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[tuple[int, dict]]:
