@@ -99,5 +99,10 @@ def test_overload_sheds_fast_and_keeps_goodput(
     assert at_door >= len(shed) / 2, {
         r: sum(1 for b in shed if b["reason"] == r) for r in ("deadline", "timeout")
     }
+    # The fastest quarter of the refusals: at once, with no wait for the work ahead. A few ms on an idle
+    # machine; on cores shared with other work every answer of this run stretches alike, so the bound
+    # grows with a quarter of the fastest 200 of the same run (one inference, little or no queue): a
+    # refusal that waited in the queue, or ran the model, takes at least that long and still fails.
     shed_ms = sorted(r["duration_ms"] for r in served if r["status"] == 503)
-    assert shed_ms[len(shed_ms) // 4] < 10, shed_ms[len(shed_ms) // 4]  # the fastest quarter: at once
+    quick, fastest_ok = shed_ms[len(shed_ms) // 4], min(ok_ms)
+    assert quick < max(10.0, fastest_ok / 4), (quick, fastest_ok)
