@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,15 +189,28 @@ class LocalCluster:
             time.sleep(0.05)
 
 
+_shared: LocalCluster | None = None
+
+
 @pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One healthy 3 + 3 cluster for the session (tests that kill nodes start their own)."""
-    with LocalCluster(tmp_path_factory.mktemp("cluster")) as cluster:
-        yield cluster
+def redis_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
+    """One healthy 3 + 3 cluster for the session (tests that kill nodes start their own).
+
+    The modules import this fixture, and pytest makes a fixture imported into a module that module's
+    own (a session fixture per module: a cluster each, ~10 s apiece). So the cluster is made once per
+    process here and stopped when the session ends; each test's `cluster_url` checks it is still whole."""
+    global _shared
+    if _shared is None:
+        cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).__enter__()
+        request.config.add_cleanup(cluster.stop)
+        _shared = cluster
+    return _shared
 
 
 @pytest.fixture
 def cluster_url(redis_cluster: LocalCluster) -> str:
     """The session cluster, emptied before the test: the URL of one of its nodes."""
+    assert all(n.alive for n in redis_cluster.nodes), "a test killed a node of the shared cluster"
+    redis_cluster.wait_healthy()
     redis_cluster.flush()
     return redis_cluster.url

@@ -15,14 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import model.export as export_mod
+from contracts.vocab import FIRST_ID, OOV_TOKEN, PAD_TOKEN
 from model.data import prepare
-from model.din import DIN
+from model.din import DIN, DINConfig, build_model
 from model.synth import SynthParams, generate
 
 SYNTH_PARAMS = SynthParams(users=300, items=400, categories=8, events_per_user=12.0, seed=7)
 PREPARED_MAX_HISTORY = 30  # below the longest users' histories, so truncation is exercised
+N_ITEMS, N_CATE = 300, 12  # make_model's
+
+
+def make_model(seed: int = 0, **cfg_kw: object) -> tuple[DIN, list[str]]:
+    """A random DIN (eval mode) and its item ids, for the export and bundle tests."""
+    g = torch.Generator().manual_seed(seed)
+    item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
+    item_cate[0], item_cate[1] = 0, 1
+    cfg = DINConfig(n_items=N_ITEMS, n_categories=N_CATE, max_history=20, **cfg_kw)  # type: ignore[arg-type]
+    model = build_model(cfg, item_cate, seed=seed)
+    with torch.no_grad():  # larger weights than at init, so scores spread and errors would show
+        for p in model.parameters():
+            p.mul_(3.0)
+    items = [PAD_TOKEN, OOV_TOKEN, *(f"item{i}" for i in range(FIRST_ID, N_ITEMS))]
+    return model.eval(), items
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +60,23 @@ def prepared_data(synth_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         out,
         max_history=PREPARED_MAX_HISTORY,
         seed=0,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_1epoch(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`din train` of prepared_data, one epoch (batch 256, seed 0, one thread): the run dir that the
+    scoring tests (test_score, test_score_explain) read. Treat it as read-only."""
+    from model.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run-1epoch") / "run"
+    train(
+        prepared_data,
+        out,
+        TrainConfig(epochs=1, batch_size=256, seed=0, threads=1),
+        progress=False,
+        verbose=False,
     )
     return out
 
@@ -98,3 +132,11 @@ def reused_exports(export_cache: ExportCache, monkeypatch: pytest.MonkeyPatch) -
     parity, the files, the swap) runs as usual."""
     monkeypatch.setattr(export_mod, "_export_onnx", export_cache.export_onnx)
     return export_cache
+
+
+def export_reusing(cache: ExportCache, *args: Any, **kw: Any) -> dict[str, Any]:
+    """`export_model(*args, **kw)` whose graphs come from `cache` (the real exporter's, traced the first
+    time the session exports these weights): for a fixture whose point is not the exporter."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_mod, "_export_onnx", cache.export_onnx)
+        return export_mod.export_model(*args, **kw)

@@ -15,37 +15,32 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 import model.export as export_mod
 from contracts.bundle import INPUTS, check_model, load_bundle
 from contracts.errors import BundleError, ExportError
-from model.din import DIN, DINConfig, build_model
+from model.din import DIN
 from model.export import export_model
+from tests.model.conftest import ExportCache, export_reusing, make_model
 
-N_ITEMS, N_CATE = 50, 6
 INT64, FLOAT = TensorProto.INT64, TensorProto.FLOAT
 ONNX = helper.make_opsetid("", 20)
 Spec = dict[str, tuple[int, list[str] | None]]  # value name -> (elem type, dims; None: no shape)
 
 
 def small_din() -> tuple[DIN, list[str]]:
-    """A small random DIN and its item ids, as tests/service/conftest.py makes them."""
-    g = torch.Generator().manual_seed(3)
-    item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
-    item_cate[0], item_cate[1] = 0, 1
-    cfg = DINConfig(n_items=N_ITEMS, n_categories=N_CATE, max_history=10)
-    items = ["<pad>", "<oov>", *(f"i{k}" for k in range(2, N_ITEMS))]
-    return build_model(cfg, item_cate, seed=3).eval(), items
+    """A random DIN and its item ids: the export tests' (tests/model/conftest.py make_model)."""
+    return make_model()
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real `din export` bundle."""
+def exported(tmp_path_factory: pytest.TempPathFactory, export_cache: ExportCache) -> Path:
+    """A real `din export` bundle (its graphs traced by the real exporter once a session for these
+    weights, and shared with tests/model/test_export.py's: the exporter is not what is tested here)."""
     path = tmp_path_factory.mktemp("bundle") / "bundle"
-    export_model(*small_din(), path, model_version="test-bundle")
+    export_reusing(export_cache, *small_din(), path, model_version="test-bundle")
     return path
 
 

@@ -15,25 +15,9 @@ import torch
 import model.export as export_mod
 from contracts.errors import ExportError
 from contracts.vocab import FIRST_ID, OOV, OOV_TOKEN, PAD, PAD_TOKEN, Vocab
-from model.din import DIN, DINConfig, build_model
+from model.din import DIN
 from model.export import export_model, parity_cases, sha256_file
-from tests.model.conftest import ExportCache
-
-N_ITEMS, N_CATE = 300, 12
-
-
-def make_model(seed: int = 0, **cfg_kw: object) -> tuple[DIN, list[str]]:
-    g = torch.Generator().manual_seed(seed)
-    item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
-    item_cate[0], item_cate[1] = 0, 1
-    cfg = DINConfig(n_items=N_ITEMS, n_categories=N_CATE, max_history=20, **cfg_kw)  # type: ignore[arg-type]
-    model = build_model(cfg, item_cate, seed=seed)
-    with torch.no_grad():  # larger weights than at init, so scores spread and errors would show
-        for p in model.parameters():
-            p.mul_(3.0)
-    items = [PAD_TOKEN, OOV_TOKEN, *(f"item{i}" for i in range(FIRST_ID, N_ITEMS))]
-    return model.eval(), items
-
+from tests.model.conftest import N_ITEMS, ExportCache, export_reusing, make_model
 
 GRAPH_FILES = ("model.onnx", "explain.onnx", "items.txt")  # the files the manifest lists
 FILES = ["explain.onnx", "items.txt", "manifest.json", "model.onnx"]  # what the bundle directory holds
@@ -41,12 +25,11 @@ FILES = ["explain.onnx", "items.txt", "manifest.json", "model.onnx"]  # what the
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, export_cache: ExportCache) -> tuple[DIN, Path, dict]:
-    """A real export of make_model(); its graphs are kept for the tests that use `reused_exports`."""
+    """An export of make_model(), its graphs the real exporter's (traced here, or already for these
+    weights by test_bundle's `exported`); they are kept for the tests that use `reused_exports`."""
     model, items = make_model()
     out = tmp_path_factory.mktemp("export") / "bundle"
-    manifest = export_model(model, items, out, metrics={"auc": 0.5}, name="unit")
-    export_cache.add(model, out / "model.onnx")
-    export_cache.add(model, out / "explain.onnx", explaining=True)
+    manifest = export_reusing(export_cache, model, items, out, metrics={"auc": 0.5}, name="unit")
     return model, out, manifest
 
 
@@ -330,10 +313,16 @@ def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_p
     assert again["model_version"] == manifest["model_version"]
 
 
+OTHER: dict = {"seed": 3, "pooling": "sum"}  # another model than make_model()'s: its first variant
+
+
 @pytest.mark.parametrize("kw", [{"pooling": "sum"}, {"att_softmax": True, "head_activation": "prelu"}])
-def test_variants_export_within_tolerance(tmp_path: Path, kw: dict) -> None:
+def test_variants_export_within_tolerance(tmp_path: Path, export_cache: ExportCache, kw: dict) -> None:
     model, items = make_model(seed=3, **kw)
     manifest = export_model(model, items, tmp_path / "b")
+    # real exports: kept for the tests that need a second model (OTHER) and use `reused_exports`
+    export_cache.add(model, tmp_path / "b" / "model.onnx")
+    export_cache.add(model, tmp_path / "b" / "explain.onnx", explaining=True)
     assert manifest["parity"]["max_abs_diff"] <= 1e-5
     assert manifest["explain"]["parity"]["max_abs_diff"] <= 1e-5
     check_parity_here(model, items, tmp_path / "b" / "model.onnx")
@@ -404,7 +393,7 @@ def test_export_replaces_an_existing_bundle(
         return swapped[-1]
 
     monkeypatch.setattr(export_mod, "_exchange", exchange)
-    model, items = make_model(seed=1)
+    model, items = make_model(**OTHER)
     manifest = export_model(model, items, out, name="unit")
     if swap == "exchange" and swapped != [True]:
         pytest.skip("renameat2 RENAME_EXCHANGE is not available here")
@@ -448,7 +437,7 @@ def test_failed_export_leaves_the_old_bundle_untouched(
 
         monkeypatch.setattr(Path, "rename", rename)
         expected = (OSError, "disk on fire")
-    model, items = make_model(seed=1)
+    model, items = make_model(**OTHER)
     with pytest.raises(expected[0], match=expected[1]):
         export_model(model, items, out)
     assert _snapshot(out) == before

@@ -15,7 +15,6 @@ from contracts.errors import DataError, RowError
 from contracts.vocab import known_ids
 from model.checkpoint import load_run
 from model.score import parse_row, score_rows
-from model.train import TrainConfig, train
 
 
 def _flat(scores: list[list[float]]) -> list[float]:
@@ -23,11 +22,9 @@ def _flat(scores: list[list[float]]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("score") / "run"
-    cfg = TrainConfig(epochs=1, batch_size=256, seed=0, threads=1)
-    train(prepared_data, out, cfg, progress=False, verbose=False)
-    return out
+def run_dir(run_1epoch: Path) -> Path:
+    """One epoch of `din train` on the prepared data: the session's, shared with the other scoring tests."""
+    return run_1epoch
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,12 @@ from cli import main as din
 from contracts.vocab import known_ids
 from model.checkpoint import load_run
 from model.score import contribution_rows, explain_rows, score_rows
-from model.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def run_dir(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("explain") / "run"
-    train(
-        prepared_data,
-        out,
-        TrainConfig(epochs=1, batch_size=256, seed=0, threads=1),
-        progress=False,
-        verbose=False,
-    )
-    return out
+def run_dir(run_1epoch: Path) -> Path:
+    """One epoch of `din train` on the prepared data: the session's, shared with the other scoring tests."""
+    return run_1epoch
 
 
 def _rows(items: list[str], T: int) -> list[dict]:

@@ -58,8 +58,21 @@ class BundleInfo:
             return torch.sigmoid(self.model(target, h, hist_len)).tolist()
 
 
-def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_HISTORY) -> BundleInfo:
-    """Export a random DIN (weights scaled so scores spread) as a bundle at `path`."""
+def make_bundle(
+    path: Path,
+    *,
+    seed: int,
+    version: str,
+    max_history: int = MAX_HISTORY,
+    graphs_of: BundleInfo | None = None,
+) -> BundleInfo:
+    """Export a random DIN (weights scaled so scores spread) as a bundle at `path`.
+
+    `graphs_of`: a bundle of the same weights (the same seed), perhaps another max_history, whose
+    traced graphs (model.onnx, explain.onnx: what the exporter's `_export_onnx` wrote) this export
+    takes instead of tracing them again. The graph does not read max_history (DIN's forward never
+    does: the service cuts histories to the manifest's); everything after the trace runs as usual,
+    the parity checks at this bundle's T included."""
     g = torch.Generator().manual_seed(7)
     item_cate = torch.randint(2, N_CATE, (N_ITEMS,), generator=g)
     item_cate[0], item_cate[1] = 0, 1
@@ -71,22 +84,87 @@ def make_bundle(path: Path, *, seed: int, version: str, max_history: int = MAX_H
     model.eval()
     items = ["<pad>", "<oov>", *(f"i{k}" for k in range(2, N_ITEMS))]
     categories = ["<pad>", "<oov>", *(f"c{k}" for k in range(2, N_CATE))]
-    manifest = export_model(
-        model, items, path, model_version=version, metrics={"auc": 0.5}, categories=categories
-    )
+    with contextlib.ExitStack() as stack:
+        if graphs_of is not None:
+            stack.enter_context(_graphs_copied_from(graphs_of, model))
+        manifest = export_model(
+            model, items, path, model_version=version, metrics={"auc": 0.5}, categories=categories
+        )
     return BundleInfo(model, items, path, manifest)
+
+
+@contextlib.contextmanager
+def _graphs_copied_from(source: BundleInfo, model: DIN) -> Iterator[None]:
+    import dataclasses
+    import shutil
+
+    import model.export as export_mod
+
+    same_cfg = dataclasses.replace(source.model.cfg, max_history=model.cfg.max_history) == model.cfg
+    theirs, ours = source.model.state_dict(), model.state_dict()
+    same_weights = theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert type(source.model) is type(model) and same_cfg and same_weights, "not the same model"
+
+    def copy_graph(m: DIN, path: Path, *, explaining: bool = False, serve: Any = None) -> None:
+        assert m is model and serve is None, "the graphs copied are the serving and explaining ones"
+        shutil.copyfile(source.path / ("explain.onnx" if explaining else "model.onnx"), path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_mod, "_export_onnx", copy_graph)
+        yield
+
+
+# The session bundles, made once per test process. Other packages' tests import the `bundle` fixture
+# (tests/loadtest/conftest.py, tests/test_docker.py, tests/loop/...), and pytest makes an imported
+# fixture the importing module's own: a session fixture per importer, and an export (two traced
+# graphs, the longest setup of the suite) each time, of the same model. Treat them as read-only.
+_SESSION_BUNDLES: dict[str, BundleInfo] = {}
+
+
+def _session_bundle(tmp_path_factory: pytest.TempPathFactory, version: str, **kw: Any) -> BundleInfo:
+    if version not in _SESSION_BUNDLES:
+        path = tmp_path_factory.mktemp("bundle") / "bundle"
+        _SESSION_BUNDLES[version] = make_bundle(path, version=version, **kw)
+    return _SESSION_BUNDLES[version]
 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle", seed=7, version="test-v1")
+    return _session_bundle(tmp_path_factory, "test-v1", seed=7)
 
 
 @pytest.fixture(scope="session")
 def bundle_v2(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
     """Another model (other weights, a shorter T) for hot reloads."""
-    path = tmp_path_factory.mktemp("bundle") / "bundle"
-    return make_bundle(path, seed=11, version="test-v2", max_history=10)
+    return _session_bundle(tmp_path_factory, "test-v2", seed=11, max_history=10)
+
+
+TRAINED_T = 20  # the trained run's max_history: below the longest histories, so truncation is exercised
+
+
+def din_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`din ARGS` in a process of its own, as a user runs it; it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"din {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A model as a user makes one: din synth data -> din prepare (max_history TRAINED_T) -> din train
+    (2 epochs) -> din export, each in a process of its own: {"raw", "data", "run", "bundle"}, read-only.
+    Training and exporting are among the suite's longest setups (a minute on 2 cores): the held-out
+    checks (test_end_to_end, test_explain_heldout) share this one."""
+    from model.synth import SynthParams, generate
+
+    root = tmp_path_factory.mktemp("e2e")
+    raw, data, run, bundle = root / "raw", root / "data", root / "run", root / "bundle"
+    generate(raw, SynthParams(users=120, items=150, categories=5, events_per_user=15.0, seed=3))
+    din_cli("prepare", "--reviews", str(raw / "reviews.json.gz"), "--meta", str(raw / "meta.json.gz"),
+            "--out", str(data), "--max-history", str(TRAINED_T), "--no-progress")  # fmt: skip
+    din_cli("train", "--data", str(data), "--out", str(run), "--epochs", "2", "--no-progress")
+    din_cli("export", str(run), "--out", str(bundle))
+    return {"raw": raw, "data": data, "run": run, "bundle": bundle}
 
 
 def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settings:

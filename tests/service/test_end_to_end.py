@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,35 +13,17 @@ import pytest
 
 from model.data import load_prepared
 from model.metrics import auc
-from model.synth import SynthParams, generate
-from tests.service.conftest import LiveServer, make_settings
+from tests.service.conftest import TRAINED_T, LiveServer, din_cli, make_settings
 
-T = 20  # below the longest histories, so truncation in seed, score and serving is exercised
+T = TRAINED_T  # below the longest histories, so truncation in seed, score and serving is exercised
 
-
-def din(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"din {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+pytestmark = pytest.mark.slow  # trains a model (the session's `trained`): a minute on 2 cores
 
 
-pytestmark = pytest.mark.slow  # trains a model: a minute on 2 cores
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("e2e")
-    raw, data, run, bundle = root / "raw", root / "data", root / "run", root / "bundle"
-    generate(raw, SynthParams(users=120, items=150, categories=5, events_per_user=15.0, seed=3))
-    din("prepare", "--reviews", str(raw / "reviews.json.gz"), "--meta", str(raw / "meta.json.gz"),
-        "--out", str(data), "--max-history", str(T), "--no-progress")  # fmt: skip
-    din("train", "--data", str(data), "--out", str(run), "--epochs", "2", "--no-progress")
-    din("export", str(run), "--out", str(bundle))
-    return {"root": root, "data": data, "run": run, "bundle": bundle}
-
-
-def test_served_scores_equal_din_score_on_held_out_pairs(trained: dict[str, Path], redis_url: str) -> None:
-    root, prep = trained["root"], load_prepared(trained["data"])
+def test_served_scores_equal_din_score_on_held_out_pairs(
+    trained: dict[str, Path], redis_url: str, tmp_path: Path
+) -> None:
+    root, prep = tmp_path, load_prepared(trained["data"])
     items = np.asarray(prep.items)
 
     # What the service will know: every user's behaviours except the held-out last one.
@@ -57,7 +37,7 @@ def test_served_scores_equal_din_score_on_held_out_pairs(trained: dict[str, Path
                     json.dumps({"reviewerID": user, "asin": item, "unixReviewTime": 1_600_000_000 + k}) + "\n"
                 )
             histories[user] = list(seq[::-1])
-    din(
+    din_cli(
         "seed", "--reviews", str(held_out), "--redis-url", redis_url, "--max-history", str(T), "--no-progress"
     )
 
@@ -71,7 +51,7 @@ def test_served_scores_equal_din_score_on_held_out_pairs(trained: dict[str, Path
     rows.write_text(
         "".join(json.dumps({"history": histories[u], "candidates": list(pairs[u])}) + "\n" for u in users)
     )
-    din("score", str(trained["run"]), "--input", str(rows), "--output", str(root / "scores.jsonl"))
+    din_cli("score", str(trained["run"]), "--input", str(rows), "--output", str(root / "scores.jsonl"))
     offline = [json.loads(line)["scores"] for line in (root / "scores.jsonl").read_text().splitlines()]
 
     labels, served, reference = [], [], []

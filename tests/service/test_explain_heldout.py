@@ -1,4 +1,5 @@
-"""The acceptance check, end to end: a model trained by `din train` and exported by `din export`, held-out
+"""The acceptance check, end to end: a model trained by `din train` and exported by `din export` (the
+session's `trained`, tests/service/conftest.py, shared with test_end_to_end), held-out
 (history, candidates) rows of its test split, `din score --explain` on them, and the same rows through
 `din serve`'s `/rank` with `explain` (histories from Redis for half, explicit for the other half). Every
 listed contribution and weight equals `din score --explain`'s at that position to 1e-5, `because` and
@@ -7,7 +8,6 @@ listed contribution and weight equals `din score --explain`'s at that position t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +15,13 @@ import pytest
 import redis
 
 from cli import main as din
-from model.data import load_prepared, prepare
-from model.export import export
-from model.synth import SynthParams, generate
-from model.train import TrainConfig, train
+from model.data import load_prepared
 from service.store.embedded import EmbeddedRedis
-from tests.service.conftest import LiveServer, make_settings
+from tests.service.conftest import TRAINED_T, LiveServer, make_settings
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
-T = 25  # the prepared data's max_history: below the longest histories, so truncation is exercised
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
-    """(prepared data, run dir, bundle): synth -> prepare -> train (1 epoch) -> export."""
-    root = tmp_path_factory.mktemp("heldout")
-    generate(root / "raw", SynthParams(users=250, items=300, categories=8, events_per_user=14.0, seed=5))
-    prepare(
-        root / "raw" / "reviews.json.gz", root / "raw" / "meta.json.gz", root / "data", max_history=T, seed=0
-    )
-    train(
-        root / "data", root / "run", TrainConfig(epochs=1, batch_size=256, seed=0, threads=1), progress=False
-    )
-    export(root / "run", root / "bundle")
-    yield root / "data", root / "run", root / "bundle"
+T = TRAINED_T  # the prepared data's max_history: below the longest histories, so truncation is exercised
 
 
 def heldout_rows(data_dir: Path, n: int = 12) -> list[dict]:
@@ -65,9 +47,9 @@ def heldout_rows(data_dir: Path, n: int = 12) -> list[dict]:
 
 
 def test_rank_explain_equals_din_score_explain_on_heldout_rows(
-    trained: tuple[Path, Path, Path], redis_server: EmbeddedRedis, tmp_path: Path
+    trained: dict[str, Path], redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    data_dir, run_dir, bundle = trained
+    data_dir, run_dir, bundle = trained["data"], trained["run"], trained["bundle"]
     rows = heldout_rows(data_dir)
     inp, out = tmp_path / "rows.jsonl", tmp_path / "scored.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bundle_t100(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
-    return make_bundle(tmp_path_factory.mktemp("bundle") / "bundle", seed=3, version="t100", max_history=100)
+def bundle_t100(bundle: BundleInfo, tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+    """The session bundle's model (its traced graphs reused) with T = 100."""
+    path = tmp_path_factory.mktemp("bundle") / "bundle"
+    return make_bundle(path, seed=7, version="t100", max_history=100, graphs_of=bundle)
 
 
 async def _open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[tuple[int, dict]]:
@@ -97,5 +99,10 @@ def test_overload_sheds_fast_and_keeps_goodput(
     assert at_door >= len(shed) / 2, {
         r: sum(1 for b in shed if b["reason"] == r) for r in ("deadline", "timeout")
     }
+    # The fastest quarter of the refusals: at once, with no wait for the work ahead. A few ms on an idle
+    # machine; on cores shared with other work every answer of this run stretches alike, so the bound
+    # grows with a quarter of the fastest 200 of the same run (one inference, little or no queue): a
+    # refusal that waited in the queue, or ran the model, takes at least that long and still fails.
     shed_ms = sorted(r["duration_ms"] for r in served if r["status"] == 503)
-    assert shed_ms[len(shed_ms) // 4] < 10, shed_ms[len(shed_ms) // 4]  # the fastest quarter: at once
+    quick, fastest_ok = shed_ms[len(shed_ms) // 4], min(ok_ms)
+    assert quick < max(10.0, fastest_ok / 4), (quick, fastest_ok)
