@@ -48,14 +48,14 @@ READY_TIMEOUT_S = 180.0
 
 @dataclass
 class LoopConfig:
-    rate: float = 40.0  # simulated requests per second
-    before_s: float = 45.0
-    after_s: float = 120.0
-    again_s: float = 60.0
+    rate: float = 100.0  # simulated requests per second
+    before_s: float = 20.0
+    after_s: float = 60.0  # 6,000 answers, 60,000 logged rows: the turn's training data
+    again_s: float = 30.0
     candidates: int = 50
     top_k: int = 10
     relevant: float = 0.2
-    drift_kind: str = "rings"
+    drift_kind: str = "trend"  # what minutes of traffic can teach (README: rings need far more)
     drift_fraction: float = 1.0
     drift_seed: int = 1
     seed: int = 0
