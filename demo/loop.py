@@ -367,35 +367,23 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_plot(result: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
+    from loop.simulate import plot_windows
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("din loop-demo: matplotlib is not installed (the `dev` extra): no plot", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(9.5, 4.8))
-    series = result["windows"]
-    t = [w["t"] for w in series]
-    for key, label in (("ctr", "online CTR"), ("oracle_ctr", "oracle CTR (ceiling)"), ("auc", "online AUC")):
-        ax.plot(t, [math.nan if w[key] is None else w[key] for w in series], marker=".", label=label)
     rate = result["config"]["rate"]
     drift, turn = (p["first"] / rate for p in result["phases"][1:])
-    ax.axvline(drift, color="grey", linestyle="--")
-    ax.text(drift, 0.02, " drift", color="grey")
     promoted = result["promotion"].get("promoted")
-    ax.axvline(turn, color="green" if promoted else "red", linestyle="--")
-    ax.text(turn, 0.02, " export, retrain, " + ("promote" if promoted else "refused"), color="grey")
-    ax.set_xlabel(f"seconds of the simulation's schedule ({result['config']['window_s']:g} s windows)")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title("din loop-demo: drift, then one turn of the loop")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    marks = [
+        (drift, "drift", "grey"),
+        (turn, "export, retrain, " + ("promote" if promoted else "refused"), "green" if promoted else "red"),
+    ]
+    return plot_windows(
+        result["windows"],
+        path,
+        title="din loop-demo: drift, then one turn of the loop",
+        xlabel=f"seconds of the simulation's schedule ({result['config']['window_s']:g} s windows)",
+        marks=marks,
+        who="din loop-demo",
+    )
 
 
 # ---------------------------------------------------------------- CLI

@@ -504,8 +504,17 @@ def format_table(report: Report) -> str:
     return "\n".join(rows)
 
 
-def write_plot(report: Report, path: Path) -> bool:
-    """CTR, oracle CTR and AUC per window, the drift marked. False (and a note) without matplotlib."""
+def plot_windows(
+    windows: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    marks: Sequence[tuple[float, str, str]] = (),
+    who: str = "din simulate",
+) -> bool:
+    """Online CTR, oracle CTR (the ceiling) and online AUC per window (dicts with `t` and those keys),
+    each mark (x, text, colour) a dashed line. False (and a note) without matplotlib."""
     try:
         # Imported here: matplotlib is in the `dev` extra only, and is slow to import.
         import matplotlib
@@ -513,25 +522,32 @@ def write_plot(report: Report, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("din simulate: matplotlib is not installed (the `dev` extra): no plot", file=sys.stderr)
+        print(f"{who}: matplotlib is not installed (the `dev` extra): no plot", file=sys.stderr)
         return False
-    t = [w["t"] for w in report.windows]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for key, label in (("ctr", "online CTR"), ("oracle_ctr", "oracle CTR"), ("auc", "online AUC")):
-        ys = [math.nan if w[key] is None else w[key] for w in report.windows]
-        ax.plot(t, ys, marker=".", label=label)
-    cfg = report.config
-    if cfg["drift_step"] is not None:
-        ax.axvline(cfg["drift_step"] / cfg["rate"], color="grey", linestyle="--", label="drift")
-    ax.set_xlabel(f"seconds of the schedule ({cfg['window_s']:g} s windows)")
+    t = [w["t"] for w in windows]
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
+    for key, label in (("ctr", "online CTR"), ("oracle_ctr", "oracle CTR (ceiling)"), ("auc", "online AUC")):
+        ax.plot(t, [math.nan if w[key] is None else w[key] for w in windows], marker=".", label=label)
+    for x, text, colour in marks:
+        ax.axvline(x, color=colour, linestyle="--")
+        ax.text(x, 0.02, " " + text, color="grey")
+    ax.set_xlabel(xlabel)
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower left")
-    ax.set_title("din simulate")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def write_plot(report: Report, path: Path) -> bool:
+    """CTR, oracle CTR and AUC per window, the drift marked."""
+    cfg = report.config
+    marks = [] if cfg["drift_step"] is None else [(cfg["drift_step"] / cfg["rate"], "drift", "grey")]
+    xlabel = f"seconds of the schedule ({cfg['window_s']:g} s windows)"
+    return plot_windows(report.windows, path, title="din simulate", xlabel=xlabel, marks=marks)
 
 
 # ---------------------------------------------------------------- CLI
