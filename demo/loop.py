@@ -62,6 +62,7 @@ class LoopConfig:
     epochs: int = 4
     valid_share: float = 0.2  # of the after-drift phase, validates the retrained model
     window_s: float = 5.0
+    export_window_s: float = EXPORT_WINDOW_S  # the attribution window of the exports
 
     def requests(self, seconds: float) -> int:
         return max(1, round(seconds * self.rate))
@@ -195,18 +196,18 @@ def _din(argv: Sequence[str], *, progress: bool) -> None:
         raise StageFailed(f"`din {' '.join(argv)}` failed with exit code {code}")
 
 
-def export(redis_url: str, log_dir: Path, progress: bool) -> Any:
+def export(redis_url: str, log_dir: Path, window_s: float, progress: bool) -> Any:
     from loop.export import ExportOptions, export_log
     from service.store.client import RedisConfig, sync_client
 
-    time.sleep(EXPORT_WINDOW_S + 0.5)  # every impression's window is over
+    time.sleep(window_s + 0.5)  # every impression's window is over
     client = sync_client(redis_url, RedisConfig(url=redis_url, prefix=PREFIX))
     try:
-        opts = ExportOptions(window_s=EXPORT_WINDOW_S, prefix=PREFIX, progress=progress)
+        opts = ExportOptions(window_s=window_s, prefix=PREFIX, progress=progress)
         stats = export_log(client, log_dir, opts)
     finally:
         client.close()
-    print(f"$ din log export --out {log_dir} --window-s {EXPORT_WINDOW_S:g}")
+    print(f"$ din log export --out {log_dir} --window-s {window_s:g}")
     print(stats.table(), flush=True)
     return stats
 
@@ -260,11 +261,12 @@ def run_loop(demo: Demo, loop_dir: Path, cfg: LoopConfig, progress: bool = True)
             first, drifted, after = phases
             first.model_version = live_version(url)
             outcomes += run_phase(sim, url, first, progress)
-            export(endpoint.url, log_dir, progress)  # yesterday's log: the turn trains on the drift's
+            # yesterday's log: the turn trains on the drift's
+            export(endpoint.url, log_dir, cfg.export_window_s, progress)
             drift_ts = time.time()
             drifted.model_version = live_version(url)
             outcomes += run_phase(sim, url, drifted, progress)
-            export(endpoint.url, log_dir, progress)
+            export(endpoint.url, log_dir, cfg.export_window_s, progress)
             valid_s = max(1.0, cfg.valid_share * drifted.seconds)
             _din(
                 [

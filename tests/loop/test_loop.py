@@ -44,7 +44,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def turn(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], LoopConfig]:
     out = tmp_path_factory.mktemp("loop") / "loop"
     cfg = LoopConfig(
-        rate=100, before_s=2, after_s=8, again_s=2, candidates=20, top_k=5, epochs=3, window_s=1.0, seed=2
+        rate=100,
+        before_s=2,
+        after_s=8,
+        again_s=2,
+        candidates=20,
+        top_k=5,
+        epochs=3,
+        window_s=1.0,
+        seed=2,
+        export_window_s=2.0,
     )
     result = run_loop(Demo(workdir), out, cfg, progress=False)
     return out, result, cfg
