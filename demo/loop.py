@@ -156,23 +156,13 @@ def live_version(url: str) -> str:
 def run_phase(sim: Any, url: str, phase: Phase, progress: bool) -> list[Any]:
     """The phase's steps against the live service; its outcomes in step order."""
     import httpx
-    from tqdm import tqdm
 
-    from loop.simulate import http_calls, simulate
+    from loop.simulate import http_calls, progress_bar, simulate
 
     async def go() -> list[Any]:
         cfg = sim.cfg
         limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-        bar = tqdm(total=phase.count, desc=phase.name, unit=" req", disable=not progress, file=sys.stderr)
-        clicks = shown = 0
-
-        def tick(o: Any) -> None:
-            nonlocal clicks, shown
-            clicks += sum(o.clicked)
-            shown += len(o.shown)
-            bar.update(1)
-            if bar.n % 20 == 0:
-                bar.set_postfix_str(f"CTR {clicks / shown:.3f}" if shown else "CTR -", refresh=False)
+        bar, tick = progress_bar(phase.count, phase.name, enabled=progress)
 
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(10.0)) as c:
             rank, events = http_calls(c, url, cfg.top_k)

@@ -659,31 +659,31 @@ def _world(args: argparse.Namespace, tmp: str) -> World:
     )
 
 
-async def _run(sim: Simulation, args: argparse.Namespace) -> tuple[list[Outcome], int, float]:
-    import httpx
+def progress_bar(total: int, desc: str, *, enabled: bool) -> tuple[Any, Callable[[Outcome], None]]:
+    """A tqdm bar on stderr and the callback that advances it per step, showing the running CTR."""
     from tqdm import tqdm
 
-    cfg = sim.cfg
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-    bar = tqdm(
-        total=cfg.requests,
-        desc="simulate",
-        unit=" req",
-        disable=args.no_progress,
-        file=sys.stderr,
-        mininterval=0.5,
-    )
+    bar = tqdm(total=total, desc=desc, unit=" req", disable=not enabled, file=sys.stderr, mininterval=0.5)
     clicks = shown = 0
 
-    def progress(o: Outcome) -> None:
+    def tick(o: Outcome) -> None:
         nonlocal clicks, shown
         clicks += sum(o.clicked)
         shown += len(o.shown)
         bar.update(1)
-        if bar.n % 20 == 0 or bar.n == cfg.requests:
+        if bar.n % 20 == 0 or bar.n == total:
             bar.set_postfix_str(f"CTR {clicks / shown:.3f}" if shown else "CTR -", refresh=False)
 
+    return bar, tick
+
+
+async def _run(sim: Simulation, args: argparse.Namespace) -> tuple[list[Outcome], int, float]:
+    import httpx
+
+    cfg = sim.cfg
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    bar, progress = progress_bar(cfg.requests, "simulate", enabled=not args.no_progress)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(args.timeout), headers=headers) as c:
         try:
             r = await c.get(args.url.rstrip("/") + "/readyz")
