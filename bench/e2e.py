@@ -26,21 +26,18 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from contracts.vocab import Vocab
 from loadtest.closedloop import ClosedLoopResult, run_closed
 from loadtest.openloop import find_max
 from loadtest.report import fmt
 from loadtest.sampling import Mix
+from service import child
 from service.ports import free_port
 from service.store.client import RedisConfig, sync_client
 from service.store.embedded import EmbeddedRedis
@@ -139,28 +136,11 @@ def running(name: str, cmd: list[str], port: int, log_dir: Path) -> Iterator[str
     url = f"http://127.0.0.1:{port}"
     log = log_dir / f"{name}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIN_")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        with httpx.Client(timeout=2) as c:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if c.get(url + "/readyz").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} not ready in 120 s:\n{log.read_text()[-2000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with child.serving(name, cmd, url, log, env=env, cwd=ROOT):
+            yield url
+    except child.NotReady as e:
+        raise RuntimeError(f"{e}:\n{log.read_text()[-2000:]}") from None
 
 
 def max_rate_at_p99(

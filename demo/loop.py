@@ -26,8 +26,6 @@ import contextlib
 import json
 import math
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +37,8 @@ from typing import Any
 from contracts.errors import InvalidArgument, StageFailed
 from demo.pipeline import DEFAULT_WORKDIR, DEMO_EPOCHS, DEMO_ITEMS, DEMO_USERS, Demo, build
 from loop.simulate import DRIFT_KINDS
+from service import child
+from service.ports import free_port
 
 DEFAULT_LOOP_DIR = ".din/loop"
 PREFIX = "din:"
@@ -92,18 +92,10 @@ class Phase:
 # ---------------------------------------------------------------- the service, a child process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serving(bundle: Path, redis_url: str, log_path: Path) -> Iterator[str]:
     """`din serve --log-impressions` on a free port until the context exits (SIGTERM, then wait)."""
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -120,28 +112,11 @@ def serving(bundle: Path, redis_url: str, log_path: Path) -> Iterator[str]:
         "--log-impressions",
     ]
     url = f"http://127.0.0.1:{port}"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise StageFailed(f"din serve exited with {proc.returncode} (see {log_path})")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise StageFailed(f"din serve was not ready in {READY_TIMEOUT_S:.0f} s (see {log_path})")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with child.serving("din serve", cmd, url, log_path, timeout_s=READY_TIMEOUT_S, poll_s=0.25):
+            yield url
+    except child.NotReady as e:
+        raise StageFailed(str(e)) from None
 
 
 def live_version(url: str) -> str:

@@ -27,6 +27,7 @@ import uvicorn
 from contracts.vocab import Vocab
 from model.din import DIN, DINConfig, build_model
 from model.export import export_model
+from service import child
 from service.app import create_app
 from service.config import Settings
 from service.protocol import uvicorn_options
@@ -603,10 +604,4 @@ class ServeOutput:
 
 def stop_serve(proc: subprocess.Popen[str]) -> None:
     """SIGTERM, then SIGKILL if it has not exited within 30 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    child.stop(proc)
