@@ -289,7 +289,7 @@ def recovered(phases: Sequence[Phase]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for key in ("ctr", "expected_ctr", "auc"):
         a, b, c = (p.summary.get(key) for p in phases)
-        out[key] = None if None in (a, b, c) or a == b else (c - b) / (a - b)  # type: ignore[operator]
+        out[key] = None if a is None or b is None or c is None or a == b else (c - b) / (a - b)
     return out
 
 
