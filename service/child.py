@@ -8,10 +8,10 @@ import contextlib
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-import httpx
 
 
 class NotReady(RuntimeError):
@@ -36,19 +36,24 @@ def serving(
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2) as c:
-            while True:
-                if proc.poll() is not None:
-                    raise NotReady(f"{name} exited with {proc.returncode} (see {log})")
-                with contextlib.suppress(httpx.HTTPError):
-                    if c.get(url + "/readyz").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise NotReady(f"{name} was not ready in {timeout_s:.0f} s (see {log})")
-                time.sleep(poll_s)
+        while not _ready(url + "/readyz"):
+            if proc.poll() is not None:
+                raise NotReady(f"{name} exited with {proc.returncode} (see {log})")
+            if time.monotonic() > deadline:
+                raise NotReady(f"{name} was not ready in {timeout_s:.0f} s (see {log})")
+            time.sleep(poll_s)
         yield proc
     finally:
         stop(proc)
+
+
+def _ready(url: str) -> bool:
+    """/readyz answered 200 (the standard library's client: the server's package imports no HTTP client)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout_s: float = 30.0) -> None:
