@@ -126,6 +126,24 @@ class InvalidArgument(DinError):
     code = "invalid_argument"
 
 
+class RoutingError(InvalidArgument):
+    """A routing of model versions that cannot be in force (`contracts.routing`): a bad weight, a
+    version this replica cannot load, more versions than DIN_MAX_MODELS. `detail` names the field."""
+
+    code = "invalid_routing"
+
+    def __init__(self, message: str, field: str = "routing") -> None:
+        super().__init__(message, detail=[{"field": field, "message": message}])
+        self.field = field
+
+
+class RoutingConflict(DinError):
+    """The routing changed meanwhile (a stale `expected_revision`), or a per-replica reload was asked
+    while a routing is in force (the fleet's versions change through the routing, not one replica)."""
+
+    code = "routing_conflict"
+
+
 class ExportBusy(DinError):
     """Another `din log export` of the same consumer group holds the output directory's lock."""
 
