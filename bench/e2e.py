@@ -185,9 +185,14 @@ def add_workload_options(ap: argparse.ArgumentParser, *, duration: float, durati
     ap.add_argument("--duration", type=float, default=duration, help=duration_help)
 
 
-def closed_loop(url: str, mix: Mix, connections: int, duration: float) -> ClosedLoopResult:
-    """A warm-up (2 clients, 2 s), then `connections` closed-loop clients for `duration` seconds."""
+def warm_up(url: str, mix: Mix) -> None:
+    """2 closed-loop clients for 2 s: what every measured round starts with."""
     asyncio.run(run_closed(url, mix.payloads(30, seed=99), connections=2, duration=2.0))
+
+
+def closed_loop(url: str, mix: Mix, connections: int, duration: float) -> ClosedLoopResult:
+    """A warm-up (`warm_up`), then `connections` closed-loop clients for `duration` seconds."""
+    warm_up(url, mix)
     return asyncio.run(
         run_closed(url, mix.payloads(2000, seed=1), connections=connections, duration=duration)
     )
