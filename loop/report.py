@@ -44,7 +44,7 @@ import datetime as dt
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ CTR_HELP = (
     "logged items was clicked within the export's attribution window. Item CTR = clicks / shown items "
     "(logged items). Impressions whose arm was forced by the QA header are left out; those served with no "
     "routing in force count as arm (none). The difference against control has Newcombe's hybrid score "
-    "95%% interval and a pooled two-proportion z-test; CTR intervals are Wilson's. GAUC weights each "
+    "95% interval and a pooled two-proportion z-test; CTR intervals are Wilson's. GAUC weights each "
     "user's AUC by their shown items, over users with both a click and a non-click."
 )
 
@@ -266,7 +266,7 @@ class Report:
     hours: list[HourStats]
     shadows: list[ShadowStats]
     top_k: int | None
-    definitions: str = field(default=CTR_HELP.replace("%%", "%"))
+    definitions: str = CTR_HELP
 
     def to_json(self) -> dict[str, Any]:
         def clean(v: Any) -> Any:
@@ -289,7 +289,7 @@ def _impressions_of(table: pa.Table) -> dict[str, np.ndarray]:
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     clicked = np.zeros(len(uniq), dtype=np.int64)
     np.maximum.at(clicked, inverse, (labels > 0).astype(np.int64))
-    arms = np.array([NO_ARM if a is None else a for a in table.column("arm").to_pylist()], dtype=object)
+    arms = pc.fill_null(table.column("arm"), NO_ARM).to_numpy(zero_copy_only=False).astype(str)
     forced = table.column("arm_forced").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     ts = table.column("ts").to_numpy(zero_copy_only=False)
     return {
@@ -317,8 +317,10 @@ def build_report(
     forced_excluded = int(forced_imp.sum())
     if not keep_rows.any():
         raise DataError(f"{log_dir}: every exported impression had its arm forced (QA): nothing to compare")
-    rows = table.filter(pa.array(keep_rows))
-    imp = _impressions_of(rows)
+    rows = table
+    if forced_excluded:
+        rows = table.filter(pa.array(keep_rows))
+        imp = _impressions_of(rows)
     row_imp = imp["row_imp"]
     row_arm = imp["arm"][row_imp]
     labels = rows.column("label").to_numpy(zero_copy_only=False).astype(np.int64) > 0
@@ -364,15 +366,19 @@ def build_report(
     arms.sort(key=lambda a: (a is not ref, a.arm))
 
     hours: list[HourStats] = []
-    imp_hours = np.array([_hour(t) for t in imp["ts"].tolist()], dtype=object)
-    for hour in sorted(set(imp_hours.tolist())):
-        for a in arms:
-            sel = (imp_hours == hour) & (imp["arm"] == a.arm)
-            n = int(sel.sum())
-            if n:
-                clicks = int(imp["clicked"][sel].sum())
-                low, high = wilson(clicks, n)
-                hours.append(HourStats(hour, a.arm, n, clicks, clicks / n, low, high))
+    hour_of, hour_code = np.unique(np.floor(imp["ts"] / 3600).astype(np.int64), return_inverse=True)
+    arm_names = [a.arm for a in arms]
+    seen, seen_code = np.unique(imp["arm"], return_inverse=True)
+    arm_code = np.array([arm_names.index(a) for a in seen.tolist()])[seen_code]  # index into `arms`
+    cell = hour_code * len(arms) + arm_code
+    counts = np.bincount(cell, minlength=len(hour_of) * len(arms))
+    clicked_counts = np.bincount(cell, weights=imp["clicked"], minlength=len(counts))
+    for c in np.flatnonzero(counts).tolist():
+        h, a_index = divmod(c, len(arms))
+        n, clicks = int(counts[c]), int(clicked_counts[c])
+        low, high = wilson(clicks, n)
+        hour = _hour(hour_of[h] * 3600.0)
+        hours.append(HourStats(hour, arm_names[a_index], n, clicks, clicks / n, low, high))
 
     shadow_table = read_shadows(log_dir)
     shadows = _shadow_stats(rows, shadow_table, top_k) if shadow_table is not None else []
@@ -420,14 +426,14 @@ def _shadow_stats(rows: pa.Table, shadow: pa.Table, top_k: int | None) -> list[S
         in_served, in_shadow = position < row_k, s_pos < row_k
         both = in_served & in_shadow
         overlap = np.add.reduceat(both.astype(np.int64), starts) / k
-        taus = [kendall_tau_b(score[a:b], s_score[a:b]) for a, b in zip(starts, ends, strict=True)]
-        defined = [t for t in taus if not math.isnan(t)]
+        taus = _taus(score, s_score, starts, n_items)
+        defined = taus[~np.isnan(taus)]
         out.append(
             ShadowStats(
                 version=version,
                 impressions=len(starts),
                 rows=len(ids),
-                tau_b=float(np.mean(defined)) if defined else math.nan,
+                tau_b=float(defined.mean()) if len(defined) else math.nan,
                 tau_impressions=len(defined),
                 overlap=float(overlap.mean()),
                 both_rows=int(both.sum()),
@@ -436,6 +442,32 @@ def _shadow_stats(rows: pa.Table, shadow: pa.Table, top_k: int | None) -> list[S
                 served_auc=auc(label[both], score[both]),
             )
         )
+    return out
+
+
+TAU_CHUNK = 1 << 22  # pair comparisons per vectorised step of `_taus` (bounds its memory)
+
+
+def _taus(x: np.ndarray, y: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Kendall tau-b of x vs y within each group (rows starts[g] .. starts[g] + sizes[g]), as
+    `kendall_tau_b` per group, vectorised over the groups of each size (impressions mostly log the same
+    number of items)."""
+    out = np.full(len(starts), np.nan)
+    for n in np.unique(sizes).tolist():
+        if n < 2:
+            continue
+        groups = np.flatnonzero(sizes == n)
+        i, j = np.triu_indices(n, k=1)
+        step = max(1, TAU_CHUNK // len(i))
+        for lo in range(0, len(groups), step):
+            g = groups[lo : lo + step]
+            idx = starts[g][:, None] + np.arange(n)  # (G, n) rows of each group
+            xs, ys = x[idx], y[idx]
+            sx, sy = np.sign(xs[:, i] - xs[:, j]), np.sign(ys[:, i] - ys[:, j])  # (G, pairs)
+            untied = np.count_nonzero(sx, axis=1) * np.count_nonzero(sy, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                tau = (sx * sy).sum(axis=1) / np.sqrt(untied)
+            out[g] = np.where(untied > 0, tau, np.nan)
     return out
 
 
@@ -583,8 +615,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="shadow agreement and would-be AUC on each ranking's top k (default: k = the items each "
         "impression logged)",
     )
-    parser.add_argument("--since", type=_time, help="only impressions at or after this time")
-    parser.add_argument("--until", type=_time, help="only impressions before this time")
+    parser.add_argument(
+        "--since",
+        type=_time,
+        help="only impressions at or after this time: unix seconds or ISO 8601, UTC unless it names a zone "
+        "(e.g. 2026-12-05T21)",
+    )
+    parser.add_argument("--until", type=_time, help="only impressions before this time (as --since)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--plot", type=Path, help="also draw CTR per arm (and per hour) to this image")
 

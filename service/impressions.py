@@ -292,13 +292,11 @@ class ImpressionLog:
 
     # ------------------------------------------------------------------ the record
 
-    def _kept(self, order_: np.ndarray) -> list[int]:
+    def _kept(self, order: np.ndarray) -> list[int]:
         """The candidates logged, in the answer's order (indices into the candidates): the first
-        DIN_LOG_CANDIDATES of the answer's `order_`, or all of it."""
-        order = order_.tolist()
-        if self.max_candidates:
-            order = order[: self.max_candidates]
-        return order
+        DIN_LOG_CANDIDATES of the answer's `order`, or all of it."""
+        kept: list[int] = order.tolist()
+        return kept[: self.max_candidates] if self.max_candidates else kept
 
     def record(self, a: Answered) -> Impression:
         """The record of one answer: its candidates in the request's order (the best

@@ -21,7 +21,7 @@ import pytest
 
 from contracts.errors import DataError, InvalidArgument
 from loop.export import SCHEMA, SHADOW_DIR, SHADOW_SCHEMA
-from loop.report import build_report, format_report, kendall_tau_b, newcombe, two_proportion_p, wilson
+from loop.report import _taus, build_report, format_report, kendall_tau_b, newcombe, two_proportion_p, wilson
 from service.impressions import new_impression_id
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,6 +137,16 @@ def test_the_intervals_and_the_test_match_published_values() -> None:
     assert kendall_tau_b(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == -1.0
     assert kendall_tau_b(np.array([1.0, 1, 2]), np.array([1.0, 2, 3])) == pytest.approx(2 / math.sqrt(6))
     assert math.isnan(kendall_tau_b(np.array([1.0, 1]), np.array([1.0, 2])))
+
+
+def test_the_vectorised_taus_are_the_per_impression_ones() -> None:
+    rng = np.random.default_rng(3)
+    sizes = rng.integers(1, 7, 300)
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    x = rng.integers(0, 4, sizes.sum()).astype(float)  # many ties
+    y = rng.integers(0, 4, sizes.sum()).astype(float)
+    want = [kendall_tau_b(x[a : a + n], y[a : a + n]) for a, n in zip(starts, sizes, strict=True)]
+    np.testing.assert_allclose(_taus(x, y, starts, sizes), want, equal_nan=True)
 
 
 # ------------------------------------------------------------------ arms
