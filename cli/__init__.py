@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo.pipeline", "synth, prepare, train, export, seed and serve, end to end"),
     "loadtest": ("loadtest.openloop", "open-loop load test against a running service"),
     "simulate": ("loop.simulate", "simulated users of the synth world: rank, click, drift (online CTR, AUC)"),
+    "report": ("loop.report", "A/B arms and shadows on the exported log: CTR with intervals, AUC, agreement"),
     "loop-demo": ("demo.loop", "serve, simulate, drift, export, retrain, promote, simulate again: one turn"),
     "promote": ("loop.promote", "put a retrained bundle live if no worse than its parent; --rollback"),
     "log": ("loop.log", "the impression log's offline jobs: `din log export` (labelled Parquet by hour)"),

@@ -41,6 +41,9 @@ class Impression:
     candidates: list[Candidate]  # in the request's order
     degraded: str | None  # why the history could not be read (then `history` is empty), or None
     context: dict[str, Any] | None = None  # the request's context (none is sent yet)
+    arm: str | None = None  # the routing arm that served it; None: no routing config was in force
+    # The arm came from the QA header, not from the hash of the user: an A/B comparison leaves it out.
+    arm_forced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-ready): what a log writer stores."""
@@ -70,3 +73,40 @@ class Feedback:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Feedback:
         return cls(**data)
+
+
+SHADOW_RECORD = "shadow"  # the `type` a ShadowScores record carries in the log (an impression carries none)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowScores:
+    """A shadow version's scores for the items impression `impression_id` logged (never shown).
+
+    `items` are the impression's logged candidates in the impression's order (the request's); `positions`
+    are where the shadow ranks each among ALL the request's candidates (0 = best), so a top-k overlap with
+    the served answer and a would-be AUC on the logged clicks need nothing else."""
+
+    impression_id: str  # the served impression it shadows
+    ts: float  # the served impression's ts (so both land in the same hour)
+    user_id: str
+    model_version: str  # the shadow's version
+    items: list[str]
+    scores: list[float]  # the shadow's predicted CTR of each item
+    positions: list[int]  # the shadow's rank of each item among all the request's candidates, 0 = best
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-ready) with `type` = SHADOW_RECORD: the log tells it from an impression."""
+        return {"type": SHADOW_RECORD, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShadowScores:
+        """The inverse of `to_dict` (a `type` other than SHADOW_RECORD, or lists of different lengths,
+        raise ValueError: not a shadow record)."""
+        fields = dict(data)
+        kind = fields.pop("type", SHADOW_RECORD)
+        if kind != SHADOW_RECORD:
+            raise ValueError(f"not a shadow record (type {kind!r})")
+        rec = cls(**fields)
+        if not len(rec.items) == len(rec.scores) == len(rec.positions):
+            raise ValueError("a shadow record's items, scores and positions differ in length")
+        return rec

@@ -20,6 +20,19 @@ leaves only a temporary file, removed by the next run. Entries never delivered t
 have been written. So the output is idempotent by impression id, and the group is the only cursor.
 One export at a time per directory and group (a lock file in `DIR/_export/`).
 
+Shadow scores (`contracts.records.ShadowScores`: a shadow model version's scores of an impression's
+items, never shown) travel in the same impression streams, marked `"type": "shadow"`. They need no
+window (they carry no label: the report joins them with the impression rows), so each is exported as
+soon as it is read, as rows of a second dataset beside the impressions: one row per (impression, item),
+`DIR/_shadow/hour=YYYY-MM-DDTHH/part-<first impression id>-<last>-<digest>.parquet` (`SHADOW_SCHEMA`;
+the digest of the batch's (impression id, shadow version) keys keeps the name unique when one
+impression has several shadow versions). Its directory starts with "_" so that `pyarrow.dataset.dataset
+(DIR, partitioning="hive")` and `din train --from-log DIR` (`hour=*/part-*.parquet`) still read
+impression rows only; read the shadows with `pyarrow.dataset.dataset(DIR / "_shadow", ...)`. Exactly
+once the same way: written, fsynced and renamed before their entries are acknowledged, and a pending
+shadow record whose (impression id, shadow version) is already in its hour's shadow files is
+acknowledged without being written again.
+
 The counts of feedback are kept honest across runs by one small file per group (`DIR/_export/<group>
 .json`: per feedback stream, the last entry read): feedback of an impression exported in this run is
 classified with it; any other feedback is counted once, in the first run that reads it after its
@@ -32,6 +45,7 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import os
 import re
 import sys
@@ -40,7 +54,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pyarrow as pa
@@ -50,7 +64,7 @@ from tqdm import tqdm
 
 from contracts.bundle import fsync_path
 from contracts.errors import ConfigError, ExportBusy, RedisServerError
-from contracts.records import IMPRESSION_ID_PATTERN, Feedback, Impression
+from contracts.records import IMPRESSION_ID_PATTERN, SHADOW_RECORD, Feedback, Impression, ShadowScores
 from service.store.client import SyncRedisCluster, redis_endpoint, sync_client
 from service.store.config import RedisConfig, add_redis_options
 from service.store.keys import DEFAULT_PREFIX, feedback_key, impressions_key, log_streams
@@ -62,6 +76,7 @@ DEFAULT_CONSUMER = "export"
 DEFAULT_BATCH = 5000
 SKEW_S = 60.0  # feedback is read from this long before the oldest impression it may label (clocks differ)
 STATE_DIR = "_export"  # under DIR: a leading "_" keeps it out of Parquet datasets
+SHADOW_DIR = "_shadow"  # under DIR: the shadow rows' dataset (kept out of the impressions' dataset too)
 TMP_PREFIX = ".tmp-"
 
 SCHEMA = pa.schema(
@@ -78,11 +93,27 @@ SCHEMA = pa.schema(
         pa.field("degraded", pa.string()),  # why the history could not be read (history then empty)
         pa.field("history", pa.list_(pa.string()), nullable=False),  # item ids scored, newest first
         pa.field("history_categories", pa.list_(pa.string()), nullable=False),
+        pa.field("arm", pa.string()),  # the routing arm that served it; None: no routing in force
+        pa.field("arm_forced", pa.bool_(), nullable=False),  # the arm came from the QA header: not A/B
+    ]
+)
+
+# One row per (impression, item) a shadow version scored: the items its impression logged.
+SHADOW_SCHEMA = pa.schema(
+    [
+        pa.field("impression_id", pa.string(), nullable=False),
+        pa.field("ts", pa.float64(), nullable=False),  # the impression's ts (its hour partition)
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("shadow_version", pa.string(), nullable=False),
+        pa.field("shadow_score", pa.float64(), nullable=False),  # the CTR the shadow predicted
+        pa.field("shadow_position", pa.int32(), nullable=False),  # its rank among all candidates, 0 = best
     ]
 )
 
 _ID = re.compile(IMPRESSION_ID_PATTERN)
 Entry = tuple[str, dict[str, Any] | None]  # (stream entry id, fields; None when trimmed away)
+R = TypeVar("R", Impression, ShadowScores)
 
 
 @dataclass
@@ -100,6 +131,10 @@ class ExportStats:
     already_exported: int = 0  # found in the output after a crash: acknowledged, not written again
     trimmed: int = 0  # pending entries the stream no longer holds (trimmed before they were exported)
     malformed: int = 0  # entries that are not an impression record
+    shadow_records: int = 0  # shadow scores exported by this run (one per impression and shadow version)
+    shadow_rows: int = 0
+    shadow_files: int = 0
+    shadow_already_exported: int = 0  # found in the shadow output after a crash: not written again
     seconds: float = 0.0
 
     @property
@@ -122,6 +157,8 @@ class ExportStats:
             ("already exported (skipped)", f"{self.already_exported:,}"),
             ("trimmed before export", f"{self.trimmed:,}"),
             ("malformed entries", f"{self.malformed:,}"),
+            ("shadow scores exported", f"{self.shadow_records:,}"),
+            ("shadow rows (impression, item)", f"{self.shadow_rows:,}"),
             ("seconds", f"{self.seconds:.1f}"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -210,6 +247,7 @@ class _ShardExport:
         self.client, self.out, self.opts, self.cutoff = client, out, opts, cutoff
         self.shard, self.stats, self.after_write, self.bar = shard, stats, after_write, bar
         self._exported: dict[str, set[str]] = {}  # hour -> impression ids in its files (pending check)
+        self._shadows: dict[str, set[tuple[str, str]]] = {}  # hour -> (impression id, shadow version)
 
     def run(self) -> None:
         key = self.shard.imp_key
@@ -256,6 +294,7 @@ class _ShardExport:
 
     def _process(self, entries: list[Entry], *, pending: bool) -> None:
         ready: list[tuple[str, Impression]] = []
+        shadows: list[tuple[str, ShadowScores]] = []
         done: list[str] = []  # entry ids to acknowledge without writing
         for entry_id, fields in entries:
             if not fields:  # trimmed from the stream while pending: nothing left to export
@@ -263,7 +302,20 @@ class _ShardExport:
                 done.append(entry_id)
                 continue
             try:
-                imp = Impression.from_dict(orjson.loads(fields[FIELD]))
+                data = orjson.loads(fields[FIELD])
+                if not isinstance(data, dict):
+                    raise ValueError("not an object")
+                if data.get("type") == SHADOW_RECORD:
+                    shadow = ShadowScores.from_dict(data)
+                    if pending and (shadow.impression_id, shadow.model_version) in self._shadows_in(
+                        _hour(shadow.ts)
+                    ):
+                        self.stats.shadow_already_exported += 1
+                        done.append(entry_id)
+                    else:  # no window to wait for: it carries no label
+                        shadows.append((entry_id, shadow))
+                    continue
+                imp = Impression.from_dict(data)
             except (KeyError, TypeError, ValueError):
                 self.stats.malformed += 1
                 done.append(entry_id)
@@ -279,6 +331,8 @@ class _ShardExport:
             ready.append((entry_id, imp))
         for hour, group in _by_hour(ready).items():
             self._write(hour, group)
+        for hour, shadow_group in _by_hour(shadows).items():
+            self._write_shadows(hour, shadow_group)
         if done:
             self.client.xack(self.shard.imp_key, self.opts.group, *done)
         self.bar.update(len(entries))
@@ -318,27 +372,54 @@ class _ShardExport:
                 cols["degraded"].append(imp.degraded)
                 cols["history"].append(imp.history)
                 cols["history_categories"].append(history_categories)
+                cols["arm"].append(imp.arm)
+                cols["arm_forced"].append(imp.arm_forced)
         table = pa.table(cols, schema=SCHEMA)
         ids = sorted(imp.impression_id for _, imp in group)
-        directory = self.out / f"hour={hour}"
-        fresh = not directory.exists()
-        directory.mkdir(exist_ok=True)
-        if fresh:
-            fsync_path(self.out)
-        path = directory / f"part-{ids[0]}-{ids[-1]}.parquet"
-        tmp = directory / f"{TMP_PREFIX}{path.name}"
+        self._write_file(self.out / f"hour={hour}", f"part-{ids[0]}-{ids[-1]}.parquet", table)
+        self.stats.files += 1
+        self.stats.impressions += len(group)
+        self.stats.rows += table.num_rows
+        self.stats.positives += sum(cols["label"])
+        self.client.xack(self.shard.imp_key, self.opts.group, *(entry_id for entry_id, _ in group))
+
+    def _write_shadows(self, hour: str, group: list[tuple[str, ShadowScores]]) -> None:
+        cols: dict[str, list[Any]] = {name: [] for name in SHADOW_SCHEMA.names}
+        for _, rec in group:
+            n = len(rec.items)
+            cols["impression_id"] += [rec.impression_id] * n
+            cols["ts"] += [rec.ts] * n
+            cols["user_id"] += [rec.user_id] * n
+            cols["item_id"] += rec.items
+            cols["shadow_version"] += [rec.model_version] * n
+            cols["shadow_score"] += rec.scores
+            cols["shadow_position"] += rec.positions
+        table = pa.table(cols, schema=SHADOW_SCHEMA)
+        keys = sorted((rec.impression_id, rec.model_version) for _, rec in group)
+        digest = hashlib.sha256(orjson.dumps(keys)).hexdigest()[:12]
+        name = f"part-{keys[0][0]}-{keys[-1][0]}-{digest}.parquet"
+        self._write_file(self.out / SHADOW_DIR / f"hour={hour}", name, table)
+        self.stats.shadow_files += 1
+        self.stats.shadow_records += len(group)
+        self.stats.shadow_rows += table.num_rows
+        self.client.xack(self.shard.imp_key, self.opts.group, *(entry_id for entry_id, _ in group))
+
+    def _write_file(self, directory: Path, name: str, table: pa.Table) -> None:
+        """`table` to `directory/name`, durably: a temporary file, fsynced, renamed, the directory (and
+        any directory this made) fsynced; then the test's crash point."""
+        made = [d for d in (directory.parent, directory) if not d.exists()]
+        directory.mkdir(parents=True, exist_ok=True)
+        for d in made:
+            fsync_path(d.parent)
+        path = directory / name
+        tmp = directory / f"{TMP_PREFIX}{name}"
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_path(directory)
-        self.stats.files += 1
-        self.stats.impressions += len(group)
-        self.stats.rows += table.num_rows
-        self.stats.positives += sum(cols["label"])
         if self.after_write is not None:
             self.after_write(path)
-        self.client.xack(self.shard.imp_key, self.opts.group, *(entry_id for entry_id, _ in group))
 
     def _exported_in(self, hour: str) -> set[str]:
         """The impression ids already in partition `hour` (read once per run, only for pending ones)."""
@@ -348,6 +429,16 @@ class _ShardExport:
                 ids.update(pq.read_table(path, columns=["impression_id"]).column(0).to_pylist())
             self._exported[hour] = ids
         return self._exported[hour]
+
+    def _shadows_in(self, hour: str) -> set[tuple[str, str]]:
+        """The (impression id, shadow version) keys already in shadow partition `hour` (pending check)."""
+        if hour not in self._shadows:
+            keys: set[tuple[str, str]] = set()
+            for path in sorted((self.out / SHADOW_DIR / f"hour={hour}").glob("part-*.parquet")):
+                part = pq.read_table(path, columns=["impression_id", "shadow_version"])
+                keys.update(zip(*(part.column(k).to_pylist() for k in (0, 1)), strict=True))
+            self._shadows[hour] = keys
+        return self._shadows[hour]
 
 
 def _read_feedback(
@@ -436,8 +527,8 @@ def _hour(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H")
 
 
-def _by_hour(ready: list[tuple[str, Impression]]) -> dict[str, list[tuple[str, Impression]]]:
-    groups: dict[str, list[tuple[str, Impression]]] = defaultdict(list)
+def _by_hour(ready: list[tuple[str, R]]) -> dict[str, list[tuple[str, R]]]:
+    groups: dict[str, list[tuple[str, R]]] = defaultdict(list)
     for entry in ready:
         groups[_hour(entry[1].ts)].append(entry)
     return dict(sorted(groups.items()))
@@ -455,7 +546,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _remove_temporaries(out: Path) -> None:
     """What a killed run left half written (never renamed, never acknowledged)."""
-    for tmp in [*out.glob(f"hour=*/{TMP_PREFIX}*"), *out.glob(f"{STATE_DIR}/{TMP_PREFIX}*")]:
+    for tmp in [
+        *out.glob(f"hour=*/{TMP_PREFIX}*"),
+        *out.glob(f"{SHADOW_DIR}/hour=*/{TMP_PREFIX}*"),
+        *out.glob(f"{STATE_DIR}/{TMP_PREFIX}*"),
+    ]:
         tmp.unlink(missing_ok=True)
 
 

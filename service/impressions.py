@@ -26,6 +26,18 @@ from plain dicts (`encode`, ~0.15 ms: 4x faster than building the dataclasses an
   impression and its feedback going to the stream its id picks.
 - `stop()` writes what is buffered for at most STOP_FLUSH_S; what is left is dropped (`shutdown`), and
   a batch still on its way then is counted `unconfirmed`.
+
+Shadow scores (`offer_shadow`, the arms issue): a shadow version's scores of a request go through the
+same buffer, sampling (by the served impression's id), drops and writer as the served answer, and become
+a `contracts.records.ShadowScores` record of the same candidates the served impression logs. It is
+written to the impression stream of that id, its JSON marked `"type": "shadow"` (an impression has no
+`type`). Why there and not a stream of its own: `din log export` reads the impression streams through
+one consumer group, so shadow records get its exactly-once export (pending until their file is in
+place) with no second group, no new key, and land in the same stream (and slot) as their impression on
+a cluster; an exporter that predates them counts them as malformed entries and moves on. The cost: they
+share the stream's DIN_LOG_MAXLEN with the impressions (at 100% shadow sampling of one version the stream
+holds half as many impressions). They are counted with the impressions, in
+`din_impressions_logged_total` and `din_impressions_dropped_total`.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from contracts.records import Candidate, Feedback, Impression
+from contracts.records import SHADOW_RECORD, Candidate, Feedback, Impression, ShadowScores
 from service.config import Settings
 from service.inference import RankResult
 from service.metrics import Metrics
@@ -93,6 +105,21 @@ class Answered:
     candidates: list[str]  # the request's candidates, duplicates dropped (what the scores index)
     order: np.ndarray  # int (n_returned,): indices into `candidates`, in the answer's order
     result: RankResult
+    arm: str | None = None  # the routing arm that served it; None: no routing config in force
+    arm_forced: bool = False  # the arm came from the QA header, not the hash of the user
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowAnswered:
+    """A shadow version's scores of a request that was answered (and offered) as `impression_id`."""
+
+    impression_id: str
+    ts: float  # unix seconds (the served answer's)
+    user_id: str
+    model_version: str  # the shadow's version
+    candidates: list[str]  # the request's candidates: the same list the served Answered has
+    scores: np.ndarray  # float32 (n_candidates,): the shadow's scores, in `candidates` order
+    served_order: np.ndarray  # int: the served answer's order (indices into candidates), as Answered.order
 
 
 class ImpressionLog:
@@ -115,7 +142,8 @@ class ImpressionLog:
         self.max_candidates = settings.log_candidates  # 0: every returned one
         self.shards = settings.log_shards
         self.maxlen = -(-settings.log_maxlen // self.shards)  # per stream
-        self._buffer: collections.deque[Answered] = collections.deque()  # appends, pops: thread-safe
+        # appends and pops: thread-safe
+        self._buffer: collections.deque[Answered | ShadowAnswered] = collections.deque()
         self._capacity = settings.log_buffer
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,6 +159,13 @@ class ImpressionLog:
 
     def offer(self, answered: Answered) -> None:
         """Take one answer to log (if sampled): at once, never blocking, never raising."""
+        self._offer(answered)
+
+    def offer_shadow(self, shadow: ShadowAnswered) -> None:
+        """Take one shadow version's scores to log (if its impression is sampled), exactly as `offer`."""
+        self._offer(shadow)
+
+    def _offer(self, answered: Answered | ShadowAnswered) -> None:
         if not sampled(answered.impression_id, self.sample_rate):
             return
         if len(self._buffer) >= self._capacity:
@@ -229,7 +264,7 @@ class ImpressionLog:
             succeeded=succeeded,
         )
 
-    def _write_batch(self, writer: StreamWriter, batch: list[Answered]) -> None:
+    def _write_batch(self, writer: StreamWriter, batch: list[Answered | ShadowAnswered]) -> None:
         with self._lock:
             self._in_flight, self._abandoned = len(batch), False
         counts: collections.Counter[str]
@@ -237,7 +272,7 @@ class ImpressionLog:
             entries = []
             for a in batch:
                 key = impressions_key(self.prefix, log_shard(a.impression_id, self.shards), self.shards)
-                entries.append((key, self.encode(a)))
+                entries.append((key, self.encode(a) if isinstance(a, Answered) else self.encode_shadow(a)))
                 time.sleep(YIELD_S)  # hand the interpreter to the event loop if it waits
             counts = collections.Counter(writer.append(entries, self.maxlen))
         except Exception:  # a bug here must not end the writer: this batch is lost, counted
@@ -257,18 +292,17 @@ class ImpressionLog:
 
     # ------------------------------------------------------------------ the record
 
-    def _kept(self, a: Answered) -> list[int]:
-        """The candidates logged (indices into `a.candidates`, in the request's order)."""
-        order = a.order.tolist()
-        if self.max_candidates:
-            order = order[: self.max_candidates]
-        return order
+    def _kept(self, order: np.ndarray) -> list[int]:
+        """The candidates logged, in the answer's order (indices into the candidates): the first
+        DIN_LOG_CANDIDATES of the answer's `order`, or all of it."""
+        kept: list[int] = order.tolist()
+        return kept[: self.max_candidates] if self.max_candidates else kept
 
     def record(self, a: Answered) -> Impression:
         """The record of one answer: its candidates in the request's order (the best
         DIN_LOG_CANDIDATES of those returned, or all of them), each with its place in the answer."""
         r = a.result
-        order = self._kept(a)
+        order = self._kept(a.order)
         position = {index: place for place, index in enumerate(order)}
         keep = sorted(position)
         ids = [a.candidates[i] for i in keep]
@@ -291,13 +325,15 @@ class ImpressionLog:
             history_categories=history_categories,
             candidates=candidates,
             degraded=r.degraded,
+            arm=a.arm,
+            arm_forced=a.arm_forced,
         )
 
     def encode(self, a: Answered) -> bytes:
         """`orjson.dumps(self.record(a))`, the same bytes, built from plain dicts and lists (orjson
         encodes a dataclass per candidate several times slower than a dict)."""
         r = a.result
-        order = self._kept(a)
+        order = self._kept(a.order)
         position = dict(zip(order, range(len(order)), strict=True))
         keep = sorted(position)
         ids = [a.candidates[i] for i in keep]
@@ -324,5 +360,37 @@ class ImpressionLog:
                 "candidates": candidates,
                 "degraded": r.degraded,
                 "context": None,
+                "arm": a.arm,
+                "arm_forced": a.arm_forced,
+            }
+        )
+
+    def _shadow_fields(self, s: ShadowAnswered) -> tuple[list[str], list[float], list[int]]:
+        """(items, scores, positions) of a shadow record: the candidates the served impression logs, in
+        the request's order, with the shadow's score of each and its rank among all the candidates."""
+        keep = sorted(self._kept(s.served_order))
+        scores = np.asarray(s.scores, dtype=np.float32)
+        rank = np.empty(len(scores), dtype=np.int64)
+        rank[np.argsort(-scores, kind="stable")] = np.arange(len(scores))  # ties: the request's order
+        return [s.candidates[i] for i in keep], scores[keep].tolist(), rank[keep].tolist()
+
+    def shadow_record(self, s: ShadowAnswered) -> ShadowScores:
+        """The record of one shadow scoring (see `_shadow_fields`)."""
+        items, scores, positions = self._shadow_fields(s)
+        return ShadowScores(s.impression_id, s.ts, s.user_id, s.model_version, items, scores, positions)
+
+    def encode_shadow(self, s: ShadowAnswered) -> bytes:
+        """`orjson.dumps(self.shadow_record(s).to_dict())`, built from plain lists."""
+        items, scores, positions = self._shadow_fields(s)
+        return orjson.dumps(
+            {
+                "type": SHADOW_RECORD,
+                "impression_id": s.impression_id,
+                "ts": s.ts,
+                "user_id": s.user_id,
+                "model_version": s.model_version,
+                "items": items,
+                "scores": scores,
+                "positions": positions,
             }
         )

@@ -1,10 +1,12 @@
 """`din log export` against real redis-server processes: the rows are what was served, the labels the
 clicks within the window; impressions inside their window wait for a later run; a run killed between
 writing a file and acknowledging it, then run again, gives every impression exactly once; feedback that
-labels nothing is counted, never an error; bad arguments are one line and exit 2."""
+labels nothing is counted, never an error; bad arguments are one line and exit 2. Impression rows carry
+their arm; shadow scores become rows of the `_shadow` dataset, exactly once, and never training rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow.dataset as ds
 import pytest
 
-from contracts.records import Candidate, Feedback, Impression
-from loop.export import ExportOptions, export_log
+from contracts.records import Candidate, Feedback, Impression, ShadowScores
+from loop.export import SHADOW_DIR, ExportOptions, export_log
 from service.impressions import new_impression_id
 from service.store.keys import feedback_key, impressions_key
 from service.store.streams import FIELD
@@ -34,6 +37,32 @@ CANDIDATES = ["i2", "i3", "i4", "i5", "i6", "i7"]
 def _rows(out: Path) -> list[dict[str, Any]]:
     table = ds.dataset(out, format="parquet", partitioning="hive").to_table()
     return sorted(table.to_pylist(), key=lambda r: (r["impression_id"], r["item_id"]))
+
+
+def _shadow_rows(out: Path) -> list[dict[str, Any]]:
+    table = ds.dataset(out / SHADOW_DIR, format="parquet", partitioning="hive").to_table()
+    return sorted(table.to_pylist(), key=lambda r: (r["impression_id"], r["shadow_version"], r["item_id"]))
+
+
+def _shadow(imp: Impression, version: str) -> ShadowScores:
+    """A shadow version's scores of `imp`'s items (the reverse of the served order)."""
+    n = len(imp.candidates)
+    return ShadowScores(
+        imp.impression_id,
+        imp.ts,
+        imp.user_id,
+        version,
+        [c.item_id for c in imp.candidates],
+        [c.score / 2 for c in imp.candidates],
+        [n - 1 - (c.position or 0) for c in imp.candidates],
+    )
+
+
+def _log_shadows(url: str, shadows: list[ShadowScores]) -> None:
+    r = _client(url)
+    for rec in shadows:
+        r.xadd(impressions_key("din:"), {FIELD: orjson.dumps(rec.to_dict())})
+    r.close()
 
 
 def _impression(ts: float, user: str, items: list[str], k: int = 0) -> Impression:
@@ -242,3 +271,77 @@ def test_an_output_that_is_a_file_is_refused(tmp_path: Path, redis_url: str) -> 
     (tmp_path / "f").write_text("")
     proc = _cli("--out", str(tmp_path / "f"), "--redis-url", redis_url)
     assert proc.returncode == 2 and "not a directory" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_arms_and_shadow_scores_are_exported_each_once_and_never_as_training_rows(
+    redis_url: str, tmp_path: Path
+) -> None:
+    now = time.time()
+    arms = [("control", False), ("treatment", False), ("treatment", True)]
+    imps = [
+        dataclasses.replace(_impression(now - 100 + k, f"u{k}", ["a", "b", "c"]), arm=arm, arm_forced=forced)
+        for k, (arm, forced) in enumerate(arms)
+    ]
+    young = _impression(now - 1, "u9", ["a", "b"])  # inside the window: waits; its shadow does not
+    shadows = [_shadow(i, "v2") for i in [*imps, young]] + [_shadow(imps[0], "v3")]
+    _log(redis_url, [*imps, young])
+    old = _impression(now - 90, "old", ["a"]).to_dict()
+    del old["arm"], old["arm_forced"]  # logged by a service from before the arms issue
+    r = _client(redis_url)
+    r.xadd(impressions_key("din:"), {FIELD: orjson.dumps(old)})
+    r.xadd(impressions_key("din:"), {FIELD: b'{"type": "shadow", "impression_id": "x"}'})  # malformed
+    r.close()
+    _log_shadows(redis_url, shadows)
+    stats = _export(redis_url, tmp_path, now=now, window_s=30)
+    assert (stats.impressions, stats.rows, stats.waiting, stats.malformed) == (4, 10, 1, 1)
+    assert (stats.shadow_records, stats.shadow_rows) == (5, 3 * 3 + 2 + 3)
+    assert "shadow scores exported" in stats.table()
+    rows = _rows(tmp_path)  # the impressions' dataset: no shadow rows in it
+    assert len(rows) == 10
+    got = {r["impression_id"]: (r["arm"], r["arm_forced"]) for r in rows}
+    served = {i.impression_id: (i.arm, i.arm_forced) for i in imps}
+    assert got == {**served, old["impression_id"]: (None, False)}
+    want = sorted(
+        (s.impression_id, s.model_version, item, score, pos)
+        for s in shadows
+        for item, score, pos in zip(s.items, s.scores, s.positions, strict=True)
+    )
+    exported = [
+        (r["impression_id"], r["shadow_version"], r["item_id"], r["shadow_score"], r["shadow_position"])
+        for r in _shadow_rows(tmp_path)
+    ]
+    assert exported == want
+    one = next(r for r in _shadow_rows(tmp_path) if r["impression_id"] == imps[0].impression_id)
+    assert one["user_id"] == "u0" and one["ts"] == imps[0].ts and one["hour"] == rows[0]["hour"]
+    again = _export(redis_url, tmp_path, now=now + 60, window_s=30)  # the young impression, nothing twice
+    assert (again.impressions, again.shadow_records, again.already_exported) == (1, 0, 0)
+    assert len(_shadow_rows(tmp_path)) == len(want) and len(_rows(tmp_path)) == 12
+
+    from loop.retrain import read_log  # what `din train --from-log` reads: impression rows only
+
+    assert read_log(tmp_path).num_rows == 12
+
+
+def test_a_crash_before_shadow_rows_are_acknowledged_then_a_rerun_writes_them_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    now = time.time()
+    imps = [_impression(now - 100 + k / 10, f"u{k % 4}", ["a", "b"]) for k in range(8)]
+    _log_shadows(redis_url, [_shadow(i, "v2") for i in imps])
+
+    class Crash(Exception):
+        pass
+
+    def crash(path: Path) -> None:
+        raise Crash(path)
+
+    r = _client(redis_url)
+    with pytest.raises(Crash):
+        export_log(r, tmp_path, ExportOptions(window_s=5, batch=3), now=lambda: now, after_write=crash)
+    assert len(list((tmp_path / SHADOW_DIR).glob("hour=*/part-*.parquet"))) == 1
+    assert r.xpending(impressions_key("din:"), "din-export")["pending"] == 3
+    r.close()
+    stats = _export(redis_url, tmp_path, now=now)
+    assert (stats.shadow_already_exported, stats.shadow_records) == (3, 5)
+    rows = _shadow_rows(tmp_path)
+    assert len(rows) == 16 and {r["impression_id"] for r in rows} == {i.impression_id for i in imps}

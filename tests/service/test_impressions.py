@@ -2,11 +2,14 @@
 (body and header); with DIN_LOG_IMPRESSIONS the stream record is exactly what was answered (scores,
 positions, version, the history the model saw), sampled by the id, trimmed, dropped and counted (never
 failing /rank) when its buffer is full or Redis is gone, and written again once Redis is back; /events
-records feedback naming an impression with the event. With the log off nothing is written."""
+records feedback naming an impression with the event. With the log off nothing is written. Records
+carry the arm that served them (old records without one still decode), and a shadow version's scores
+go through the same buffer and writer into the impression stream, marked `type` shadow."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -22,12 +25,13 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from contracts.records import Feedback, Impression
+from contracts.records import SHADOW_RECORD, Candidate, Feedback, Impression, ShadowScores
 from service.impressions import (
     STOP_FLUSH_S,
     WRITER_TIMEOUT_S,
     Answered,
     ImpressionLog,
+    ShadowAnswered,
     new_impression_id,
     sampled,
 )
@@ -118,6 +122,27 @@ def test_log_streams_spread_evenly_over_the_slots_with_feedback_beside_its_impre
     assert impressions_key("din:") == IMP and feedback_key("din:") == FB
     picked = {log_shard(new_impression_id(), 3) for _ in range(200)}
     assert picked == {0, 1, 2}
+
+
+def test_records_round_trip_with_and_without_arms_and_old_records_decode() -> None:
+    imp = Impression(new_impression_id(), 1.5, "u", "v1", ["h"], ["c"], [Candidate("a", None, 0.25, 0)], None)
+    assert (imp.arm, imp.arm_forced) == (None, False)
+    armed = dataclasses.replace(imp, arm="treatment", arm_forced=True)
+    for rec in (imp, armed):
+        assert Impression.from_dict(orjson.loads(orjson.dumps(rec))) == rec
+        assert Impression.from_dict(rec.to_dict()) == rec
+    old = imp.to_dict()
+    del old["arm"], old["arm_forced"]  # logged before the arms issue
+    assert Impression.from_dict(old) == imp
+    shadow = ShadowScores(imp.impression_id, 1.5, "u", "v2", ["a", "b"], [0.5, 0.25], [3, 0])
+    data = orjson.loads(orjson.dumps(shadow.to_dict()))
+    assert data["type"] == SHADOW_RECORD and ShadowScores.from_dict(data) == shadow
+    with pytest.raises(ValueError):
+        ShadowScores.from_dict({**data, "type": "other"})
+    with pytest.raises(ValueError):
+        ShadowScores.from_dict({**data, "positions": [0]})
+    with pytest.raises((KeyError, TypeError)):  # a shadow record is never taken for an impression
+        Impression.from_dict(data)
 
 
 # ------------------------------------------------------------------ answers
@@ -473,11 +498,63 @@ def test_the_record_is_encoded_to_exactly_the_json_of_the_records_dataclass(
     """The writer encodes from plain dicts (fast); the bytes are those of `orjson.dumps(record)`."""
     log, _ = _log(bundle, None, log_candidates=log_candidates)
     answers = _answers(bundle, 12) + _answers(bundle, 3, scorer=False, seed=1)
+    answers += [dataclasses.replace(a, arm=f"arm{k}", arm_forced=k == 1) for k, a in enumerate(answers[:3])]
     for a in answers:
         encoded = log.encode(a)
         assert encoded == orjson.dumps(log.record(a))
         assert Impression.from_dict(orjson.loads(encoded)) == log.record(a)
     assert any(c.category is not None for c in log.record(answers[0]).candidates)
+    assert [(log.record(a).arm, log.record(a).arm_forced) for a in answers[-3:]] == [
+        ("arm0", False),
+        ("arm1", True),
+        ("arm2", False),
+    ]
+
+
+def _shadows(answers: list[Answered], version: str = "shadow-v2", seed: int = 0) -> list[ShadowAnswered]:
+    """A shadow version's scores of each answer's request: other scores, the same candidates."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [
+        ShadowAnswered(
+            a.impression_id,
+            a.ts,
+            a.user_id,
+            version,
+            a.candidates,
+            rng.random(len(a.candidates)).astype(np.float32),
+            a.order,
+        )
+        for a in answers
+    ]
+
+
+@pytest.mark.parametrize("log_candidates", [0, 3])
+def test_a_shadow_record_scores_the_items_the_impression_logs(
+    bundle: BundleInfo, log_candidates: int
+) -> None:
+    """The same items as the served record, in its order, with the shadow's scores and its rank of each
+    among all the request's candidates; encoded to exactly the JSON of `ShadowScores.to_dict()`."""
+    import numpy as np
+
+    log, _ = _log(bundle, None, log_candidates=log_candidates)
+    answers = _answers(bundle, 10)
+    for a, s in zip(answers, _shadows(answers), strict=True):
+        rec, served = log.shadow_record(s), log.record(a)
+        assert log.encode_shadow(s) == orjson.dumps(rec.to_dict())
+        assert ShadowScores.from_dict(orjson.loads(log.encode_shadow(s))) == rec
+        assert rec.items == [c.item_id for c in served.candidates]
+        assert (rec.impression_id, rec.user_id, rec.ts, rec.model_version) == (
+            a.impression_id,
+            a.user_id,
+            a.ts,
+            "shadow-v2",
+        )
+        shadow_order = np.argsort(-s.scores, kind="stable").tolist()
+        for item, score, position in zip(rec.items, rec.scores, rec.positions, strict=True):
+            i = s.candidates.index(item)
+            assert score == float(s.scores[i]) and position == shadow_order.index(i)
 
 
 def test_the_writer_encodes_and_writes_off_the_event_loop(bundle: BundleInfo, redis_url: str) -> None:
@@ -514,6 +591,48 @@ def test_the_writer_encodes_and_writes_off_the_event_loop(bundle: BundleInfo, re
     assert threads == {"impression-log"} and loop_thread not in threads
     logged = _records(redis_url)
     assert [rec["impression_id"] for rec in logged] == [a.impression_id for a in answers]
+
+
+def test_the_writer_writes_shadow_records_beside_their_impressions(
+    bundle: BundleInfo, redis_url: str
+) -> None:
+    """Shadows share the buffer, the sampling (by the served impression's id) and the writer; each goes
+    to its impression's stream, marked as a shadow record, counted with the impressions."""
+    answers = _answers(bundle, 30)
+    shadows = _shadows(answers)
+
+    async def go() -> Metrics:
+        client = async_client(redis_url, RedisConfig(url=redis_url))
+        store = HistoryStore(client)
+        log, metrics = _log(bundle, redis_url, store, log_sample_rate=0.5)
+        log.start()
+        for a, s in zip(answers, shadows, strict=True):
+            log.offer(a)
+            log.offer_shadow(s)
+        await log.stop()
+        await store.aclose()
+        await client.aclose()
+        return metrics
+
+    metrics = run(go())
+    want = [a.impression_id for a in answers if sampled(a.impression_id, 0.5)]
+    assert 0 < len(want) < 30
+    logged = _records(redis_url)
+    assert _counter(metrics, "din_impressions_logged_total") == 2 * len(want) == len(logged)
+    assert [r["impression_id"] for r in logged if "type" not in r] == want
+    got = [ShadowScores.from_dict(r) for r in logged if r.get("type") == SHADOW_RECORD]
+    assert [g.impression_id for g in got] == want and {g.model_version for g in got} == {"shadow-v2"}
+    log, _ = _log(bundle, None)
+    assert got == [log.shadow_record(s) for s in shadows if s.impression_id in want]
+
+
+def test_a_full_buffer_drops_shadows_as_it_drops_impressions(bundle: BundleInfo) -> None:
+    log, metrics = _log(bundle, None, log_buffer=2)
+    answers = _answers(bundle, 2)
+    for a, s in zip(answers, _shadows(answers), strict=True):
+        log.offer(a)
+        log.offer_shadow(s)  # never raises, never blocks
+    assert _counter(metrics, "din_impressions_dropped_total", {"reason": "buffer_full"}) == 2
 
 
 def test_stop_is_bounded_when_redis_does_not_answer(bundle: BundleInfo, redis_url: str) -> None:
