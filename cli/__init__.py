@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("loop.report", "A/B arms and shadows on the exported log: CTR with intervals, AUC, agreement"),
     "loop-demo": ("demo.loop", "serve, simulate, drift, export, retrain, promote, simulate again: one turn"),
     "promote": ("loop.promote", "put a retrained bundle live if no worse than its parent; --rollback"),
+    "models": (
+        "loop.models",
+        "the versions a fleet serves: show, route (A/B arms, shadows), promote, rollback",
+    ),
     "log": ("loop.log", "the impression log's offline jobs: `din log export` (labelled Parquet by hour)"),
 }
 

@@ -50,21 +50,21 @@ class Service:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         return httpx.Client(base_url=self.url.rstrip("/"), headers=headers, timeout=self.timeout_s)
 
+    def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """One call; Refused (with the service's error and message) unless it answers 200."""
+        with self._client() as c:
+            resp = c.request(method, path, json=body)
+        _check(resp, f"{method} {path}")
+        answer: dict[str, Any] = resp.json()
+        return answer
+
     def manifest(self) -> dict[str, Any]:
         """GET /model: the live bundle's manifest."""
-        with self._client() as c:
-            resp = c.get("/model")
-        _check(resp, "GET /model")
-        body: dict[str, Any] = resp.json()
-        return body
+        return self.call("GET", "/model")
 
     def reload(self, bundle: Path) -> dict[str, Any]:
         """POST /admin/reload: the service loads, verifies and warms `bundle`, then switches."""
-        with self._client() as c:
-            resp = c.post("/admin/reload", json={"bundle": str(bundle)})
-        _check(resp, "POST /admin/reload")
-        body: dict[str, Any] = resp.json()
-        return body
+        return self.call("POST", "/admin/reload", {"bundle": str(bundle)})
 
 
 def _check(resp: httpx.Response, what: str) -> None:
@@ -73,6 +73,14 @@ def _check(resp: httpx.Response, what: str) -> None:
     try:
         body = resp.json()
         why = f"{body.get('error')}: {body.get('message')}"
+        fields = [d for d in body.get("detail") or [] if isinstance(d, dict)]
+        why += "".join(
+            f"; {d.get('field')}: {d.get('message')}"
+            for d in fields
+            if d.get("message") != body.get("message")
+        )
+        if len(fields) == 1 and fields[0].get("message") == body.get("message"):
+            why += f" ({fields[0].get('field')})"
     except ValueError:
         why = resp.text[:200]
     raise Refused(f"{what} answered {resp.status_code} ({why})")

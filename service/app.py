@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from contracts.errors import DinError
 from service.api import api_router
-from service.api.deps import AppState
+from service.api.deps import AppState, refuse_reload_under_routing
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
@@ -25,8 +25,10 @@ from service.live import ModelSet, describe, load_ranker
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
+from service.routing import Router
 from service.schemas import Limits, RequestLimits
 from service.security import cors_origins, load_api_keys
+from service.shadow import ShadowRunner
 from service.store.client import async_client, redis_endpoint
 from service.store.history import HistoryStore
 
@@ -41,6 +43,9 @@ async def _warm_up(state: AppState, ranker: Ranker, gate: threading.Event | None
             while not await asyncio.to_thread(gate.wait, 0.05):
                 pass
         seconds = await asyncio.to_thread(ranker.warmup, state.settings.warmup_rounds)
+        if state.router is not None:  # ready only once the fleet's routing (if any) is in force here
+            await state.router.sync()
+            state.router.start()
     except Exception:
         state.not_ready_reason = "warmup_failed"  # the detail is in the log, not in /readyz
         log.exception("warm-up failed; the service will not become ready")
@@ -60,6 +65,7 @@ def _reload_on_sighup(state: AppState, stack: contextlib.AsyncExitStack) -> None
 
     async def reload() -> None:
         try:
+            refuse_reload_under_routing(state)
             await state.live.reload(state.settings, state.metrics)
         except DinError as e:
             log.error("SIGHUP reload refused: %s", e.message)
@@ -95,6 +101,8 @@ def create_app(
             state.store, redis_url = await _open_store(state, stack)
             state.impressions = _start_impression_log(state, stack, redis_url)
             state.batcher = _start_batcher(state, stack)
+            state.shadows = _start_shadows(state, stack)
+            state.router = _start_router(state, stack)
             describe(state.metrics, r)
             _reload_on_sighup(state, stack)
             warm = asyncio.create_task(_warm_up(state, r, warmup_gate))
@@ -187,6 +195,37 @@ def _start_batcher(state: AppState, stack: contextlib.AsyncExitStack) -> Batcher
     )
     stack.push_async_callback(batcher.stop)
     return batcher
+
+
+def _start_shadows(state: AppState, stack: contextlib.AsyncExitStack) -> ShadowRunner:
+    """Shadow scoring (service.shadow), stopped by `stack` before the batcher and the impression log."""
+    settings = state.settings
+    shadows = ShadowRunner(
+        state.metrics,
+        state.impressions,
+        queue_max=settings.shadow_queue_max,
+        max_age_s=settings.shadow_max_age_ms / 1000,
+        max_candidates=settings.batch_max_candidates,
+    )
+    shadows.start()
+    stack.push_async_callback(shadows.stop)
+    return shadows
+
+
+def _start_router(state: AppState, stack: contextlib.AsyncExitStack) -> Router:
+    """The routing of model versions (service.routing) over the store's client. Its first read and its
+    polling start with the warm-up (`_warm_up`); `stack` stops the polling first."""
+    assert state.store is not None and state.batcher is not None
+    batcher = state.batcher
+    router = Router(
+        state.live,
+        state.settings,
+        state.metrics,
+        state.store.client,
+        busy=lambda name: batcher.queue.lane_depth(name) > 0,
+    )
+    stack.push_async_callback(router.stop)
+    return router
 
 
 def _add_middleware(app: FastAPI, state: AppState) -> None:

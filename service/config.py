@@ -201,6 +201,32 @@ class Settings(BaseSettings):
         "the next batches read their histories from Redis, so the model never waits for a round trip",
     )
 
+    # ---------------------------------------------------------------- several model versions
+    routing_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often the routing of model versions (A/B arms, shadows) is read from Redis: every "
+        "replica follows a change within this (plus the new versions' load and warm-up)",
+    )
+    max_models: int = Field(
+        4,
+        ge=1,
+        le=32,
+        description="model versions live at once in this process (the configured bundle, every arm's and "
+        "every shadow's): a routing that needs more is refused (each version is an ONNX Runtime session "
+        "and its memory; /admin/models reports it)",
+    )
+    shadow_queue_max: int = Field(
+        256,
+        ge=1,
+        description="shadow scorings waiting (they run on idle CPU only, after the answer is sent): beyond "
+        "this, or older than shadow_max_age_ms, one is shed and counted (din_shadow_shed_total)",
+    )
+    shadow_max_age_ms: float = Field(
+        2000.0, gt=0, description="a shadow scoring not started this long after its answer is shed"
+    )
+
     # ---------------------------------------------------------------- logging
     log_json: bool = Field(False, description="log one JSON object per line")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")

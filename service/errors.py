@@ -2,10 +2,10 @@
 no statuses); the statuses and headers each answers with are here:
 
     DinError 500 · RequestRefused 400 (CorsRefused) · Unauthorized 401 + WWW-Authenticate: Bearer ·
-    NotFound 404 · RequestTimeout 408 · ReloadInProgress 409 · PayloadTooLarge 413 ·
-    CannotExplain 422 · ReloadRejected 422 · HeadersTooLarge 431 · ServiceUnavailable 503 (Overloaded
-    + Retry-After, StoreDown, StoreTimeout, StorePartial, NotReady, ShuttingDown) · ReloadFailed,
-    InferenceFailed 500
+    NotFound 404 · RequestTimeout 408 · ReloadInProgress 409 · RoutingConflict 409 · PayloadTooLarge 413 ·
+    CannotExplain 422 · ReloadRejected 422 · RoutingError 422 · HeadersTooLarge 431 ·
+    ServiceUnavailable 503 (Overloaded + Retry-After, StoreDown, StoreTimeout, StorePartial, NotReady,
+    ShuttingDown) · ReloadFailed, InferenceFailed 500
 
 Every error answers the same JSON body: {"error": code, "message": text, "request_id": id, ...}.
 A `DinError` answers its status (`http_status`) and code; a request that fails validation answers
@@ -35,6 +35,8 @@ from contracts.errors import (
     ReloadRejected,
     RequestRefused,
     RequestTimeout,
+    RoutingConflict,
+    RoutingError,
     ServiceUnavailable,
     Unauthorized,
 )
@@ -51,9 +53,11 @@ STATUS: dict[type[DinError], int] = {
     NotFound: 404,
     RequestTimeout: 408,
     ReloadInProgress: 409,
+    RoutingConflict: 409,
     PayloadTooLarge: 413,
     CannotExplain: 422,
     ReloadRejected: 422,
+    RoutingError: 422,
     HeadersTooLarge: 431,
     ServiceUnavailable: 503,
 }

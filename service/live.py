@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class LiveModel:
         self._ranker = ranker
         self._reloading = False  # the event loop is single-threaded: a flag is the lock
         self.costs = Costs()
+        self.memory_bytes: int | None = None  # resident memory its load took (None: not measured)
 
     @property
     def loaded(self) -> bool:
@@ -121,6 +123,24 @@ class ModelSet:
     def get(self, name: str) -> LiveModel:
         return self._members[name]
 
+    def find(self, name: str) -> LiveModel | None:
+        return self._members.get(name)
+
+    def add(self, member: LiveModel) -> None:
+        """A new member (a version a routing needs: `service.routing`); its name must be new."""
+        if member.name in self._members:
+            raise ValueError(f"the model set already has a member {member.name!r}")
+        self._members[member.name] = member
+
+    def remove(self, name: str) -> LiveModel:
+        """Take member `name` out (never the default one); batches that hold its model finish on it."""
+        if name == DEFAULT_MODEL:
+            raise ValueError("the default member stays")
+        return self._members.pop(name)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
     @property
     def default(self) -> LiveModel:
         return self._members[DEFAULT_MODEL]
@@ -158,6 +178,28 @@ def load_ranker(settings: Settings, bundle: Path | None = None) -> Ranker:
         providers=settings.provider_list,
         intra_op_threads=settings.threads_per_call,
     )
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc/self/statm), or None where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_member(settings: Settings, name: str, bundle: Path) -> LiveModel:
+    """Load, verify and warm `bundle` as a new member `name`, measuring the resident memory it took
+    (one load at a time: the caller serializes them). Raises BundleError; a failed warm-up raises too."""
+    before = resident_bytes()
+    ranker = load_ranker(settings, bundle)
+    ranker.warmup(max(1, settings.warmup_rounds))
+    after = resident_bytes()
+    member = LiveModel(ranker, name)
+    if before is not None and after is not None:
+        member.memory_bytes = max(0, after - before)
+    return member
 
 
 def describe(metrics: Metrics, ranker: Ranker, name: str = DEFAULT_MODEL) -> None:

@@ -110,6 +110,63 @@ class Metrics:
             ["model", "model_version"],
             registry=r,
         )
+        # several versions (service.routing, service.shadow): per arm, per shadow, the routing itself
+        self.arm_requests = Counter(
+            "din_arm_requests",
+            "/rank answers by arm and model version (arm `none`: no routing in force)",
+            ["arm", "model_version"],
+            registry=r,
+        )
+        self.arm_latency = Histogram(
+            "din_arm_latency_seconds",
+            "/rank answers' time in the service by arm and model version",
+            ["arm", "model_version"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.arm_degraded = Counter(
+            "din_arm_degraded",
+            "/rank answers served without Redis history, by arm and model version",
+            ["arm", "model_version"],
+            registry=r,
+        )
+        self.arm_shed = Counter(
+            "din_arm_shed",
+            "/rank requests refused (503 overloaded) after their arm was known, by arm, version and reason",
+            ["arm", "model_version", "reason"],
+            registry=r,
+        )
+        self.shadow_scored = Counter(
+            "din_shadow_scored", "requests a shadow version scored", ["model_version"], registry=r
+        )
+        self.shadow_shed = Counter(
+            "din_shadow_shed",
+            "shadow scorings dropped, by reason (queue_full, too_old: the CPU had no idle time for it; "
+            "failed; shutdown)",
+            ["model_version", "reason"],
+            registry=r,
+        )
+        self.shadow_overlap = Histogram(
+            "din_shadow_topk_overlap",
+            "share of the served answer's items a shadow would have shown too (its top k, k = returned)",
+            ["model_version"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
+        self.routing_revision = Gauge(
+            "din_routing_revision", "revision of the routing in force here (0: none)", registry=r
+        )
+        self.routing_refused = Counter(
+            "din_routing_refused",
+            "routings read from Redis that this replica could not put in force (reason in /admin/models)",
+            registry=r,
+        )
+        self.model_memory = Gauge(
+            "din_model_memory_bytes",
+            "resident memory a live model version took when it was loaded",
+            ["model_version"],
+            registry=r,
+        )
         self.reloads = Counter(
             "din_reloads", "hot reloads, by outcome (ok, rejected, failed, busy)", ["outcome"], registry=r
         )

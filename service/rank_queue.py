@@ -93,6 +93,11 @@ class RankQueue:
     def depth(self) -> int:
         return self._queued
 
+    def lane_depth(self, model: str) -> int:
+        """Jobs queued for member `model`."""
+        lane = self._lanes.get(model)
+        return len(lane) if lane is not None else 0
+
     @property
     def full(self) -> bool:
         return self._queued >= self.queue_max

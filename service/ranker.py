@@ -156,7 +156,7 @@ class Ranker:
         (ctr,) = self.session.run([OUTPUT_NAME], self._feeds(target_items, target_user, hist_items, hist_len))
         return np.asarray(ctr)
 
-    def _encode_rows(
+    def encode_rows(
         self, rows: list[tuple[list[str], list[str]]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """Rows (items, history newest first) -> the graphs' four inputs, and each row's item count.
@@ -178,7 +178,7 @@ class Ranker:
 
         rows: (candidates, history newest first) per user. Returns one `Scored` per row.
         """
-        target_items, target_user, hist_items, lens, counts = self._encode_rows(rows)
+        target_items, target_user, hist_items, lens, counts = self.encode_rows(rows)
         ctr = self.run(target_items, target_user, hist_items, lens)
         return [Scored(scores) for scores in np.split(ctr, np.cumsum(counts)[:-1])]
 
@@ -191,7 +191,7 @@ class Ranker:
         """
         if self.explainer is None:
             raise self.cannot_explain()
-        target_items, target_user, hist_items, lens, counts = self._encode_rows(rows)
+        target_items, target_user, hist_items, lens, counts = self.encode_rows(rows)
         feeds = self._feeds(target_items, target_user, hist_items, lens)
         ctr, attention, contribution = (
             np.asarray(a) for a in self.explainer.run(list(EXPLAIN_OUTPUTS), feeds)

@@ -162,6 +162,7 @@ Id = Annotated[str, StringConstraints(strict=True, min_length=1), AtMost("id_len
 # What /rank answers in `impression_id` (contracts.records: 48-bit ms time + 80 random bits, hex)
 ImpressionId = Annotated[str, StringConstraints(strict=True, pattern=IMPRESSION_ID_PATTERN)]
 IMPRESSION_HEADER = "X-Impression-Id"
+ARM_HEADER = "X-Din-Arm"  # in a /rank request: the arm to serve it (QA); in its answer: the arm that did
 
 
 # ------------------------------------------------------------------ requests
@@ -339,6 +340,12 @@ class RankResponse(BaseModel):
         "scores; false when nothing is explained (a degraded answer: the history could not be read)",
     )
     explain_note: str | None = Field(None, description="with `explain`, when `explained` is false: why")
+    arm: str | None = Field(
+        None,
+        description="the routing arm that served it (also in the X-Din-Arm header); null when no routing "
+        "of several model versions is in force",
+    )
+    routing_revision: int | None = Field(None, description="the revision of the routing that chose the arm")
 
 
 class EventsResponse(BaseModel):
@@ -430,3 +437,76 @@ class ReloadResponse(BaseModel):
     previous_version: str | None = Field(description="the model it replaced")
     bundle: str
     seconds: float = Field(description="load, verify and warm-up time")
+
+
+# ------------------------------------------------------------------ routing of model versions
+
+_VERSION_OR_BUNDLE = (
+    "the version by its bundle directory (as every replica sees it), or by `model_version` when it is live "
+    "on the replica that takes the change (either or both; both must agree)"
+)
+
+
+class ArmIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    weight: float = Field(ge=0, le=1e6, description="share of the users, relative to the other arms'")
+    bundle: str | None = Field(None, min_length=1, max_length=4096, description=_VERSION_OR_BUNDLE)
+    model_version: str | None = Field(None, min_length=1, max_length=256)
+
+
+class ShadowIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_rate: float = Field(1.0, ge=0, le=1, description="share of the requests it scores")
+    bundle: str | None = Field(None, min_length=1, max_length=4096, description=_VERSION_OR_BUNDLE)
+    model_version: str | None = Field(None, min_length=1, max_length=256)
+
+
+class RoutingRequest(BaseModel):
+    """A new routing: it replaces the one in force, for every replica."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "arms": [
+                        {"name": "control", "bundle": "/models/v1", "weight": 0.9},
+                        {"name": "treatment", "bundle": "/models/v2", "weight": 0.1},
+                    ],
+                    "shadows": [{"bundle": "/models/v3", "sample_rate": 1.0}],
+                    "salt": "exp-2026-12",
+                }
+            ]
+        },
+    )
+
+    arms: list[ArmIn] = Field(min_length=1, max_length=16)
+    shadows: list[ShadowIn] = Field(default_factory=list, max_length=8)
+    salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="users are assigned by hash(salt, user_id): the same salt keeps every user whose arm "
+        "still has room where they were; a new salt starts a new experiment (default: the one in force, "
+        "else a new one)",
+    )
+    expected_revision: int | None = Field(
+        None, ge=0, description="refuse (409) unless the routing is still at this revision"
+    )
+    note: str = Field("", max_length=256, description="why (shown in /admin/models)")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"arm": "treatment"}]})
+
+    arm: str = Field(min_length=1, max_length=64, description="the arm whose version everyone gets")
+    expected_revision: int | None = Field(None, ge=0)
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expected_revision: int | None = Field(None, ge=0)

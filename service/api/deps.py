@@ -21,13 +21,16 @@ from typing import Annotated
 from fastapi import Depends, Request, Security, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from contracts.errors import NotReady, Unauthorized
+from contracts.errors import NotReady, RoutingConflict, RoutingError, Unauthorized
 from service.batcher import Batcher
 from service.config import Settings
 from service.impressions import ImpressionLog
+from service.inference import RankResult
 from service.live import ModelSet
 from service.metrics import Metrics
+from service.routing import Route, Router
 from service.security import ApiKeys
+from service.shadow import ShadowRunner
 from service.store.history import HistoryStore
 
 
@@ -39,14 +42,47 @@ class AppState:
     store: HistoryStore | None = None
     batcher: Batcher | None = None
     impressions: ImpressionLog | None = None  # with DIN_LOG_IMPRESSIONS
+    router: Router | None = None  # the routing of model versions in force (arms, shadows)
+    shadows: ShadowRunner | None = None  # shadow scoring, on idle CPU
     ready: bool = False  # model loaded and warmed up
     not_ready_reason: str = "starting"
+
+    def route(self, user_id: str, arm: str | None = None) -> Route:
+        """Where `user_id`'s request goes (`Router.route`; before the router exists: the default
+        member, no arm). RoutingError for an explicit `arm` that is not in force."""
+        if self.router is None:
+            if arm is not None:
+                raise RoutingError(f"no routing is in force: there is no arm {arm!r}", "X-Din-Arm")
+            return Route(None, self.live.default, None)
+        return self.router.route(user_id, arm)
+
+    def count_answer(self, route: Route, result: RankResult, seconds: float) -> None:
+        """An answer in the per-arm metrics and the router's traffic (/admin/models)."""
+        labels = {"arm": route.label, "model_version": result.model_version}
+        self.metrics.arm_requests.labels(**labels).inc()
+        self.metrics.arm_latency.labels(**labels).observe(seconds)
+        if result.degraded is not None:
+            self.metrics.arm_degraded.labels(**labels).inc()
+        if self.router is not None:
+            self.router.traffic[(route.label, result.model_version)] += 1
 
     def begin_shutdown(self) -> None:
         """From now on /readyz answers 503 shutting_down (requests are still served while draining)."""
         self.ready = False
         self.not_ready_reason = "shutting_down"
         self.metrics.ready.set(0)
+
+
+def refuse_reload_under_routing(state: AppState) -> None:
+    """A per-replica reload changes one replica's default version; while a routing is in force the
+    fleet's versions change through it (RoutingConflict)."""
+    if state.router is not None and (routing := state.router.routing) is not None:
+        raise RoutingConflict(
+            f"a routing of model versions is in force (revision {routing.revision}): change versions with "
+            "PUT /admin/routing (or `din models`), promote or roll back; a reload would change this replica "
+            "alone",
+            revision=routing.revision,
+        )
 
 
 async def get_state(request: Request) -> AppState:
@@ -71,6 +107,12 @@ async def get_store(state: StateDep) -> HistoryStore:
     return state.store
 
 
+async def get_router(state: StateDep) -> Router:
+    if state.router is None:
+        raise NotReady("the routing is not read yet", reason="starting")
+    return state.router
+
+
 async def get_batcher(state: StateDep) -> Batcher:
     if state.batcher is None:
         raise NotReady("the model is not loaded yet", reason="starting")
@@ -81,6 +123,7 @@ LiveDep = Annotated[ModelSet, Depends(get_live)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+RouterDep = Annotated[Router, Depends(get_router)]
 
 
 # ------------------------------------------------------------------ API keys

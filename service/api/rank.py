@@ -5,20 +5,29 @@ lowered it most (`against`), by each behaviour's exact leave-one-out contributio
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from contracts.errors import Overloaded
 from contracts.records import IMPRESSION_ID_PATTERN
 from service.api.deps import BatcherDep, StateDep
 from service.explain import Reasons, reasons
-from service.impressions import Answered, new_impression_id
+from service.impressions import Answered, new_impression_id, sampled
 from service.inference import RankResult
 from service.log import request_deadline
 from service.ranker import ranked
-from service.schemas import ERROR_RESPONSES, IMPRESSION_HEADER, JSONResponse, RankRequest, RankResponse
+from service.schemas import (
+    ARM_HEADER,
+    ERROR_RESPONSES,
+    IMPRESSION_HEADER,
+    JSONResponse,
+    RankRequest,
+    RankResponse,
+)
+from service.shadow import ShadowJob
 
 _UNEXPLAINED = (
     "nothing is explained: the user's history could not be read ({why}), so the scores rest on no "
@@ -41,7 +50,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
             IMPRESSION_HEADER: {
                 "description": "the answer's `impression_id`",
                 "schema": {"type": "string", "pattern": IMPRESSION_ID_PATTERN},
-            }
+            },
+            ARM_HEADER: {
+                "description": "the arm that served it, when a routing of several versions is in force",
+                "schema": {"type": "string"},
+            },
         }
     },
     **ERROR_RESPONSES,
@@ -66,8 +79,23 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     "under it (off the request path: a full buffer or a Redis that is down drops the record, never the "
     "answer).",
 )
-async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Response:
+async def rank(
+    req: RankRequest,
+    batcher: BatcherDep,
+    state: StateDep,
+    arm: Annotated[
+        str | None,
+        Header(
+            alias=ARM_HEADER,
+            description="serve this request from this arm of the routing in force, not the user's own "
+            "(QA; behind the API keys like every /rank; logged as forced, left out of `din report`)",
+            max_length=64,
+        ),
+    ] = None,
+) -> Response:
+    t0 = time.perf_counter()
     deadline = request_deadline(state.settings.request_budget_s)
+    route = state.route(req.user_id, arm)
     # Duplicates are scored once; the first occurrence keeps its place (it only matters for ties).
     candidates = list(dict.fromkeys(req.candidates))
     if req.explain:
@@ -85,11 +113,24 @@ async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Respon
                     }
                 ]
             )
-        if not (ranker := state.live.current).can_explain:
+        if not (ranker := route.member.current).can_explain:
             raise ranker.cannot_explain()  # at once; the batcher checks again (a reload may come between)
-    result = await batcher.submit(
-        req.user_id, candidates, req.history, deadline, explain=req.explain, top_k=req.top_k
-    )
+    try:  # nothing awaited between routing and queueing: a routing change never finds this lane gone
+        result = await batcher.submit(
+            req.user_id,
+            candidates,
+            req.history,
+            deadline,
+            explain=req.explain,
+            top_k=req.top_k,
+            model=route.member.name,
+        )
+    except Overloaded as e:
+        version = route.member.current.model_version
+        state.metrics.arm_shed.labels(
+            arm=route.label, model_version=version, reason=e.extra.get("reason", "")
+        ).inc()
+        raise
     scores = result.scores
     order = result.explanation.order if result.explanation is not None else ranked(scores, req.top_k)
     values = scores[order].tolist()  # float32 -> python float
@@ -111,6 +152,30 @@ async def rank(req: RankRequest, batcher: BatcherDep, state: StateDep) -> Respon
         answer["explained"] = note is None
         if note is not None:
             answer["explain_note"] = note
-    if state.impressions is not None:  # a side effect: buffered now, written by the log's own task
-        state.impressions.offer(Answered(impression_id, time.time(), req.user_id, candidates, order, result))
-    return JSONResponse(answer, headers={IMPRESSION_HEADER: impression_id})
+    answer["arm"] = route.arm
+    answer["routing_revision"] = route.revision
+    now = time.time()
+    if state.impressions is not None:  # a side effect: buffered now, written by the log's own thread
+        state.impressions.offer(
+            Answered(
+                impression_id,
+                now,
+                req.user_id,
+                candidates,
+                order,
+                result,
+                arm=route.arm,
+                arm_forced=route.forced,
+            )
+        )
+    if route.shadows and state.shadows is not None:  # scored later, on idle CPU (service.shadow)
+        for member, shadow in route.shadows:
+            if sampled(impression_id, shadow.sample_rate):
+                state.shadows.offer(
+                    ShadowJob(member, impression_id, now, req.user_id, candidates, result.history, order, t0)
+                )
+    state.count_answer(route, result, time.perf_counter() - t0)
+    headers = {IMPRESSION_HEADER: impression_id}
+    if route.arm is not None:
+        headers[ARM_HEADER] = route.arm
+    return JSONResponse(answer, headers=headers)

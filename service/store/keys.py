@@ -1,6 +1,7 @@
 """The Redis key layout, written once: every reader and writer builds its keys here.
 
 `{prefix}hist:{user_id}`: a list of item ids, newest first, at most T long (prefix default `din:`).
+`{prefix}routing`: the routing of model versions (A/B arms, shadows), one JSON document (`service.routing`).
 `{prefix}evt:{event_id}`: a marker ("1") that event `event_id` was written to a history, set in the
 same atomic script as the write and expiring after `events_dedup_ttl_s` (default a day): a retry of
 that event within the window is skipped instead of written twice.
@@ -58,6 +59,11 @@ def impressions_key(prefix: str, shard: int = 0, shards: int = 1) -> str:
 def feedback_key(prefix: str, shard: int = 0, shards: int = 1) -> str:
     """Stream `shard` (of `shards`) of the feedback log: in the slot of impression stream `shard`."""
     return f"{prefix}log:fb" if shards == 1 else f"{prefix}log:fb:{{{_log_tag(shard, shards)}}}"
+
+
+def routing_key(prefix: str) -> str:
+    """The routing of model versions (`contracts.routing.Document` as JSON): one key, so one slot."""
+    return f"{prefix}routing"
 
 
 DEFAULT_CLUSTER_LOG_STREAMS = 8  # a Redis Cluster's log streams when none are configured

@@ -1,0 +1,171 @@
+"""Shadow scoring: a version nobody is shown scores the same requests, on idle CPU only.
+
+After /rank has its answer, each shadow of the routing in force (`service.routing`) whose sample takes
+the impression id gets a `ShadowJob`: the request's candidates and the very history snapshot the
+served version scored (no second Redis read, no drift between the two), and the served order. Jobs
+wait in one bounded queue; one consumer takes them in order, a batch of one version at a time (never
+mixing versions in a graph call, like the batcher), and runs it in a thread of its own at the idle
+scheduling class (SCHED_IDLE: it runs only on a core nothing else wants), so a shadow never takes CPU
+from the served requests and never adds to their latency. Under load it simply does not run: jobs
+that wait past DIN_SHADOW_MAX_AGE_MS, or find the queue full (DIN_SHADOW_QUEUE_MAX), are shed and
+counted (din_shadow_shed_total): a shadow is the first thing dropped.
+
+What a shadow produced goes to the impression log beside the served answer
+(`ImpressionLog.offer_shadow`: its scores of the logged items and where it ranks them) and to
+din_shadow_topk_overlap (how much of the served top k it would have shown too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.impressions import ImpressionLog, ShadowAnswered
+from service.live import LiveModel
+from service.metrics import Metrics
+from service.ranker import ranked
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowJob:
+    member: LiveModel  # the shadow version's member (held: an unloaded version finishes its jobs)
+    impression_id: str
+    ts: float  # unix seconds of the served answer
+    user_id: str
+    candidates: list[str]
+    history: tuple[str, ...]  # the snapshot the served version scored
+    served_order: np.ndarray  # the served answer's order (indices into candidates)
+    queued_at: float  # time.perf_counter()
+
+
+class ShadowRunner:
+    def __init__(
+        self,
+        metrics: Metrics,
+        impressions: ImpressionLog | None,
+        *,
+        queue_max: int,
+        max_age_s: float,
+        max_candidates: int,
+    ) -> None:
+        self.metrics = metrics
+        self.impressions = impressions
+        self.queue_max = queue_max
+        self.max_age_s = max_age_s
+        self.max_candidates = max_candidates
+        self._queue: collections.deque[ShadowJob] = collections.deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="din-shadow", initializer=_idle_priority)
+        self._task: asyncio.Task[None] | None = None
+        self.scored = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="din-shadow")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in self._queue:
+            self._shed(job, "shutdown")
+        self._queue.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def offer(self, job: ShadowJob) -> None:
+        """Queue `job` (never blocks, never raises): shed at once when the queue is full."""
+        if len(self._queue) >= self.queue_max:
+            self._shed(job, "queue_full")
+            return
+        self._queue.append(job)
+        self._wake.set()
+
+    def _shed(self, job: ShadowJob, reason: str) -> None:
+        version = job.member.current.model_version
+        self.metrics.shadow_shed.labels(model_version=version, reason=reason).inc()
+
+    def _take(self) -> list[ShadowJob]:
+        """The oldest job's version: its jobs off the front while they fit the candidate budget (jobs
+        past their age are shed on the way)."""
+        batch: list[ShadowJob] = []
+        size = 0
+        now = time.perf_counter()
+        while self._queue:
+            job = self._queue[0]
+            if now - job.queued_at > self.max_age_s:
+                self._queue.popleft()
+                self._shed(job, "too_old")
+                continue
+            if batch and (
+                job.member is not batch[0].member or size + len(job.candidates) > self.max_candidates
+            ):
+                break
+            self._queue.popleft()
+            batch.append(job)
+            size += len(job.candidates)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._take()
+            if not batch:
+                continue
+            ranker = batch[0].member.current
+            try:
+                # encoded here, on the loop (~0.1 ms): the idle thread only runs the graph, during which
+                # ONNX Runtime holds no GIL. An idle-class thread that held the GIL while every core is
+                # busy would stall the event loop until a core came free (a priority inversion).
+                items, users, hist, lens, counts = ranker.encode_rows(
+                    [(job.candidates, list(job.history)) for job in batch]
+                )
+                ctr = await loop.run_in_executor(self._executor, ranker.run, items, users, hist, lens)
+            except Exception:
+                log.exception("shadow %s failed on a batch of %d", ranker.model_version, len(batch))
+                for job in batch:
+                    self._shed(job, "failed")
+                continue
+            for job, scores in zip(batch, np.split(ctr, np.cumsum(counts)[:-1]), strict=True):
+                self._deliver(job, ranker.model_version, scores)
+
+    def _deliver(self, job: ShadowJob, version: str, scores: np.ndarray) -> None:
+        self.scored += 1
+        self.metrics.shadow_scored.labels(model_version=version).inc()
+        k = len(job.served_order)
+        if k:
+            mine = set(ranked(scores, k).tolist())
+            overlap = len(mine.intersection(job.served_order.tolist())) / k
+            self.metrics.shadow_overlap.labels(model_version=version).observe(overlap)
+        if self.impressions is not None:
+            self.impressions.offer_shadow(
+                ShadowAnswered(
+                    job.impression_id, job.ts, job.user_id, version, job.candidates, scores, job.served_order
+                )
+            )
+
+
+def _idle_priority() -> None:
+    """This thread runs only when a core is idle (Linux SCHED_IDLE; elsewhere the lowest nice)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
