@@ -113,7 +113,7 @@ class Metrics:
         # several versions (service.routing, service.shadow): per arm, per shadow, the routing itself
         self.arm_requests = Counter(
             "din_arm_requests",
-            "/rank answers by arm and model version (arm `none`: no routing in force)",
+            "/rank answers by arm and model version (arm `(none)`: no routing in force)",
             ["arm", "model_version"],
             registry=r,
         )

@@ -181,6 +181,8 @@ function show(answer, history, catalogue) {
     ["user " + answer.user_id, ""],
     [answer.history_length + " behaviours seen", ""],
     [answer.items.length + " candidates", ""],
+    // the version that scored it, and with a routing of several versions in force the user's arm
+    [(answer.arm ? "arm " + answer.arm + " · " : "") + answer.model_version, ""],
   ];
   if (answer.degraded) badges.push(["degraded: the history could not be read", "warn"]);
   if (answer.explained === false) badges.push(["not explained", "warn"]);

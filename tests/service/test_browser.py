@@ -130,6 +130,7 @@ def test_the_explorer_ranks_and_draws_one_heatmap_row_per_candidate(browser: Any
 
         asked = rank_in_page(page)
         assert asked == 9
+        assert "test-v1" in page.inner_text("#summary")  # the version that scored it (no arm: no routing)
         assert page.locator("#ranked tbody tr").count() == 9
         # one column per behaviour the model saw (T = 20 of alice's 30), every cell explained
         assert page.locator("#heatmap g.col").count() == 20
@@ -178,6 +179,16 @@ def test_the_explorer_ranks_and_draws_one_heatmap_row_per_candidate(browser: Any
         page.screenshot(path=str(SHOTS / "explorer-weights.png"), full_page=True)
         page.check('input[name="view"][value="contribution"]')
         page.wait_for_function("document.querySelector('#legend').innerText.includes('no effect')")
+
+        # with a routing of versions in force the answer names the user's arm
+        with server.client() as c:
+            routing = {"arms": [{"name": "control", "model_version": "test-v1", "weight": 1}]}
+            assert c.put("/admin/routing", json=routing).status_code == 200
+        rank_in_page(page)
+        page.wait_for_function("document.querySelector('#summary').innerText.includes('arm control')")
+        assert "arm control · test-v1" in page.inner_text("#summary")
+        with server.client() as c:
+            assert c.delete("/admin/routing").status_code == 200
 
         # a pasted history replaces the stored one: as many columns as it has behaviours
         page.fill("#history", "i7 i8 i9 i10")
