@@ -184,6 +184,12 @@ class Router:
             self._retire()
             return
         async with self._lock:
+            # read again under the lock: a change made here meanwhile must not be undone by a stale read
+            try:
+                doc = await self.read()
+            except (StoreDown, RoutingError):
+                return
+            revision = doc.revision if doc is not None else 0
             if revision == self.revision:
                 return
             try:

@@ -18,7 +18,14 @@ import pytest
 import redis
 
 from contracts.routing import Document
-from tests.service.conftest import BundleInfo, LiveServer, make_bundle, make_settings, metric_value
+from tests.service.conftest import (
+    BundleInfo,
+    FaultProxy,
+    LiveServer,
+    make_bundle,
+    make_settings,
+    metric_value,
+)
 
 CANDIDATES = ["i2", "i3", "i5", "i8", "i13", "i21"]
 
@@ -369,3 +376,31 @@ def test_din_models_has_the_same_verbs(server: LiveServer, bundle: BundleInfo, b
     assert bad.returncode == 2 and "NAME=VERSION_OR_BUNDLE" in bad.stderr
     cleared = _din("models", "clear", "--url", url)
     assert cleared.returncode == 0 and "none in force" in cleared.stdout
+
+
+def test_redis_down_keeps_the_routing_in_force_and_refuses_changes(
+    bundle: BundleInfo, bundle_v2: BundleInfo, redis_url: str
+) -> None:
+    with FaultProxy(redis_url) as proxy:
+        settings = make_settings(bundle.path, proxy.url, routing_poll_s=0.1)
+        with LiveServer(settings) as server, server.client() as c:
+            server.wait_ready()
+            assert c.put("/admin/routing", json=_two_arms(bundle, bundle_v2)).status_code == 200
+            arms = {u: _rank(c, u).json()["arm"] for u in (f"u{k}" for k in range(20))}
+            proxy.refuse()
+            proxy.cut()
+            time.sleep(0.5)  # several polls find Redis gone
+            for user, arm in arms.items():
+                answer = _rank(c, user)
+                assert answer.status_code == 200 and answer.json()["degraded"] is True
+                assert answer.json()["arm"] == arm  # the routing it had stays in force
+            down = c.put("/admin/routing", json=_two_arms(bundle, bundle_v2, 0.1, 0.9))
+            assert down.status_code == 503 and down.json()["error"] == "store_unavailable"
+            assert c.post("/admin/routing/promote", json={"arm": "control"}).status_code == 503
+            proxy.refuse(False)
+            deadline = time.monotonic() + 10
+            while (
+                r := c.put("/admin/routing", json=_two_arms(bundle, bundle_v2, 0.1, 0.9))
+            ).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.1)
