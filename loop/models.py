@@ -22,13 +22,7 @@ import argparse
 import sys
 from typing import Any
 
-import httpx
-
-from loop.promote import DEFAULT_TIMEOUT_S, Refused, Service
-
-
-class BadArgument(Exception):
-    pass
+from loop.promote import DEFAULT_TIMEOUT_S, BadArgument, Service, outcome
 
 
 def _version_or_bundle(text: str) -> dict[str, str]:
@@ -145,17 +139,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: --url must start with http:// or https://, got {args.url!r}", file=sys.stderr)
         return 2
     service = Service(args.url, args.api_key, args.timeout_s)
-    try:
+
+    def work() -> str:
         method, path, body = _request(args)
         service.call(method, path, body)
-        print(show(service.call("GET", "/admin/models")))
-    except BadArgument as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 2
-    except Refused as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as e:
-        print(f"{name}: {args.url}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return show(service.call("GET", "/admin/models"))
+
+    return outcome(name, args.url, work)

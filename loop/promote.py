@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,8 +198,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: --timeout-s must be > 0, got {args.timeout_s}", file=sys.stderr)
         return 2
     service = Service(args.url, args.api_key, args.timeout_s)
+    return outcome(
+        name,
+        args.url,
+        lambda: rollback(service) if args.rollback else promote(args.bundle, service, min_gain=args.min_gain),
+    )
+
+
+def outcome(name: str, url: str, work: Callable[[], str]) -> int:
+    """Run a command's `work` against the service and print what it did: exit 0; BadArgument: 2;
+    Refused or an HTTP failure: 1, one line on stderr."""
     try:
-        done = rollback(service) if args.rollback else promote(args.bundle, service, min_gain=args.min_gain)
+        done = work()
     except BadArgument as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
@@ -206,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {e}", file=sys.stderr)
         return 1
     except httpx.HTTPError as e:
-        print(f"{name}: {args.url}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{name}: {url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(done)
     return 0

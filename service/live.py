@@ -170,13 +170,16 @@ class ModelSet:
         return await self.get(name).reload(settings, metrics, bundle)
 
 
-def load_ranker(settings: Settings, bundle: Path | None = None) -> Ranker:
+def load_ranker(
+    settings: Settings, bundle: Path | None = None, *, intra_op_threads: int | None = None
+) -> Ranker:
     """Load and verify a bundle (default: the configured one) into an ONNX Runtime session, not
-    warmed up yet. Raises BundleError naming the file on anything missing, corrupt or refused."""
+    warmed up yet (`intra_op_threads`: default DIN_INTRA_OP_THREADS, resolved). Raises BundleError
+    naming the file on anything missing, corrupt or refused."""
     return Ranker(
         load_bundle(bundle or settings.bundle),
         providers=settings.provider_list,
-        intra_op_threads=settings.threads_per_call,
+        intra_op_threads=intra_op_threads or settings.threads_per_call,
     )
 
 
@@ -189,11 +192,13 @@ def resident_bytes() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def load_member(settings: Settings, name: str, bundle: Path) -> LiveModel:
+def load_member(settings: Settings, name: str, bundle: Path, *, shadow: bool = False) -> LiveModel:
     """Load, verify and warm `bundle` as a new member `name`, measuring the resident memory it took
-    (one load at a time: the caller serializes them). Raises BundleError; a failed warm-up raises too."""
+    (one load at a time: the caller serializes them). Raises BundleError; a failed warm-up raises too.
+    `shadow`: one ONNX Runtime thread, the caller's (service.shadow runs it at the idle scheduling
+    class; an intra-op pool's own threads would run at normal priority beside the served requests)."""
     before = resident_bytes()
-    ranker = load_ranker(settings, bundle)
+    ranker = load_ranker(settings, bundle, intra_op_threads=1 if shadow else None)
     ranker.warmup(max(1, settings.warmup_rounds))
     after = resident_bytes()
     member = LiveModel(ranker, name)

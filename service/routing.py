@@ -237,16 +237,17 @@ class Router:
             name = names[version]
             member = self.models.find(name)
             if member is None:
-                member = await self._load(name, version, bundle, routing)
+                shadow = version not in {a.model_version for a in routing.arms}
+                member = await self._load(name, version, bundle, routing, shadow)
             members[version] = member
         arms = {a.name: members[a.model_version] for a in routing.arms}
         shadows = tuple((members[s.model_version], s) for s in routing.shadows)
         return _InForce(routing.compiled(), arms, shadows)
 
-    async def _load(self, name: str, version: str, bundle: str, routing: Routing) -> LiveModel:
+    async def _load(self, name: str, version: str, bundle: str, routing: Routing, shadow: bool) -> LiveModel:
         field = _field_of(routing, version)
         try:
-            member = await asyncio.to_thread(load_member, self.settings, name, Path(bundle))
+            member = await asyncio.to_thread(load_member, self.settings, name, Path(bundle), shadow=shadow)
         except BundleError as e:
             raise RoutingError(f"version {version} cannot be loaded here: {e.message}", field) from None
         except Exception as e:  # a warm-up that fails: the detail in the log
