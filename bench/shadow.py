@@ -3,8 +3,8 @@ same service without one, at half its capacity and at twice it. The issue's two 
 
 1. At half capacity, the shadow raises the served answers' p99 by at most 10%.
 2. At 2x capacity the shadow is shed first: goodput (200s per second) as without a shadow, within the
-   run's noise floor, and the shadow's scorings mostly shed (din_shadow_shed_total against
-   din_shadow_scored_total).
+   run's noise floor, and the shadow's scorings mostly shed: most of the jobs offered during the
+   overload not scored while it lasts (din_shadow_scored_total, din_shadow_shed_total).
 
 Same model, data and request shape as bench/e2e.py (200 candidates, full 100-item histories in Redis).
 The shadow is a second bundle of the same size and cost per request: a copy of the demo bundle whose
@@ -37,7 +37,13 @@ The noise floor, per phase: the same figures between the two halves of the off r
 rounds against each other), i.e. how far apart two sets of rounds of the *same* service land on this
 machine in this run. A cost below its noise floor is not resolved. The verdict: (1) the p99 cost of the
 medians <= 10% and no error at half capacity; (2) at 2x, goodput with the shadow >= goodput without
-times (1 - the goodput noise floor), and more than half the shadow's scorings shed.
+times (1 - the goodput noise floor), and more than half the shadow's jobs not scored during the load.
+That share, not shed / (scored + shed) over the round, is the one judged: jobs still queued when the load
+stops (DIN_SHADOW_QUEUE_MAX, 256 by default) are scored on the CPU it leaves idle, which a short round
+would count as a shadow that kept up; under an overload that lasts they are shed (too_old, queue_full).
+Both are reported. (2) is void (and not held) when 2x did not overload the service without a shadow
+(it answered 90% or more of the offered rate: the capacity was under-measured, e.g. on a busy machine,
+where a closed loop gets 503s).
 
     python bench/shadow.py            # builds a demo-sized model in .din/demo if none is there
 """
@@ -210,15 +216,19 @@ def summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 errors[k] = errors.get(k, 0) + v
         scored = sum(x["shadow_scored"] for x in rs)
         shed = sum(x["shadow_shed"] for x in rs)
+        jobs = sum(x["shadow_jobs"] for x in rs)
+        during = sum(x["shadow_scored_during"] for x in rs)
         out[mode] = {
             "median": medians(rs, OPEN_FIGURES),
             "errors": sum(errors.values()),
             "errors_by_status": errors,
-            "shadow_jobs": sum(x["shadow_jobs"] for x in rs),
+            "shadow_jobs": jobs,
             "shadow_scored": scored,
-            "shadow_scored_during": sum(x["shadow_scored_during"] for x in rs),
+            "shadow_scored_during": during,
             "shadow_shed": shed,
             "shadow_shed_share": shed / (scored + shed) if scored + shed else None,
+            # of the jobs offered during the load, the share the shadow did not score while it lasted
+            "shadow_unscored_during_share": 1 - during / jobs if jobs else None,
         }
     return out
 
@@ -279,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"errors {sum(closed.errors.values())} {closed.errors or ''}",
                 flush=True,
             )
+            if sum(closed.errors.values()) > 0.01 * closed.requests:
+                print(
+                    "  WARNING: the closed loop was shed (503s): the capacity is under-measured (a busy "
+                    "machine?), so the levels below are less than they say",
+                    flush=True,
+                )
             phases: dict[str, dict[str, Any]] = {}
             for key, load, secs, seed in (
                 ("half", args.half_load, args.half_seconds, 2),
@@ -350,8 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     off_good, on_good = over["off"]["median"]["throughput"], over["on"]["median"]["throughput"]
     gfloor = over["noise_floor"]["throughput_cost"] if over["noise_floor"] else 0.0
     goodput_holds = on_good >= off_good * (1 - gfloor)
-    shed_share = over["on"]["shadow_shed_share"]
+    shed_share = over["on"]["shadow_unscored_during_share"]
     shed_holds = shed_share is not None and shed_share > 0.5
+    # without a shadow, 2x must overload the service: else the capacity was under-measured and this
+    # part says nothing about shedding
+    overloaded = off_good < 0.9 * over["offered_rate"]
     by_reason: dict[str, float] = {}
     for x in over["rounds"]["on"]:
         for k, v in x["shadow_shed_by_reason"].items():
@@ -367,10 +386,16 @@ def main(argv: list[str] | None = None) -> int:
         f"   shadow: {over['on']['shadow_jobs']} jobs, {over['on']['shadow_scored']:.0f} scored "
         f"({over['on']['shadow_scored_during']:.0f} during the load, the rest on the idle CPU after it), "
         f"{over['on']['shadow_shed']:.0f} shed ({reasons}): "
-        + (f"{shed_share:.0%} shed" if shed_share is not None else "no job")
+        + (f"{shed_share:.0%} not scored during the load" if shed_share is not None else "no job")
         + f" (target > 50%): {'holds' if shed_holds else 'MISSES'}"
     )
-    holds = p99_holds and goodput_holds and shed_holds
+    if not overloaded:
+        print(
+            f"   VOID: without the shadow the service answered {off_good / over['offered_rate']:.0%} of the "
+            f"offered rate: {args.overload:g}x the measured capacity did not overload it (the capacity was "
+            "under-measured: a busy machine?)"
+        )
+    holds = p99_holds and goodput_holds and shed_holds and overloaded
     print(f"\nboth targets: {'hold' if holds else 'MISS'}")
     print(
         "routing switches: "
@@ -396,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         "p99_noise_floor": p99_floor,
         "goodput_cost": 1 - on_good / off_good if off_good else None,
         "goodput_noise_floor": gfloor,
-        "shadow_shed_share_at_overload": shed_share,
-        "targets": {"p99_cost": MAX_P99_COST, "shadow_shed_share": 0.5},
+        "shadow_unscored_during_share_at_overload": shed_share,
+        "targets": {"p99_cost": MAX_P99_COST, "shadow_unscored_during_share": 0.5},
+        "overloaded": overloaded,
         "holds": {"p99": p99_holds, "goodput": goodput_holds, "shadow_shed": shed_holds, "all": holds},
     }
     write_report(args.out, report)
