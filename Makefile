@@ -87,6 +87,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/overload.py
 	$(BIN)/python bench/explain.py
 	$(BIN)/python bench/impressions.py
+	$(BIN)/python bench/shadow.py
 
 demo: $(STAMP)
 	$(BIN)/din demo
