@@ -54,11 +54,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from contracts.errors import DataError, InvalidArgument
+from contracts.routing import NO_ROUTING  # impressions logged with no routing in force
 from loop.export import SHADOW_DIR
 from model.metrics import auc, gauc
 
 NAME = "din report"
-NO_ARM = "(none)"  # impressions logged with no routing config in force
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 IMPRESSION_COLUMNS = (
@@ -289,7 +289,7 @@ def _impressions_of(table: pa.Table) -> dict[str, np.ndarray]:
     labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
     clicked = np.zeros(len(uniq), dtype=np.int64)
     np.maximum.at(clicked, inverse, (labels > 0).astype(np.int64))
-    arms = pc.fill_null(table.column("arm"), NO_ARM).to_numpy(zero_copy_only=False).astype(str)
+    arms = pc.fill_null(table.column("arm"), NO_ROUTING).to_numpy(zero_copy_only=False).astype(str)
     forced = table.column("arm_forced").fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     ts = table.column("ts").to_numpy(zero_copy_only=False)
     return {
