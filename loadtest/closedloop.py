@@ -79,7 +79,8 @@ async def run_open(
 ) -> list[tuple[float, float, str]]:
     """Send the payloads at `rate` per second on a fixed schedule, whatever the answers (open loop),
     over the lean client. Returns (scheduled offset s, latency ms from the scheduled time, status) per
-    request, so a generator or server that falls behind cannot hide it (no coordinated omission)."""
+    request in the order they were sent (answers may come back in another), so a generator or server
+    that falls behind cannot hide it (no coordinated omission)."""
     client = RawClient(url, max_connections=connections)
     loop = asyncio.get_running_loop()
     out: list[tuple[float, float, str]] = []
@@ -106,4 +107,4 @@ async def run_open(
         await asyncio.gather(*tasks)
     finally:
         await client.close()
-    return out
+    return sorted(out)

@@ -66,7 +66,10 @@ class ShadowRunner:
         self.max_candidates = max_candidates
         self._queue: collections.deque[ShadowJob] = collections.deque()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="din-shadow", initializer=_idle_priority)
+        self._threads: set[int] = set()  # the idle-class thread's native id (to raise it at stop)
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="din-shadow", initializer=_idle_priority, initargs=(self._threads,)
+        )
         self._task: asyncio.Task[None] | None = None
         self.scored = 0
 
@@ -81,7 +84,13 @@ class ShadowRunner:
         for job in self._queue:
             self._shed(job, "shutdown")
         self._queue.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Not waited for here: on a machine with no idle core the idle-class thread may get no CPU at all,
+        # and waiting would hold the event loop (and the shutdown) for as long. It goes back to the
+        # normal class first, so that it ends its last call (if any) and exits promptly.
+        for tid in list(self._threads):
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def depth(self) -> int:
@@ -162,8 +171,9 @@ class ShadowRunner:
             )
 
 
-def _idle_priority() -> None:
+def _idle_priority(threads: set[int]) -> None:
     """This thread runs only when a core is idle (Linux SCHED_IDLE; elsewhere the lowest nice)."""
+    threads.add(threading.get_native_id())
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):

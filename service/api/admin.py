@@ -80,7 +80,11 @@ def _routing_answer(router: Any, doc: Document) -> Response:
     return JSONResponse({"revision": doc.revision, "routing": router.describe()["routing"]})
 
 
-@router.get("/admin/models", summary="Every version live here, the routing in force, traffic per arm")
+@router.get(
+    "/admin/models",
+    summary="Every version live here, the routing in force, traffic per arm",
+    responses=ERROR_RESPONSES,
+)
 async def admin_models(router_: RouterDep) -> Response:
     """Per live version: its member, bundle, resident memory its load took, whether it explains, the
     arms it serves and its shadow sample rate; the routing in force (each arm's share of the users),
@@ -88,7 +92,11 @@ async def admin_models(router_: RouterDep) -> Response:
     return JSONResponse(router_.describe())
 
 
-@router.get("/admin/routing", summary="The routing document in Redis (what every replica follows)")
+@router.get(
+    "/admin/routing",
+    summary="The routing document in Redis (what every replica follows)",
+    responses={**ERROR_RESPONSES, 503: _CHANGE_RESPONSES[503]},
+)
 async def get_routing(router_: RouterDep) -> Response:
     doc = await router_.read()
     if doc is None:
