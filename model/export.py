@@ -390,7 +390,14 @@ def export_model(
     model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
     lineage: where a retrained model came from (`din train --from-log`: parent, data, held-out
     metrics), kept in the manifest as is; `din promote` reads it.
+    precision: "fp32" writes model.onnx alone; "both" also model.int8.onnx (model.quantize) when it
+    passes the quality gate on `held_out`, and records why not otherwise; "int8" refuses the whole
+    export (ExportError) unless the int8 graph passes. model.onnx, the fp32 reference, is always
+    written. `quantize`: the quantizer (tests pass deliberately broken ones); the manifest's
+    "precision" holds its method and the gate's figures.
     """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model = model.eval()
     _check_vocabularies(model, items, categories)
     out_dir = Path(out_dir)

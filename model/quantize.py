@@ -110,21 +110,22 @@ def attention_matmuls(path: Path) -> list[str]:
     return names
 
 
-def quantize_int8(src: Path, dst: Path) -> dict[str, Any]:
-    """Write the int8 variant of the serving graph `src` to `dst` (METHOD); returns METHOD."""
+def quantize_int8(src: Path, dst: Path, scope: str = "attention") -> dict[str, Any]:
+    """Write the int8 variant of the serving graph `src` to `dst` (METHOD); returns METHOD.
+    scope "all" also quantizes the head's Gemms (measured, refused by the gate: see above)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         str(src),
         str(dst),
         op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_quantize=attention_matmuls(src) if METHOD["scope"] == "attention" else None,
+        nodes_to_quantize=attention_matmuls(src) if scope == "attention" else None,
         per_channel=True,
         reduce_range=False,
         weight_type=QuantType.QInt8,
         extra_options={"MatMulConstBOnly": True},
     )
-    return dict(METHOD)
+    return {**METHOD, "scope": scope}
 
 
 @dataclass
