@@ -1,6 +1,7 @@
 """The int8 serving graph (bundle file model.int8.onnx) and the quality gate it must pass to be written.
 
-What is quantized, and why (measured on a 2-core AMD EPYC Zen 4, AVX-512 VNNI/BF16, a shared machine;
+What is quantized, and why (measured on a 2-vCPU "Intel(R) Xeon(R) Processor" (/proc/cpuinfo: AVX-512
+VNNI and BF16, AMX tile/int8/bf16), a machine shared with other jobs at the time;
 demo-sized model, 1 user x 200 candidates x 100 behaviours, one intra-op thread, interleaved medians;
 `python bench/precision.py` repeats the measurement):
 
