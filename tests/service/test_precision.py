@@ -114,3 +114,19 @@ def test_int8_without_the_graph_is_a_startup_error(bundle: BundleInfo) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "DIN_PRECISION=int8" in proc.stderr and INT8_GRAPH in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reload_keeps_the_precision_rule(
+    trained: dict[str, Path], bundle: BundleInfo, redis_url: str
+) -> None:
+    """DIN_PRECISION holds for hot reloads too: with int8 asked, a bundle without the graph is refused
+    (422) and the int8 model keeps serving; the trained bundle reloads as int8."""
+    with LiveServer(make_settings(trained["bundle"], redis_url, precision="int8")) as server:
+        server.wait_ready()
+        with server.client() as c:
+            r = c.post("/admin/reload", json={"bundle": str(bundle.path)})
+            assert r.status_code == 422 and INT8_GRAPH in r.text, r.text
+            assert c.get("/readyz").json()["precision"] == "int8"
+            r = c.post("/admin/reload", json={"bundle": str(trained["bundle"])})
+            assert r.status_code == 200, r.text
+            assert c.get("/readyz").json()["precision"] == "int8"
