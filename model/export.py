@@ -634,12 +634,13 @@ def _print_int8(int8: dict[str, Any]) -> None:
     """The int8 graph's gate, as `din export` prints it."""
     gate = int8.get("gate")
     if gate:
+        tau = "n/a" if gate["kendall_tau_mean"] is None else f"{gate['kendall_tau_mean']:.4f}"
         print(
             f"\nint8 gate on {gate['samples']} held-out samples: "
             f"AUC {gate['auc_fp32']:.4f} -> {gate['auc_int8']:.4f} (drop {gate['auc_drop']:.2e}), "
             f"GAUC {gate['gauc_fp32']:.4f} -> {gate['gauc_int8']:.4f} (drop {gate['gauc_drop']:.2e}); "
             f"{gate['requests']} requests x {gate['candidates_per_request']} candidates: "
-            f"top-10 overlap {gate['top10_overlap']:.4f}, Kendall tau {gate['kendall_tau_mean']}; "
+            f"top-10 overlap {gate['top10_overlap']:.4f}, Kendall tau {tau}; "
             f"max |int8 - fp32| {gate['max_abs_diff']:.2e}"
         )
     if int8["written"]:
