@@ -80,9 +80,11 @@ test-latest:
 	DIN_TEST_LATEST=1 $(LATEST)/bin/pytest -q -p no:cacheprovider
 
 # The serving graph alone, the whole service against the seed-style baseline, then the service at
-# 1x, 2x and 5x its capacity, what `explain` costs, and what the impression log costs (JSON in bench/results).
+# 1x, 2x and 5x its capacity, what `explain` costs, and what the impression log costs (JSON in bench/results);
+# bench/precision.py (fp32 vs int8, native sgemm) unsets OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE itself.
 bench: $(STAMP)
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/overload.py
 	$(BIN)/python bench/explain.py

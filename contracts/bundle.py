@@ -37,6 +37,9 @@ ATTENTION_OUTPUT = "attention"
 EXPLAIN_GRAPH = "explain.onnx"
 CONTRIBUTION_OUTPUT = "contribution"
 EXPLAIN_OUTPUTS: dict[str, list[str]] = {"ctr": ["N"], "attention": ["N", "T"], "contribution": ["N", "T"]}
+# The int8 variant of model.onnx (model.quantize), an optional file: the same contract, written by
+# `din export` only when it passed the quality gate (its figures: manifest["precision"]["int8"]).
+INT8_GRAPH = "model.int8.onnx"
 # An optional file (bundles exported before it lack it): line i is the category id of item index i.
 # For people (the ranking explorer labels behaviours with it); the graph holds its own item -> category table.
 ITEM_CATEGORIES = "item_categories.txt"
@@ -72,6 +75,7 @@ class Bundle:
     graph_bytes: bytes = field(repr=False, compare=False)
     item_categories: list[str] | None = field(default=None, repr=False, compare=False)  # per item index
     explain_bytes: bytes | None = field(default=None, repr=False, compare=False)  # explain.onnx, if any
+    int8_bytes: bytes | None = field(default=None, repr=False, compare=False)  # model.int8.onnx, if any
 
     @property
     def model_version(self) -> str:
@@ -88,7 +92,7 @@ class Bundle:
 
 def load_bundle(path: str | Path) -> Bundle:
     """Read manifest.json, verify the sha256 of every file it lists, check model.onnx (and
-    explain.onnx, when the manifest lists one), read the item vocabulary.
+    explain.onnx and model.int8.onnx, when the manifest lists them), read the item vocabulary.
 
     Every file the manifest lists must lie inside the bundle directory (checked before any is read).
     model.onnx must be self-contained (no external data), use only operators ONNX Runtime has built
@@ -139,7 +143,7 @@ def load_bundle(path: str | Path) -> Bundle:
         fpath = path / name
         if not fpath.is_file():
             raise BundleError(f"bundle {path}: {name} is missing")
-        if name in ("model.onnx", EXPLAIN_GRAPH):  # hashed and checked from the same bytes
+        if name in ("model.onnx", EXPLAIN_GRAPH, INT8_GRAPH):  # hashed and checked from the same bytes
             if fpath.stat().st_size > _MAX_PROTOBUF:
                 raise BundleError(f"bundle {path}: {name} is over 2 GiB, more than protobuf can hold")
             graphs[name] = fpath.read_bytes()
@@ -151,9 +155,11 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"bundle {path}: checksum mismatch for {name} (sha256 {got[:12]}..., "
                 f"manifest says {str(want)[:12]}...): the file is corrupt or was changed after export"
             )
-    graph, explain = graphs["model.onnx"], graphs.get(EXPLAIN_GRAPH)
+    graph, explain, int8 = graphs["model.onnx"], graphs.get(EXPLAIN_GRAPH), graphs.get(INT8_GRAPH)
     try:
         check_model(graph)
+        if int8 is not None:
+            check_model(int8, name=INT8_GRAPH)
         if explain is not None:
             check_model(explain, name=EXPLAIN_GRAPH, outputs=EXPLAIN_OUTPUTS, optional={})
     except BundleError as e:
@@ -176,6 +182,7 @@ def load_bundle(path: str | Path) -> Bundle:
         graph_bytes=graph,
         item_categories=item_categories,
         explain_bytes=explain,
+        int8_bytes=int8,
     )
 
 

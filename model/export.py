@@ -48,6 +48,7 @@ from contracts.bundle import (
     EXPLAIN_OUTPUTS,
     FORMAT_VERSION,
     INPUTS,
+    INT8_GRAPH,
     ITEM_CATEGORIES,
     OPTIONAL_OUTPUTS,
     OUTPUTS,
@@ -58,9 +59,11 @@ from contracts.bundle import (
 from contracts.errors import BundleError, ExportError
 from contracts.vocab import FIRST_ID, OOV, PAD, write_vocab
 from model.din import DIN, DINConfig
+from model.quantize import HeldOut, Quantizer, build_int8, held_out_from_data, quantize_int8
 
 TOLERANCE = 1e-5
 EXPLAIN_PARITY_CANDIDATES = 24  # per parity case, for explain.onnx: the reference is T forwards each
+PRECISIONS = ("fp32", "int8", "both")  # `din export --precision`: model.onnx always; int8 beside it
 
 
 # DIN.serve_explained's signature and outputs: (target_items, target_user, hist_items, hist_len) ->
@@ -375,6 +378,9 @@ def export_model(
     source: dict[str, Any] | None = None,
     categories: list[str] | None = None,
     lineage: dict[str, Any] | None = None,
+    precision: str = "both",
+    held_out: HeldOut | None = None,
+    quantize: Quantizer = quantize_int8,
 ) -> dict[str, Any]:
     """Export, check parity, and write the bundle, replacing any at out_dir atomically. Returns the manifest.
 
@@ -384,7 +390,14 @@ def export_model(
     model_version defaults to `{name}-{sha256(model.onnx)[:12]}`.
     lineage: where a retrained model came from (`din train --from-log`: parent, data, held-out
     metrics), kept in the manifest as is; `din promote` reads it.
+    precision: "fp32" writes model.onnx alone; "both" also model.int8.onnx (model.quantize) when it
+    passes the quality gate on `held_out`, and records why not otherwise; "int8" refuses the whole
+    export (ExportError) unless the int8 graph passes. model.onnx, the fp32 reference, is always
+    written. `quantize`: the quantizer (tests pass deliberately broken ones); the manifest's
+    "precision" holds its method and the gate's figures.
     """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model = model.eval()
     _check_vocabularies(model, items, categories)
     out_dir = Path(out_dir)
@@ -396,8 +409,10 @@ def export_model(
         export_s = time.perf_counter() - t0
         parity = _serving_parity(model, onnx_path)
         explain_parity = _explaining_parity(model, explain_path)
+        int8 = _int8_graph(model, onnx_path, staging, precision, held_out, quantize)
         written = _write_vocabularies(staging, model, items, categories)
-        files = {f: sha256_file(staging / f) for f in ["model.onnx", EXPLAIN_GRAPH, *written]}
+        graphs = ["model.onnx", EXPLAIN_GRAPH, *([INT8_GRAPH] if int8 and int8["written"] else [])]
+        files = {f: sha256_file(staging / f) for f in [*graphs, *written]}
         if model_version is None:  # the content decides the version: a retrained model is a new one
             model_version = f"{name or 'din-' + model.cfg.pooling}-{files['model.onnx'][:12]}"
         manifest = _manifest(
@@ -412,12 +427,29 @@ def export_model(
         )
         if lineage is not None:
             manifest["lineage"] = lineage
+        if int8 is not None:
+            manifest["precision"] = {"int8": int8}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         replace_dir(staging, out_dir)
         return manifest
     finally:
         if staging.exists():  # a refused or failed export, or the swapped-out old bundle left over
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _int8_graph(
+    model: DIN, onnx_path: Path, staging: Path, precision: str, held: HeldOut | None, quantize: Quantizer
+) -> dict[str, Any] | None:
+    """model.int8.onnx beside model.onnx when `precision` asks for it and the gate passes (None: not
+    asked). With precision "int8" a refused graph refuses the export."""
+    if precision == "fp32":
+        return None
+    result = build_int8(onnx_path, staging / INT8_GRAPH, held, model.cfg.n_items, quantize)
+    if result["written"]:
+        _check_graph(staging / INT8_GRAPH, "the int8 graph", name=INT8_GRAPH)
+    elif precision == "int8":
+        raise ExportError(f"the int8 graph was refused: {result['reason']}; no bundle written")
+    return result
 
 
 def _check_vocabularies(model: DIN, items: list[str], categories: list[str] | None) -> None:
@@ -537,8 +569,9 @@ def _manifest(
     }
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Rebuild the model from RUN_DIR's checkpoint alone and export it."""
+def export(run_dir: str | Path, out_dir: str | Path, precision: str = "both") -> dict[str, Any]:
+    """Rebuild the model from RUN_DIR's checkpoint alone and export it. The int8 graph's gate runs on
+    the test split of the data the run was trained on (train_args.data_dir), when it is still there."""
     from model.checkpoint import load_run
 
     run_dir = Path(run_dir)
@@ -546,6 +579,10 @@ def export(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         raise ExportError(f"{run_dir / 'checkpoint.pt'}: no checkpoint (run `din train` first)")
     model, ckpt = load_run(run_dir)
     test = (ckpt.metrics or {}).get("test", {})
+    held = None
+    data_dir = ckpt.train_args.get("data_dir")
+    if precision != "fp32" and data_dir and (Path(data_dir) / "meta.json").is_file():
+        held = held_out_from_data(data_dir, model.cfg.max_history)
     return export_model(
         model,
         list(ckpt.items),
@@ -554,17 +591,26 @@ def export(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
         metrics=test,
         source={"run_dir": str(run_dir.resolve()), "best_epoch": ckpt.best_epoch},
         categories=list(ckpt.categories),
+        precision=precision,
+        held_out=held,
     )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="a directory written by `din train`")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write (replaced)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="both",
+        help="fp32: model.onnx only; both (default): also model.int8.onnx if it passes the quality gate "
+        "on the run's held-out samples; int8: as both, but fail unless the int8 graph is written",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        manifest = export(args.run_dir, args.out)
+        manifest = export(args.run_dir, args.out, args.precision)
     except ExportError as e:
         print(f"din export: {e}", file=sys.stderr)
         return 2
@@ -573,9 +619,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"{c['name']:<42} {c['users']:>5} {c['candidates']:>6} {c['max_abs_diff']:>19.2e}")
     explain = manifest["explain"]["parity"]
     print(f"{EXPLAIN_GRAPH + ' (contributions)':<42} {'':>5} {'':>6} {explain['max_abs_diff']:>19.2e}")
+    int8 = manifest.get("precision", {}).get("int8")
+    if int8 is not None:
+        _print_int8(int8)
     print(
         f"\nwrote {args.out}  model_version={manifest['model_version']}  "
         f"max_abs_diff={manifest['parity']['max_abs_diff']:.2e} (tolerance {TOLERANCE:g})  "
         f"export {manifest['export_seconds']}s"
     )
     return 0
+
+
+def _print_int8(int8: dict[str, Any]) -> None:
+    """The int8 graph's gate, as `din export` prints it."""
+    gate = int8.get("gate")
+    if gate:
+        tau = "n/a" if gate["kendall_tau_mean"] is None else f"{gate['kendall_tau_mean']:.4f}"
+        print(
+            f"\nint8 gate on {gate['samples']} held-out samples: "
+            f"AUC {gate['auc_fp32']:.4f} -> {gate['auc_int8']:.4f} (drop {gate['auc_drop']:.2e}), "
+            f"GAUC {gate['gauc_fp32']:.4f} -> {gate['gauc_int8']:.4f} (drop {gate['gauc_drop']:.2e}); "
+            f"{gate['requests']} requests x {gate['candidates_per_request']} candidates: "
+            f"top-10 overlap {gate['top10_overlap']:.4f}, Kendall tau {tau}; "
+            f"max |int8 - fp32| {gate['max_abs_diff']:.2e}"
+        )
+    if int8["written"]:
+        print(f"wrote {INT8_GRAPH}")
+    else:
+        print(f"{INT8_GRAPH} not written: {int8['reason']}")

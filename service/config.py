@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     warmup_rounds: int = Field(
         3, ge=0, description="warm-up passes over several shapes before /readyz is ready"
     )
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="which serving graph runs: fp32 (model.onnx), int8 (model.int8.onnx: the bundle must "
+        "have it, written only when it passed the export's quality gate) or auto (time both on this "
+        "machine at load and keep the faster; fp32 when the bundle has no int8 graph)",
+    )
 
     # ---------------------------------------------------------------- redis
     redis_url: str | None = Field(

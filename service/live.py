@@ -180,6 +180,7 @@ def load_ranker(
         load_bundle(bundle or settings.bundle),
         providers=settings.provider_list,
         intra_op_threads=intra_op_threads or settings.threads_per_call,
+        precision=settings.precision,
     )
 
 
@@ -215,14 +216,16 @@ def describe(metrics: Metrics, ranker: Ranker, name: str = DEFAULT_MODEL) -> Non
         "format_version": str(ranker.bundle.manifest.get("format_version", "")),
         "max_history": str(ranker.max_history),
         "providers": ",".join(ranker.providers),
+        "precision": ranker.precision,
     }
     metrics.models_info.labels(model=name).info(info)
     if name == DEFAULT_MODEL:
         metrics.model_info.info(info)
     log.info(
-        "serving %s: bundle %s model_version=%s providers=%s",
+        "serving %s: bundle %s model_version=%s providers=%s precision=%s",
         name,
         ranker.bundle.path,
         ranker.model_version,
         ",".join(ranker.providers),
+        ranker.precision,
     )

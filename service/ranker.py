@@ -10,18 +10,27 @@ attention weight and its exact leave-one-out contribution. ONNX Runtime runs eve
 whatever outputs are asked for, so this work lives in its own graph and costs nothing to the requests
 that do not explain. Bundles exported before explain.onnx existed still serve, and `can_explain` is
 False for them.
+
+Precision (DIN_PRECISION): the bundle may hold model.int8.onnx beside model.onnx (written by `din export`
+only when it passed the quality gate). "int8" serves it (a bundle without it is refused), "fp32" never
+does, "auto" times both on this machine at load (`choose_precision`) and keeps the faster. The model
+version stays the bundle's: the int8 graph is the same model, within the gate's tolerance, and the
+impression log, `din report` and `din promote` key on the version; which graph runs is `precision`
+(/readyz, /models, din_model_info).
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from contracts.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, OUTPUTS, Bundle
+from contracts.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, INT8_GRAPH, OUTPUTS, Bundle
 from contracts.errors import BundleError, CannotExplain
 from contracts.vocab import FIRST_ID
 
@@ -29,6 +38,10 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = tuple(INPUTS)
 (OUTPUT_NAME,) = OUTPUTS
+PRECISIONS = ("auto", "fp32", "int8")
+# auto: the int8 graph is kept only when at least this much faster (timings at load are noisy; fp32 is
+# the reference the bundle was checked against to 1e-5)
+AUTO_MARGIN = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +84,12 @@ class Ranker:
     """One ONNX Runtime session and the item vocabulary of one bundle."""
 
     def __init__(
-        self, bundle: Bundle, *, providers: list[str] | None = None, intra_op_threads: int = 0
+        self,
+        bundle: Bundle,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.bundle = bundle
         self.model_version = bundle.model_version
@@ -82,17 +100,24 @@ class Ranker:
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
-        try:
-            self.session = ort.InferenceSession(
-                bundle.graph_bytes,
-                sess_options=opts,
-                providers=choose_providers(providers),
+        if precision not in PRECISIONS:
+            raise BundleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.session = self._session(bundle.graph_bytes, "model.onnx", opts, providers)
+        self.precision = "fp32"
+        self.precision_timings: dict[str, float] = {}  # auto: median ms a call of each graph at load
+        if precision == "int8" and bundle.int8_bytes is None:
+            int8 = (bundle.manifest.get("precision") or {}).get("int8") or {}
+            why = f" (the export's gate: {int8['reason']})" if int8.get("reason") else ""
+            raise BundleError(
+                f"bundle {bundle.path}: DIN_PRECISION=int8 but the bundle has no {INT8_GRAPH}{why}; "
+                "export with `din export --precision both` or serve with DIN_PRECISION=fp32 or auto"
             )
-        except BundleError:
-            raise
-        except Exception as e:  # ORT's errors are long; the file name and the first line are what matter
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"bundle {bundle.path}: model.onnx cannot be loaded: {first}") from None
+        if precision != "fp32" and bundle.int8_bytes is not None:
+            int8_session = self._session(bundle.int8_bytes, INT8_GRAPH, opts, providers)
+            if precision == "int8":
+                self.session, self.precision = int8_session, "int8"
+            else:
+                self.choose_precision(int8_session)
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(INPUT_NAMES):
             raise BundleError(
@@ -112,6 +137,60 @@ class Ranker:
                     f"bundle {bundle.path}: {EXPLAIN_GRAPH} cannot be loaded: {first}"
                 ) from None
         self.can_explain = self.explainer is not None
+
+    def _session(
+        self, data: bytes, name: str, opts: ort.SessionOptions, providers: list[str] | None
+    ) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(data, sess_options=opts, providers=choose_providers(providers))
+        except BundleError:
+            raise
+        except Exception as e:  # ORT's errors are long; the file name and the first line are what matter
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"bundle {self.bundle.path}: {name} cannot be loaded: {first}") from None
+
+    def choose_precision(self, int8: ort.InferenceSession, rounds: int = 7, calls: int = 3) -> None:
+        """auto: time the fp32 and the int8 graph on this CPU at a typical shape (one user, 200
+        candidates, a full history), interleaved after two warm calls each; keep int8 only when its
+        median is AUTO_MARGIN faster."""
+        rng = np.random.default_rng(0)
+        known = self.vocab.lookup(self.vocab.known()[:1000] or ["<unknown>"])
+        T = max(1, self.max_history)
+        feeds = self._feeds(
+            rng.choice(known, size=200).astype(np.int64),
+            np.zeros(200, dtype=np.int64),
+            rng.choice(known, size=(1, T)).astype(np.int64),
+            np.array([T], dtype=np.int64),
+        )
+        sessions = {"fp32": self.session, "int8": int8}
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        for s in sessions.values():
+            for _ in range(2):
+                s.run([OUTPUT_NAME], feeds)
+        for _ in range(rounds):
+            for name, s in sessions.items():
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    s.run([OUTPUT_NAME], feeds)
+                    samples[name].append(time.perf_counter() - t)
+        ms = {name: statistics.median(v) * 1000 for name, v in samples.items()}
+        self.precision_timings = ms
+        if ms["int8"] < ms["fp32"] * (1 - AUTO_MARGIN):
+            self.session, self.precision = int8, "int8"
+        log.info(
+            "precision auto: fp32 %.2f ms, int8 %.2f ms a call; serving %s",
+            ms["fp32"],
+            ms["int8"],
+            self.precision,
+        )
+
+    def describe_precision(self) -> dict[str, Any]:
+        """What /models reports: the graph that runs, what the bundle has, the load-time timings."""
+        return {
+            "precision": self.precision,
+            "has_int8": self.bundle.int8_bytes is not None,
+            "timings_ms": {k: round(v, 3) for k, v in self.precision_timings.items()},
+        }
 
     # ---------------------------------------------------------------- encoding
 

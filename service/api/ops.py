@@ -59,7 +59,8 @@ async def readyz(state: StateDep) -> Response:
     if not state.ready or state.store is None or not state.live.loaded:
         raise NotReady(f"not ready: {state.not_ready_reason}", reason=state.not_ready_reason)
     redis_up = await redis_answers(state)
-    body = {"status": "ready", "model_version": state.live.current.model_version}
+    current = state.live.current
+    body = {"status": "ready", "model_version": current.model_version, "precision": current.precision}
     redis = {"redis": "up" if redis_up else "down", "degraded": not redis_up}
     return JSONResponse({**body, **redis, "models": state.live.versions()})
 
@@ -86,6 +87,7 @@ async def models(live: LiveDep) -> Response:
             "bundle": str(m.current.bundle.path),
             "max_history": m.current.max_history,
             "can_explain": m.current.can_explain,
+            **m.current.describe_precision(),
         }
         for m in live
         if m.loaded

@@ -176,6 +176,7 @@ def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settin
         "warmup_rounds": 1,
         "providers": "CPUExecutionProvider",
         "intra_op_threads": 1,
+        "precision": "fp32",  # the tests compare with the fp32 reference to 1e-5; test_precision sets it
     }
     return Settings(_env_file=None, **{**base, **kw})  # type: ignore[call-arg]
 
