@@ -15,7 +15,7 @@ REQ     := requirements
 
 PACKAGES := contracts model service cli demo loadtest loop
 
-.PHONY: install test test-fast test-latest lock lint bench demo loop-demo compose-test clean
+.PHONY: install test test-fast test-latest lock lint bench demo loop-demo ab-demo compose-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -98,6 +98,11 @@ demo: $(STAMP)
 # retrain, promote, and the same users again (prints CTR/AUC per phase; .din/loop/loop.png).
 loop-demo: $(STAMP)
 	$(BIN)/din loop-demo
+
+# The same turn with an A/B test before the promotion: the stale bundle vs the retrained one, half the
+# users each, din report (CTR per arm, the difference with its interval), promote, roll back (.din/loop-ab).
+ab-demo: $(STAMP)
+	$(BIN)/din loop-demo --ab
 
 # The real stack under Docker: build, compose up, rank through the balancer, scale, kill a ranker
 # and stop Redis under load, the cluster profile (docker/compose_test.py; skips without an engine).

@@ -454,9 +454,15 @@ async def simulate(
     return list(await asyncio.gather(*tasks)), behind
 
 
-def http_calls(client: Any, url: str, top_k: int | None = None) -> tuple[RankFn, EventsFn]:
+def http_calls(
+    client: Any,
+    url: str,
+    top_k: int | None = None,
+    on_answer: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[RankFn, EventsFn]:
     """RankFn / EventsFn over an httpx.AsyncClient. `top_k`: ask for only the items the user will see
-    (so the answer, and the impression it logs, is what was shown)."""
+    (so the answer, and the impression it logs, is what was shown). `on_answer`: called with every /rank
+    answer's JSON (`din loop-demo --ab` keeps each impression's arm and model version)."""
     import orjson
 
     url = url.rstrip("/")
@@ -471,6 +477,8 @@ def http_calls(client: Any, url: str, top_k: int | None = None) -> tuple[RankFn,
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}")
         a = orjson.loads(r.content)
+        if on_answer is not None:
+            on_answer(a)
         return a.get("impression_id"), [(it["item_id"], float(it["score"])) for it in a["items"]]
 
     async def events(evs: list[dict[str, Any]]) -> None:
