@@ -21,7 +21,7 @@ from service.batcher import Batcher
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.impressions import ImpressionLog
-from service.live import ModelSet, describe, load_ranker
+from service.live import ModelSet, describe, load_measured
 from service.metrics import Metrics
 from service.middleware import CORS, AdmissionGate, BodyLimits, RequestContext
 from service.ranker import Ranker
@@ -87,17 +87,23 @@ def create_app(
     settings: Settings,
     *,
     ranker: Ranker | None = None,
+    ranker_memory: int | None = None,
     warmup_gate: threading.Event | None = None,
 ) -> FastAPI:
     """Build the app. `ranker`: an already loaded model (`din serve` loads it first to fail fast).
+    `ranker_memory`: the resident memory its load took (`load_measured`), for /admin/models.
     `warmup_gate`: warm-up starts only once this is set (lets an orchestrator or a test hold /readyz)."""
     state = AppState(settings=settings, metrics=Metrics(), live=ModelSet())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            r = ranker if ranker is not None else await asyncio.to_thread(load_ranker, settings)
+            if ranker is not None:
+                r, memory = ranker, ranker_memory
+            else:
+                r, memory = await asyncio.to_thread(load_measured, settings)
             state.live.swap(r)
+            state.live.default.memory_bytes = memory
             state.store, redis_url = await _open_store(state, stack)
             state.impressions = _start_impression_log(state, stack, redis_url)
             state.batcher = _start_batcher(state, stack)

@@ -81,7 +81,7 @@ class LiveModel:
         t0 = time.perf_counter()
         try:
             try:
-                new = await asyncio.to_thread(load_ranker, settings, path)
+                new, memory = await asyncio.to_thread(load_measured, settings, path)
             except BundleError as e:
                 metrics.reloads.labels(outcome="rejected").inc()
                 raise ReloadRejected(f"{e}; still serving {old}", still_serving=old) from None
@@ -94,6 +94,7 @@ class LiveModel:
                     f"bundle {path}: the model failed its warm-up; still serving {old}", still_serving=old
                 ) from e
             self.swap(new)
+            self.memory_bytes = memory
         finally:
             self._reloading = False
         metrics.reloads.labels(outcome="ok").inc()
@@ -193,18 +194,26 @@ def resident_bytes() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def load_measured(
+    settings: Settings, bundle: Path | None = None, *, intra_op_threads: int | None = None
+) -> tuple[Ranker, int | None]:
+    """`load_ranker`, and the resident memory the load took (None where it cannot be read): what
+    /admin/models reports per version (one load at a time, or the figures mix)."""
+    before = resident_bytes()
+    ranker = load_ranker(settings, bundle, intra_op_threads=intra_op_threads)
+    after = resident_bytes()
+    return ranker, (max(0, after - before) if before is not None and after is not None else None)
+
+
 def load_member(settings: Settings, name: str, bundle: Path, *, shadow: bool = False) -> LiveModel:
     """Load, verify and warm `bundle` as a new member `name`, measuring the resident memory it took
     (one load at a time: the caller serializes them). Raises BundleError; a failed warm-up raises too.
     `shadow`: one ONNX Runtime thread, the caller's (service.shadow runs it at the idle scheduling
     class; an intra-op pool's own threads would run at normal priority beside the served requests)."""
-    before = resident_bytes()
-    ranker = load_ranker(settings, bundle, intra_op_threads=1 if shadow else None)
+    ranker, memory = load_measured(settings, bundle, intra_op_threads=1 if shadow else None)
     ranker.warmup(max(1, settings.warmup_rounds))
-    after = resident_bytes()
     member = LiveModel(ranker, name)
-    if before is not None and after is not None:
-        member.memory_bytes = max(0, after - before)
+    member.memory_bytes = memory
     return member
 
 

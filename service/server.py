@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     from contracts.errors import BundleError, ConfigError, RedisServerError
     from service.app import create_app
-    from service.live import load_ranker
+    from service.live import load_measured
     from service.log import configure_logging
     from service.protocol import uvicorn_options
     from service.security import load_api_keys
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_json)
     try:
         load_api_keys(settings)  # an unreadable keys file stops here, like a bad bundle
-        ranker = load_ranker(settings)
+        ranker, memory = load_measured(settings)
     except (BundleError, ConfigError) as e:
         print(f"din serve: {e}", file=sys.stderr)
         return 2
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             where = redis_cfg.private_data_dir.resolve()
             print(f"din serve: private redis-server at {endpoint.url} (data in {where})", file=sys.stderr)
             settings = settings.model_copy(update={"redis_url": endpoint.url})
-        app = create_app(settings, ranker=ranker)
+        app = create_app(settings, ranker=ranker, ranker_memory=memory)
         config = uvicorn.Config(
             app,
             host=settings.host,
