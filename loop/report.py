@@ -123,20 +123,6 @@ def two_proportion_p(x1: int, n1: int, x2: int, n2: int) -> float:
     return math.erfc(abs(d / se) / math.sqrt(2))
 
 
-def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's tau-b of two score vectors (ties corrected); nan when either is constant or n < 2.
-    O(n^2): n is one impression's logged items."""
-    n = len(x)
-    if n < 2:
-        return math.nan
-    i, j = np.triu_indices(n, k=1)
-    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    untied_x, untied_y = int(np.count_nonzero(sx)), int(np.count_nonzero(sy))
-    if untied_x == 0 or untied_y == 0:
-        return math.nan
-    return float((sx * sy).sum() / math.sqrt(untied_x * untied_y))
-
-
 def _nan_to_none(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 

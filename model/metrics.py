@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -56,6 +58,20 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
         return float("nan")
     per_user = (pos_rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
     return float(np.average(per_user, weights=n[ok]))
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b of two score vectors (ties corrected); nan when either is constant or n < 2.
+    O(n^2): n is one impression's logged items."""
+    n = len(x)
+    if n < 2:
+        return math.nan
+    i, j = np.triu_indices(n, k=1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+    untied_x, untied_y = int(np.count_nonzero(sx)), int(np.count_nonzero(sy))
+    if untied_x == 0 or untied_y == 0:
+        return math.nan
+    return float((sx * sy).sum() / math.sqrt(untied_x * untied_y))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

@@ -59,7 +59,7 @@ import numpy as np
 
 from contracts.bundle import INPUTS
 from contracts.vocab import FIRST_ID
-from model.metrics import auc, gauc
+from model.metrics import auc, gauc, kendall_tau_b
 
 GATE = {"auc_drop": 0.001, "gauc_drop": 0.001, "top10_overlap": 0.98}
 REQUEST_CANDIDATES = 200  # a real-sized request: the issue's 200 candidates
@@ -185,19 +185,6 @@ def score_samples(session: Any, held: HeldOut) -> np.ndarray:
         }
         out[s:e] = session.run(["ctr"], feeds)[0]
     return out
-
-
-def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's tau-b (ties corrected); nan when either is constant or n < 2."""
-    n = len(x)
-    if n < 2:
-        return math.nan
-    i, j = np.triu_indices(n, k=1)
-    sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-    untied_x, untied_y = int(np.count_nonzero(sx)), int(np.count_nonzero(sy))
-    if untied_x == 0 or untied_y == 0:
-        return math.nan
-    return float((sx * sy).sum() / math.sqrt(untied_x * untied_y))
 
 
 def requests_from(held: HeldOut, n_items: int, n: int = GATE_REQUESTS, seed: int = 0) -> list[dict[str, Any]]:

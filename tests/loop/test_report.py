@@ -21,7 +21,8 @@ import pytest
 
 from contracts.errors import DataError, InvalidArgument
 from loop.export import SCHEMA, SHADOW_DIR, SHADOW_SCHEMA
-from loop.report import _taus, build_report, format_report, kendall_tau_b, newcombe, two_proportion_p, wilson
+from loop.report import _taus, build_report, format_report, newcombe, two_proportion_p, wilson
+from model.metrics import kendall_tau_b
 from service.impressions import new_impression_id
 
 ROOT = Path(__file__).resolve().parents[2]
