@@ -286,6 +286,19 @@ def calls_per_second(
     return sum(done) / (time.perf_counter() - t0)
 
 
+def random_model(items: int, categories: int) -> tuple[DIN, list[np.ndarray]]:
+    """The benchmarks' model: a DIN of random weights (seed 0) over `items` items in `categories`
+    categories (also seed 0), in eval mode; and each category's item indices (non-empty ones only),
+    from which `make_feeds` draws histories of distinct categories."""
+    g = torch.Generator().manual_seed(0)
+    item_cate = torch.randint(FIRST_ID, categories, (items,), generator=g)
+    item_cate[:FIRST_ID] = torch.tensor([PAD, OOV])
+    cate = item_cate.numpy()
+    by_category = [np.flatnonzero(cate == c) for c in range(FIRST_ID, categories)]
+    cfg = DINConfig(n_items=items, n_categories=categories)
+    return build_model(cfg, item_cate, seed=0).eval(), [ids for ids in by_category if len(ids)]
+
+
 def make_feeds(
     rng: np.random.Generator, U: int, C: int, T: int, K: int, by_category: list[np.ndarray]
 ) -> dict[str, np.ndarray]:
@@ -320,15 +333,8 @@ def main() -> int:
     args = ap.parse_args()
     t_start = time.perf_counter()
 
-    g = torch.Generator().manual_seed(0)
-    item_cate = torch.randint(FIRST_ID, args.categories, (args.items,), generator=g)
-    item_cate[:FIRST_ID] = torch.tensor([PAD, OOV])
-    cate = item_cate.numpy()
-    by_category = [np.flatnonzero(cate == c) for c in range(FIRST_ID, args.categories)]
-    by_category = [items for items in by_category if len(items)]
-    cfg = DINConfig(n_items=args.items, n_categories=args.categories)
-    model = build_model(cfg, item_cate, seed=0).eval()
-    E, (H1, H2) = cfg.embed_dim, cfg.att_hidden
+    model, by_category = random_model(args.items, args.categories)
+    E, (H1, H2) = model.cfg.embed_dim, model.cfg.att_hidden
     pair_flops = 2 * (E * H1 + H1 * H2 + H2)
 
     cpu, flags = cpu_line()

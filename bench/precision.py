@@ -32,19 +32,19 @@ if any(v in os.environ for v in _UNSET) and __name__ == "__main__":  # before nu
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
 
-from bench.inference import (  # noqa: E402
+# a sibling script (bench/ is not a package: the scripts run as `python bench/NAME.py`)
+from inference import (  # noqa: E402
     HISTORY_CATEGORIES,
     cpu_line,
     make_feeds,
     matmul_session,
+    random_model,
     reference,
     session,
     time_interleaved,
 )
-from contracts.vocab import FIRST_ID, OOV, PAD  # noqa: E402
-from model.din import DINConfig, build_model  # noqa: E402
+
 from model.export import export_graph  # noqa: E402
 from model.quantize import attention_matmuls, quantize_int8  # noqa: E402
 
@@ -113,15 +113,8 @@ def main() -> int:
     args = ap.parse_args()
     t_start = time.perf_counter()
 
-    g = torch.Generator().manual_seed(0)
-    item_cate = torch.randint(FIRST_ID, args.categories, (args.items,), generator=g)
-    item_cate[:FIRST_ID] = torch.tensor([PAD, OOV])
-    cate = item_cate.numpy()
-    by_category = [np.flatnonzero(cate == c) for c in range(FIRST_ID, args.categories)]
-    by_category = [items for items in by_category if len(items)]
-    cfg = DINConfig(n_items=args.items, n_categories=args.categories)
-    model = build_model(cfg, item_cate, seed=0).eval()
-    E, (H1, H2) = cfg.embed_dim, cfg.att_hidden
+    model, by_category = random_model(args.items, args.categories)
+    E, (H1, H2) = model.cfg.embed_dim, model.cfg.att_hidden
     pair_flops = 2 * (E * H1 + H1 * H2 + H2)
 
     cpu, flags = cpu_line()
