@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 
 from contracts.bundle import load_bundle
 from contracts.errors import BundleError, RoutingConflict, RoutingError, StoreDown
-from contracts.routing import NO_ROUTING, Document, Routing, Shadow
+from contracts.routing import BUCKETS, NO_ROUTING, Document, Routing, Shadow
 from service.config import Settings
 from service.live import DEFAULT_MODEL, LiveModel, ModelSet, describe, load_member
 from service.metrics import Metrics
@@ -232,13 +232,13 @@ class Router:
                 f"{len(needed)} named), DIN_MAX_MODELS is {self.settings.max_models}",
                 "arms",
             )
+        arm_versions = {a.model_version for a in routing.arms}
         members: dict[str, LiveModel] = {}
         for version, bundle in needed.items():
             name = names[version]
             member = self.models.find(name)
             if member is None:
-                shadow = version not in {a.model_version for a in routing.arms}
-                member = await self._load(name, version, bundle, routing, shadow)
+                member = await self._load(name, version, bundle, routing, version not in arm_versions)
             members[version] = member
         arms = {a.name: members[a.model_version] for a in routing.arms}
         shadows = tuple((members[s.model_version], s) for s in routing.shadows)
@@ -352,7 +352,7 @@ class Router:
         routing = now.routing.to_dict() if now is not None else None
         if routing is not None:
             for arm in routing["arms"]:
-                arm["share"] = sum(e - s for s, e in arm.pop("buckets")) / 10_000
+                arm["share"] = sum(e - s for s, e in arm.pop("buckets")) / BUCKETS
         arms_of: dict[str, list[str]] = {}
         shadow_of: dict[str, float] = {}
         if now is not None:

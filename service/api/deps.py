@@ -21,7 +21,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security, params
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from contracts.errors import NotReady, RoutingConflict, RoutingError, Unauthorized
+from contracts.errors import NotReady, RoutingConflict, Unauthorized
 from service.batcher import Batcher
 from service.config import Settings
 from service.impressions import ImpressionLog
@@ -48,12 +48,10 @@ class AppState:
     not_ready_reason: str = "starting"
 
     def route(self, user_id: str, arm: str | None = None) -> Route:
-        """Where `user_id`'s request goes (`Router.route`; before the router exists: the default
-        member, no arm). RoutingError for an explicit `arm` that is not in force."""
+        """Where `user_id`'s request goes (`Router.route`: RoutingError for an explicit `arm` that is
+        not in force). The lifespan builds the router with the batcher: NotReady before either."""
         if self.router is None:
-            if arm is not None:
-                raise RoutingError(f"no routing is in force: there is no arm {arm!r}", "X-Din-Arm")
-            return Route(None, self.live.default, None)
+            raise NotReady("the routing is not read yet", reason="starting")
         return self.router.route(user_id, arm)
 
     def count_answer(self, route: Route, result: RankResult, seconds: float) -> None:
