@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import datetime as dt
 import errno
 import io
@@ -34,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -107,9 +109,164 @@ def export_graph(model: DIN, path: Path, serve: ServeFn | None = None) -> None:
 
 
 def _export_onnx(model: DIN, path: Path, *, explaining: bool = False, serve: ServeFn | None = None) -> None:
-    """Trace DIN.serve_explained (or `serve`; `explaining`: DIN.serve_contributions) with dynamic N, U
-    and T into a single self-contained ONNX file."""
-    n_items = model.cfg.n_items
+    """Write DIN.serve_explained (or `serve`; `explaining`: DIN.serve_contributions) with dynamic N, U
+    and T as a single self-contained ONNX file: the trace of this model's configuration (`_trace`,
+    cached), this model's weights bound into it, then the exporter's own optimizer."""
+    import onnx
+    import onnx_ir as ir
+
+    module = _Explaining(model) if explaining else _Serving(model, serve)
+    key = _trace_key(model, explaining, serve)
+    template = _traced_graph(module, model.cfg.n_items, key)
+    try:
+        graph = ir.serde.deserialize_model(onnx.ModelProto.FromString(template))
+    except Exception:  # a damaged cache file (the cache is a convenience): trace again
+        _TRACES.pop(key, None)
+        fresh = _traced_graph(module, model.cfg.n_items, key, cached=False)
+        graph = ir.serde.deserialize_model(onnx.ModelProto.FromString(fresh))
+    weights = {name: t.detach().contiguous().cpu().numpy() for name, t in module.state_dict().items()}
+    for name, value in graph.graph.initializers.items():
+        if name not in weights:  # a constant of the trace itself, not a weight
+            continue
+        array = weights[name]
+        old = value.const_value
+        if old is None or len(old.shape) != array.ndim or old.dtype != ir.DataType.from_numpy(array.dtype):
+            raise ExportError(f"the traced graph's {name} does not fit this model's (trace key {key})")
+        value.const_value = ir.tensor(np.array(array, copy=True), name=name)
+        value.shape = ir.Shape(array.shape)  # the vocabularies' sizes: the one thing a trace leaves open
+    program = torch.onnx.ONNXProgram(graph, None)
+    with _quiet():
+        program.optimize()  # what torch.onnx.export(optimize=True) runs: constant folding, rewrites
+        program.save(str(path), external_data=False)
+    _strip_debug_metadata(path)
+
+
+# A trace depends on the model's configuration, the serving code and the exporter, never on the weights:
+# so the exporter traces a configuration once (torch.export and its decompositions: ~45 s for the
+# serving graph and ~20 s for the explaining one on a 2-core AMD EPYC; the optimizer, which folds the
+# weights into the graph's constants, runs on every export: ~2 s a graph),
+# keeps the trace as it came before the optimizer, and binds each model's weights into a copy of it (the
+# tables' shapes with them: one trace serves every vocabulary size, NOT_TRACED).
+# A trace kept in this process, and on disk under DIN_GRAPH_CACHE (default: ~/.cache/din-rank/graphs;
+# "off": none), keyed by everything it depends on (the configuration, the sources of model/din.py and
+# this file, the code of the model's classes as it runs, the versions of torch, onnxscript and onnx_ir):
+# any change traces again. Cached or not,
+# every export takes the same path, so the same weights give the same bytes (and model_version).
+_TRACES: dict[str, bytes] = {}
+# Left out of a trace's key: the vocabularies' sizes, which a trace holds only as its tables' shapes, and
+# max_history, which the graph never reads (the service cuts histories to the manifest's; a graph that
+# read it from a trace of another value would fail the export's parity checks, never pass silently).
+NOT_TRACED = ("n_items", "n_categories", "max_history")
+GRAPH_CACHE_ENV = "DIN_GRAPH_CACHE"
+
+
+def _trace_key(model: DIN, explaining: bool, serve: ServeFn | None) -> str:
+    import hashlib
+
+    import onnx_ir
+    import onnxscript
+
+    digest = hashlib.sha256()
+    parts: list[object] = [
+        "explaining" if explaining else "serving",
+        json.dumps(
+            {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in NOT_TRACED},
+            sort_keys=True,
+            default=str,
+        ),
+        torch.__version__,
+        onnxscript.__version__,
+        onnx_ir.__version__,
+        *(Path(m.__file__ or "").read_bytes() for m in (sys.modules[DIN.__module__], sys.modules[__name__])),
+    ]
+    # The code the trace runs, as it is now (a method replaced at run time changes the trace too): every
+    # function of the model's module classes, and `serve`'s (another formulation: the benchmarks').
+    classes = sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    functions = [getattr(v, "__func__", v) for c in classes for v in vars(c).values()]
+    for fn in [*functions, *([serve] if serve is not None else [])]:
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            parts.append(_code_digest(code))
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """What a function's code does, the same in every process (marshal's bytes depend on reference
+    counts; a frozenset's order on the string hash seed)."""
+
+    def const(c: object) -> str:
+        if isinstance(c, types.CodeType):
+            return _code_digest(c)
+        if isinstance(c, frozenset):
+            return "frozenset(" + ",".join(sorted(map(const, c))) + ")"
+        if isinstance(c, tuple):
+            return "(" + ",".join(map(const, c)) + ")"
+        return repr(c)
+
+    return f"{code.co_code.hex()}|{code.co_names}|{code.co_varnames}|{','.join(map(const, code.co_consts))}"
+
+
+def _graph_cache_dir() -> Path | None:
+    where = os.environ.get(GRAPH_CACHE_ENV, "")
+    if where.lower() in ("off", "0", "none"):
+        return None
+    if where:
+        return Path(where)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "din-rank" / "graphs"
+
+
+def _traced_graph(module: nn.Module, n_items: int, key: str, *, cached: bool = True) -> bytes:
+    """The serialized ONNX model of `module`'s trace before the optimizer: from this process, from the
+    disk cache, or traced now (and kept in both; `cached=False`: traced now). A cache that cannot be read
+    or written is skipped."""
+    if cached and key in _TRACES:
+        return _TRACES[key]
+    cache = _graph_cache_dir()
+    file = cache / f"{key}.onnx" if cache is not None else None
+    data: bytes | None = None
+    if file is not None and cached:
+        with contextlib.suppress(OSError):
+            data = file.read_bytes()
+    if data is None:
+        data = _trace(module, n_items)
+        if file is not None:
+            try:  # written whole under a temporary name, then renamed: a reader never sees half a file
+                file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_name(f".{file.name}.{os.getpid()}")
+                tmp.write_bytes(data)
+                os.replace(tmp, file)
+            except OSError as e:
+                logging.getLogger(__name__).debug("graph cache %s not written: %s", file, e)
+    _TRACES[key] = data
+    return data
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporter is chatty on stdout/stderr and warns about its own internals; keep the CLI clean."""
+    quiet = io.StringIO()
+    level = logging.getLogger("torch").level
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),
+    ):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield quiet
+        finally:
+            logging.getLogger("torch").setLevel(level)
+
+
+def _trace(module: nn.Module, n_items: int) -> bytes:
+    """torch.onnx.export of `module` (a _Serving or _Explaining) with dynamic N, U and T, before the
+    optimizer: the serialized ONNX model."""
+    import onnx_ir as ir
+
     g = torch.Generator().manual_seed(0)
     # Example sizes all different and > 1, so the exporter keeps every dimension symbolic.
     U, T, N = 3, 7, 11
@@ -125,37 +282,26 @@ def _export_onnx(model: DIN, path: Path, *, explaining: bool = False, serve: Ser
         "T": torch.export.Dim("T"),
     }
     dynamic_shapes = tuple({i: dims[d] for i, d in enumerate(shape)} for shape in INPUTS.values())
-    # The exporter is chatty on stdout/stderr and warns about its own internals; keep the CLI clean.
-    quiet = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(quiet),
-        contextlib.redirect_stderr(quiet),
-    ):
-        warnings.simplefilter("ignore")
-        level = logging.getLogger("torch").level
-        logging.getLogger("torch").setLevel(logging.ERROR)
+    explaining = isinstance(module, _Explaining)
+    with _quiet() as quiet:
         try:
             program = torch.onnx.export(
-                (_Explaining(model) if explaining else _Serving(model, serve)).eval(),
+                module.eval(),
                 args,
                 dynamo=True,
                 input_names=list(INPUTS),
                 output_names=list(EXPLAIN_OUTPUTS) if explaining else [*OUTPUTS, *OPTIONAL_OUTPUTS],
                 dynamic_shapes=dynamic_shapes,
-                optimize=True,
+                optimize=False,  # run by _export_onnx, once this model's weights are in
                 verbose=False,
             )
             if program is None:
                 raise ExportError("torch.onnx.export returned no program")
-            program.save(str(path), external_data=False)
-            _strip_debug_metadata(path)
+            return ir.serde.serialize_model(program.model).SerializeToString()
         except ExportError:
             raise
         except Exception as e:  # the exporter's own errors are long; keep the cause
             raise ExportError(f"ONNX export failed: {e}\n{quiet.getvalue()[-2000:]}") from e
-        finally:
-            logging.getLogger("torch").setLevel(level)
 
 
 def _strip_debug_metadata(path: Path) -> None:

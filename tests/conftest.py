@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 from service.store.embedded import EmbeddedRedis
+
+_GRAPH_CACHE = "DIN_GRAPH_CACHE"
+_graph_cache_key = pytest.StashKey[str | None]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`din export` keeps the traces of its graphs under DIN_GRAPH_CACHE (model/export.py; default the
+    user's ~/.cache): the tests keep theirs in a directory of this session, shared by the din commands
+    they run in processes of their own, and gone after it."""
+    config.stash[_graph_cache_key] = os.environ.get(_GRAPH_CACHE)
+    os.environ[_GRAPH_CACHE] = tempfile.mkdtemp(prefix="din-graphs-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get(_GRAPH_CACHE, ""), ignore_errors=True)
+    before = config.stash.get(_graph_cache_key, None)
+    if before is None:
+        os.environ.pop(_GRAPH_CACHE, None)
+    else:
+        os.environ[_GRAPH_CACHE] = before
 
 
 @pytest.fixture(scope="session")

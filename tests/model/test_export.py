@@ -302,15 +302,50 @@ def test_onnx_matches_torch_with_interleaved_users(bundle: tuple[DIN, Path, dict
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_path: Path) -> None:
-    """The model version is content-addressed: it must not depend on where or when it was exported."""
+def test_same_weights_give_the_same_bundle(
+    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model version is content-addressed: it must not depend on where or when it was exported, nor
+    on whether the graphs' trace came from the graph cache or was traced afresh."""
     model, out, manifest = bundle
     proto = onnx.load(str(out / "model.onnx"))
     assert not any(node.metadata_props for node in proto.graph.node)  # no stack traces, no source paths
     _, items = make_model()
+    monkeypatch.setattr(export_mod, "_TRACES", {})  # nothing kept in this process, no cache on disk
+    monkeypatch.setenv("DIN_GRAPH_CACHE", "off")
     again = export_model(model, items, tmp_path / "again", name="unit")
     assert again["files"] == manifest["files"]
     assert again["model_version"] == manifest["model_version"]
+
+
+def test_a_trace_is_kept_on_disk_for_the_next_process_and_a_damaged_one_is_traced_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DIN_GRAPH_CACHE: a configuration is traced once (torch.export is most of an export's time); another
+    process binds its own weights into the kept trace, and gets the bytes a fresh trace gives."""
+    model, items = make_model(seed=11)  # make_model()'s configuration
+    first = export_model(model, items, tmp_path / "first", name="unit")
+    cache = tmp_path / "graphs"
+    cache.mkdir()
+    for key, data in export_mod._TRACES.items():
+        (cache / f"{key}.onnx").write_bytes(data)
+    monkeypatch.setenv("DIN_GRAPH_CACHE", str(cache))
+    monkeypatch.setattr(export_mod, "_TRACES", {})  # a new process: only the disk has them
+
+    def no_trace(*args: object) -> bytes:
+        raise AssertionError("traced again with the trace on disk")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(export_mod, "_trace", no_trace)
+        again = export_model(model, items, tmp_path / "again", name="unit")
+    assert again["files"] == first["files"]
+
+    damaged = cache / f"{export_mod._trace_key(model, True, None)}.onnx"  # the explaining graph's
+    damaged.write_bytes(b"not an onnx model")
+    monkeypatch.setattr(export_mod, "_TRACES", {})
+    retraced = export_model(model, items, tmp_path / "retraced", name="unit")  # not a failure
+    assert retraced["files"] == first["files"]
+    assert damaged.read_bytes() != b"not an onnx model"  # and the cache holds the new trace
 
 
 OTHER: dict = {"seed": 3, "pooling": "sum"}  # another model than make_model()'s: its first variant
