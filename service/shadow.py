@@ -4,9 +4,16 @@ After /rank has its answer, each shadow of the routing in force (`service.routin
 the impression id gets a `ShadowJob`: the request's candidates and the very history snapshot the
 served version scored (no second Redis read, no drift between the two), and the served order. Jobs
 wait in one bounded queue; one consumer takes them in order, a batch of one version at a time (never
-mixing versions in a graph call, like the batcher), and runs it in a thread of its own at the idle
-scheduling class (SCHED_IDLE: it runs only on a core nothing else wants), so a shadow never takes CPU
-from the served requests and never adds to their latency. Under load it simply does not run: jobs
+mixing versions in a graph call, like the batcher), encodes it on the loop and has it scored by a process
+of its own at the idle scheduling class (`service.shadow_worker`, SCHED_IDLE: it runs only on a core
+nothing else wants, and shares no GIL with the server), holding an ONNX Runtime session of the very graph
+bytes this process verified for each shadow version. So a shadow never takes CPU from the served requests
+and never adds to their latency. (A thread at the idle class in this process, the first design, raised the
+served p99 at half capacity by ~20-70%: when it took the GIL back after a graph call and a busy core made it
+wait, the event loop waited on it. The same work in an idle-class process raised it by nothing measurable:
+bench/shadow.py.) If the worker cannot be started, or dies, the batch is shed ("failed") and the next one
+starts a new worker; where no process can be started at all, the scoring runs in an idle-class thread of
+this process as before. Under load it simply does not run: jobs
 that wait past DIN_SHADOW_MAX_AGE_MS, or find the queue full (DIN_SHADOW_QUEUE_MAX), are shed and
 counted (din_shadow_shed_total): a shadow is the first thing dropped.
 
@@ -22,17 +29,23 @@ import collections
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service.impressions import ImpressionLog, ShadowAnswered
 from service.live import LiveModel
 from service.metrics import Metrics
-from service.ranker import ranked
+from service.ranker import INPUT_NAMES, OUTPUT_NAME, Ranker, ranked
+from service.shadow_worker import read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +79,14 @@ class ShadowRunner:
         self.max_candidates = max_candidates
         self._queue: collections.deque[ShadowJob] = collections.deque()
         self._wake = asyncio.Event()
+        self._worker = ShadowWorker()
+        # the thread that talks to the worker (normal class: it only waits on the pipe, and takes the GIL
+        # for a few microseconds to hand the arrays over)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="din-shadow")
+        # where no worker process can start: the idle-class thread in this process (the fallback)
         self._threads: set[int] = set()  # the idle-class thread's native id (to raise it at stop)
-        self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix="din-shadow", initializer=_idle_priority, initargs=(self._threads,)
+        self._in_process = ThreadPoolExecutor(
+            1, thread_name_prefix="din-shadow-idle", initializer=_idle_priority, initargs=(self._threads,)
         )
         self._task: asyncio.Task[None] | None = None
         self.scored = 0
@@ -90,7 +108,9 @@ class ShadowRunner:
         for tid in list(self._threads):
             with contextlib.suppress(OSError, AttributeError):
                 os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        self._worker.close()  # a call waiting on it ends at once (EOF)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._in_process.shutdown(wait=False, cancel_futures=True)
 
     @property
     def depth(self) -> int:
@@ -146,7 +166,12 @@ class ShadowRunner:
                 items, users, hist, lens, counts = ranker.encode_rows(
                     [(job.candidates, list(job.history)) for job in batch]
                 )
-                ctr = await loop.run_in_executor(self._executor, ranker.run, items, users, hist, lens)
+                if self._worker.usable:
+                    ctr = await loop.run_in_executor(
+                        self._executor, self._worker.run, ranker, items, users, hist, lens
+                    )
+                else:
+                    ctr = await loop.run_in_executor(self._in_process, ranker.run, items, users, hist, lens)
             except Exception:
                 log.exception("shadow %s failed on a batch of %d", ranker.model_version, len(batch))
                 for job in batch:
@@ -169,6 +194,107 @@ class ShadowRunner:
                     job.impression_id, job.ts, job.user_id, version, job.candidates, scores, job.served_order
                 )
             )
+
+
+class ShadowWorker:
+    """The idle-class scoring process (`service.shadow_worker`): started at the first call, again after it
+    died; each ranker's graph loaded into it once (the bytes this process verified), unloaded once the
+    ranker is gone. `run` blocks (call it from a thread); one call at a time."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._keys: weakref.WeakKeyDictionary[Ranker, str] = weakref.WeakKeyDictionary()
+        self._loaded: set[str] = set()
+        self._next = 0
+        self._closed = False
+        self.usable = True  # False once a worker could not be started at all: the fallback runs
+        self.starts = 0
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.shadow_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=Path(__file__).resolve().parent.parent,  # `-m` imports `service` from there
+                close_fds=True,
+            )
+        except OSError as e:
+            self.usable = False
+            log.warning("shadow scoring runs in this process: its worker could not start (%s)", e)
+            raise
+        self.starts += 1
+        self._loaded.clear()
+        return proc
+
+    def _call(self, proc: subprocess.Popen[bytes], request: tuple[Any, ...]) -> Any:
+        assert proc.stdin is not None and proc.stdout is not None
+        write_frame(proc.stdin, request)
+        reply = read_frame(proc.stdout)
+        if reply is None:
+            raise RuntimeError(f"the shadow worker exited (status {proc.poll()})")
+        status, value = reply
+        if status != "ok":
+            raise RuntimeError(f"the shadow worker: {value}")
+        return value
+
+    def run(
+        self,
+        ranker: Ranker,
+        target_items: np.ndarray,
+        target_user: np.ndarray,
+        hist_items: np.ndarray,
+        hist_len: np.ndarray,
+    ) -> np.ndarray:
+        """`ranker.run` in the worker: the ctr of each candidate."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the shadow worker is closed")
+            proc = self._proc
+            try:
+                if proc is None or proc.poll() is not None:
+                    self._kill()  # a worker that died: its pipes closed
+                    proc = self._proc = self._start()
+                for gone in self._loaded - set(self._keys.values()):  # rankers since unloaded
+                    self._call(proc, ("unload", gone))
+                    self._loaded.discard(gone)
+                key = self._keys.get(ranker)
+                if key is None:
+                    key = self._keys[ranker] = f"{ranker.model_version}#{self._next}"
+                    self._next += 1
+                if key not in self._loaded:
+                    graph = (
+                        ranker.bundle.int8_bytes if ranker.precision == "int8" else ranker.bundle.graph_bytes
+                    )
+                    self._call(proc, ("load", key, graph, ranker.providers, OUTPUT_NAME))
+                    self._loaded.add(key)
+                feeds = dict(zip(INPUT_NAMES, (target_items, target_user, hist_items, hist_len), strict=True))
+                return np.asarray(self._call(proc, ("run", key, feeds)))
+            except (OSError, ValueError) as e:  # the pipe broke: the worker is gone; the next call starts one
+                self._kill()
+                raise RuntimeError(f"the shadow worker is gone: {e}") from e
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            for stream in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError):
+                    if stream is not None:
+                        stream.close()
+
+    def close(self) -> None:
+        """Stop the worker (never waits for a call in progress: killing it ends that call with EOF)."""
+        self._closed = True
+        self._kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
 
 def _idle_priority(threads: set[int]) -> None:

@@ -5,6 +5,8 @@ Real redis-server, real ONNX Runtime sessions, real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -312,14 +314,31 @@ def test_a_shadow_scores_on_idle_cpu_and_is_shed_first(
         # v3 has v1's weights: its top k is the served top k, every time
         assert metric_value(text, "din_shadow_topk_overlap_sum", labels) == 20
         assert metric_value(text, "din_shadow_topk_overlap_count", labels) == 20
+        # scored in the worker process, at the idle class (not in this one: its GIL is the server's)
+        worker = server.app.state.din.shadows._worker
+        assert worker.usable and worker.starts == 1 and worker.pid is not None
+        assert os.sched_getscheduler(worker.pid) == os.SCHED_IDLE
+        # a worker that dies costs the batch it was scoring, never an answer: the next batch starts another
+        os.kill(worker.pid, signal.SIGKILL)
+        for k in range(20, 30):
+            answer = _rank(c, f"u{k}").json()
+            served[answer["impression_id"]] = answer
+        deadline = time.monotonic() + 10
+        while metric_value(text := c.get("/metrics").text, "din_shadow_scored_total") < 29:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+        assert worker.starts == 2
+        failed = metric_value(text, "din_shadow_shed_total", {"model_version": "test-v3", "reason": "failed"})
+        scored = metric_value(text, "din_shadow_scored_total")
+        assert scored + failed == 30 and failed <= 1
         models = c.get("/admin/models").json()
         assert {v["model_version"]: v["shadow_sample_rate"] for v in models["versions"]}["test-v3"] == 1.0
         # in the impression log beside the answers: the shadow's scores of the items shown, and its ranks
         deadline = time.monotonic() + 10
-        while len(records := _shadow_records(redis_url)) < 20:
+        while len(records := _shadow_records(redis_url)) < scored:
             assert time.monotonic() < deadline, records
             time.sleep(0.05)
-    assert set(records) == set(served)
+    assert len(records) == scored and set(records) <= set(served)
     for impression_id, record in records.items():
         answer = served[impression_id]
         assert record["model_version"] == "test-v3" and record["user_id"] == answer["user_id"]
