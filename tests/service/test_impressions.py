@@ -407,15 +407,20 @@ def test_a_failing_feedback_stream_fails_the_event_and_writes_nothing(
 def test_on_a_cluster_the_log_is_spread_over_streams_on_different_masters(
     bundle: BundleInfo, cluster_url: str
 ) -> None:
-    settings = make_settings(
-        bundle.path, cluster_url, redis_cluster=True, log_impressions=True, log_streams=3
+    settings = make_settings(  # a 10 s deadline: this test is about the streams, not shedding
+        bundle.path,
+        cluster_url,
+        redis_cluster=True,
+        log_impressions=True,
+        log_streams=3,
+        request_timeout_ms=10_000,
     )
     with LiveServer(settings) as server, server.client() as c:
         server.wait_ready()
-        ids = [
-            c.post("/rank", json={"user_id": f"u{k}", "candidates": CANDIDATES[:4]}).json()["impression_id"]
-            for k in range(60)
-        ]
+        bodies = [{"user_id": f"u{k}", "candidates": CANDIDATES[:4]} for k in range(60)]
+        answers = [c.post("/rank", json=body) for body in bodies]
+        assert [(r.status_code, r.text) for r in answers if r.status_code != 200] == []
+        ids = [r.json()["impression_id"] for r in answers]
         _wait(lambda: metric_value(_metrics(c), "din_impressions_logged_total") == 60)
         event = {"user_id": "u1", "item_id": "i7", "event_id": "e1", "impression_id": ids[1]}
         assert c.post("/events", json={"events": [event]}).json() == {
