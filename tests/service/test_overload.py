@@ -100,9 +100,10 @@ def test_overload_sheds_fast_and_keeps_goodput(
         r: sum(1 for b in shed if b["reason"] == r) for r in ("deadline", "timeout")
     }
     # The fastest quarter of the refusals: at once, with no wait for the work ahead. A few ms on an idle
-    # machine; on cores shared with other work every answer of this run stretches alike, so the bound
-    # grows with a quarter of the fastest 200 of the same run (one inference, little or no queue): a
-    # refusal that waited in the queue, or ran the model, takes at least that long and still fails.
+    # machine; on cores shared with other work every answer of this run stretches alike, so the bound is
+    # the fastest 200 of the same run (one inference, little or no queue): a refusal that waited in the
+    # queue, or ran the model, takes at least that long and fails. (A quarter of it, the bound before, was
+    # missed by 0.7 ms once on a busy two-core CI box: 10.7 ms refusals against a fastest answer of 17.9.)
     shed_ms = sorted(r["duration_ms"] for r in served if r["status"] == 503)
     quick, fastest_ok = shed_ms[len(shed_ms) // 4], min(ok_ms)
-    assert quick < max(10.0, fastest_ok / 4), (quick, fastest_ok)
+    assert quick < max(10.0, fastest_ok), (quick, fastest_ok)
