@@ -121,7 +121,6 @@ def _export_onnx(model: DIN, path: Path, *, explaining: bool = False, serve: Ser
     try:
         graph = ir.serde.deserialize_model(onnx.ModelProto.FromString(template))
     except Exception:  # a damaged cache file (the cache is a convenience): trace again
-        _TRACES.pop(key, None)
         fresh = _traced_graph(module, model.cfg.n_items, key, cached=False)
         graph = ir.serde.deserialize_model(onnx.ModelProto.FromString(fresh))
     weights = {name: t.detach().contiguous().cpu().numpy() for name, t in module.state_dict().items()}

@@ -80,6 +80,17 @@ def choose_providers(requested: list[str] | None) -> list[str]:
     return requested
 
 
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """The options every serving session is built with (the served versions' and the shadow worker's):
+    every graph optimization, `intra_op_threads` threads (0: ONNX Runtime's default)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    opts.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
+    return opts
+
+
 class Ranker:
     """One ONNX Runtime session and the item vocabulary of one bundle."""
 
@@ -95,11 +106,7 @@ class Ranker:
         self.model_version = bundle.model_version
         self.max_history = bundle.max_history
         self.vocab = bundle.vocab
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
+        opts = session_options(intra_op_threads)
         if precision not in PRECISIONS:
             raise BundleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.session = self._session(bundle.graph_bytes, "model.onnx", opts, providers)

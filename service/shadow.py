@@ -45,7 +45,7 @@ from service.impressions import ImpressionLog, ShadowAnswered
 from service.live import LiveModel
 from service.metrics import Metrics
 from service.ranker import INPUT_NAMES, OUTPUT_NAME, Ranker, ranked
-from service.shadow_worker import read_frame, write_frame
+from service.shadow_worker import idle_priority, read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +298,6 @@ class ShadowWorker:
 
 
 def _idle_priority(threads: set[int]) -> None:
-    """This thread runs only when a core is idle (Linux SCHED_IDLE; elsewhere the lowest nice)."""
+    """The fallback thread: noted (raised again at stop), then at the idle class as the worker is."""
     threads.add(threading.get_native_id())
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    idle_priority()

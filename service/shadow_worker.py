@@ -24,6 +24,7 @@ import os
 import pickle
 import struct
 import sys
+import threading
 from typing import IO, Any
 
 HEADER = struct.Struct(">I")
@@ -49,12 +50,13 @@ def write_frame(stream: IO[bytes], obj: Any) -> None:
 
 
 def idle_priority() -> None:
-    """This process runs only when a core is idle (Linux SCHED_IDLE; elsewhere the lowest nice)."""
+    """The calling thread runs only when a core is idle (Linux SCHED_IDLE; elsewhere the lowest nice):
+    the worker's only thread here, the fallback's thread in `service.shadow`."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         with contextlib.suppress(OSError, AttributeError):
-            os.nice(19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def main() -> int:
@@ -67,6 +69,8 @@ def main() -> int:
 
     import onnxruntime as ort
 
+    from service.ranker import session_options
+
     sessions: dict[str, tuple[Any, str]] = {}  # key -> (session, output name)
     while True:
         msg = read_frame(inp)
@@ -75,11 +79,8 @@ def main() -> int:
         try:
             op, key = msg[0], msg[1]
             if op == "load":
-                opts = ort.SessionOptions()
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                opts.intra_op_num_threads = 1
+                opts = session_options(intra_op_threads=1)
                 opts.inter_op_num_threads = 1
-                opts.log_severity_level = 3
                 sessions[key] = (ort.InferenceSession(msg[2], sess_options=opts, providers=msg[3]), msg[4])
                 reply: tuple[str, Any] = ("ok", None)
             elif op == "run":

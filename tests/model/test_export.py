@@ -302,9 +302,7 @@ def test_onnx_matches_torch_with_interleaved_users(bundle: tuple[DIN, Path, dict
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_same_weights_give_the_same_bundle(
-    bundle: tuple[DIN, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_same_weights_give_the_same_bundle(bundle: tuple[DIN, Path, dict], tmp_path: Path) -> None:
     """The model version is content-addressed: it must not depend on where or when it was exported (nor
     on whether its graph's trace was kept or traced afresh: the next test)."""
     model, out, manifest = bundle
