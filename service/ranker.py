@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ import onnxruntime as ort
 
 from contracts.bundle import EXPLAIN_GRAPH, EXPLAIN_OUTPUTS, INPUTS, INT8_GRAPH, OUTPUTS, Bundle
 from contracts.errors import BundleError, CannotExplain
-from contracts.vocab import FIRST_ID
+from contracts.vocab import FIRST_ID, Vocab
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,24 @@ def ranked(scores: np.ndarray, top_k: int | None) -> np.ndarray:
     the best top_k of them when given. One function, so the batcher explains exactly what is returned."""
     order = np.argsort(-scores, kind="stable")
     return order if top_k is None else order[:top_k]
+
+
+def encode_rows(
+    vocab: Vocab, max_history: int, rows: Sequence[tuple[Sequence[str], Sequence[str]]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Rows (items, history newest first) -> the graphs' four inputs, and each row's item count.
+    Histories are cut to `max_history` (the model's T) and padded to the batch's longest (not to T).
+    A function of its own: the shadow worker process encodes with it too (`service.shadow_worker`)."""
+    hists = [vocab.lookup(h[:max_history]) for _, h in rows]
+    lens = np.fromiter((len(h) for h in hists), dtype=np.int64, count=len(hists))
+    width = max(1, int(lens.max()) if len(lens) else 1)
+    hist_items = np.zeros((len(rows), width), dtype=np.int64)
+    for u, h in enumerate(hists):
+        hist_items[u, : len(h)] = h
+    counts = [len(c) for c, _ in rows]
+    target_items = vocab.lookup([item for c, _ in rows for item in c])
+    target_user = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+    return target_items, target_user, hist_items, lens, counts
 
 
 def choose_providers(requested: list[str] | None) -> list[str]:
@@ -243,21 +262,10 @@ class Ranker:
         return np.asarray(ctr)
 
     def encode_rows(
-        self, rows: list[tuple[list[str], list[str]]]
+        self, rows: Sequence[tuple[Sequence[str], Sequence[str]]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[int]]:
-        """Rows (items, history newest first) -> the graphs' four inputs, and each row's item count.
-        Histories are cut to the model's T and padded to the batch's longest (not to T)."""
-        T = self.max_history
-        hists = [self.encode(h[:T]) for _, h in rows]
-        lens = np.fromiter((len(h) for h in hists), dtype=np.int64, count=len(hists))
-        width = max(1, int(lens.max()) if len(lens) else 1)
-        hist_items = np.zeros((len(rows), width), dtype=np.int64)
-        for u, h in enumerate(hists):
-            hist_items[u, : len(h)] = h
-        counts = [len(c) for c, _ in rows]
-        target_items = self.encode([item for c, _ in rows for item in c])
-        target_user = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
-        return target_items, target_user, hist_items, lens, counts
+        """`encode_rows` with this ranker's vocabulary and T."""
+        return encode_rows(self.vocab, self.max_history, rows)
 
     def score_batch(self, rows: list[tuple[list[str], list[str]]]) -> list[Scored]:
         """Score several users in one ONNX Runtime call.

@@ -4,15 +4,17 @@ After /rank has its answer, each shadow of the routing in force (`service.routin
 the impression id gets a `ShadowJob`: the request's candidates and the very history snapshot the
 served version scored (no second Redis read, no drift between the two), and the served order. Jobs
 wait in one bounded queue; one consumer takes them in order, a batch of one version at a time (never
-mixing versions in a graph call, like the batcher), encodes it on the loop and has it scored by a process
-of its own at the idle scheduling class (`service.shadow_worker`, SCHED_IDLE: it runs only on a core
-nothing else wants, and shares no GIL with the server), holding an ONNX Runtime session of the very graph
-bytes this process verified for each shadow version. So a shadow never takes CPU from the served requests
-and never adds to their latency. (A thread at the idle class in this process, the first design, raised the
-served p99 at half capacity by ~20-70%: when it took the GIL back after a graph call and a busy core made it
-wait, the event loop waited on it. The same work in an idle-class process raised it by nothing measurable:
+mixing versions in a graph call, like the batcher) and hands its strings, as the requests had them, to a
+process of its own at the idle scheduling class (`service.shadow_worker`, SCHED_IDLE: it runs only on a
+core nothing else wants, and shares no GIL with the server), which holds an ONNX Runtime session of the
+very graph bytes this process verified for each shadow version, and encodes, scores and compares the
+batch with the served orders itself: this process pickles the strings and logs the scores, nothing more
+per candidate. (A thread at the idle class in this process, the first design, raised the served p99 at
+half capacity by ~20-70%: when it took the GIL back after a graph call and a busy core made it wait, the
+event loop waited on it. What a process at the idle class still costs the served answers is the CPU's own
+sharing (caches, memory bandwidth, the scheduler's wake-ups), which depends on the machine: docs and
 bench/shadow.py.) If the worker cannot be started, or dies, the batch is shed ("failed") and the next one
-starts a new worker; where no process can be started at all, the scoring runs in an idle-class thread of
+starts a new worker; where no process can be started at all, the same scoring runs in an idle-class thread of
 this process as before. Under load it simply does not run: jobs
 that wait past DIN_SHADOW_MAX_AGE_MS, or find the queue full (DIN_SHADOW_QUEUE_MAX), are shed and
 counted (din_shadow_shed_total): a shadow is the first thing dropped.
@@ -44,8 +46,8 @@ import numpy as np
 from service.impressions import ImpressionLog, ShadowAnswered
 from service.live import LiveModel
 from service.metrics import Metrics
-from service.ranker import INPUT_NAMES, OUTPUT_NAME, Ranker, ranked
-from service.shadow_worker import idle_priority, read_frame, write_frame
+from service.ranker import OUTPUT_NAME, Ranker
+from service.shadow_worker import idle_priority, read_frame, score_rows, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -159,41 +161,50 @@ class ShadowRunner:
             if not batch:
                 continue
             ranker = batch[0].member.current
+            rows = [(job.candidates, job.history) for job in batch]
+            served = [job.served_order for job in batch]
             try:
-                # encoded here, on the loop (~0.1 ms): the idle thread only runs the graph, during which
-                # ONNX Runtime holds no GIL. An idle-class thread that held the GIL while every core is
-                # busy would stall the event loop until a core came free (a priority inversion).
-                items, users, hist, lens, counts = ranker.encode_rows(
-                    [(job.candidates, list(job.history)) for job in batch]
-                )
+                # the strings as the requests had them: the worker encodes, scores and compares them with
+                # the served orders, so that this process's interpreter does next to nothing per job
                 if self._worker.usable:
-                    ctr = await loop.run_in_executor(
-                        self._executor, self._worker.run, ranker, items, users, hist, lens
+                    ctr, overlaps = await loop.run_in_executor(
+                        self._executor, self._worker.score, ranker, rows, served
                     )
                 else:
-                    ctr = await loop.run_in_executor(self._in_process, ranker.run, items, users, hist, lens)
+                    ctr, overlaps = await loop.run_in_executor(
+                        self._in_process,
+                        score_rows,
+                        ranker.run,
+                        ranker.vocab,
+                        ranker.max_history,
+                        rows,
+                        served,
+                    )
             except Exception:
                 log.exception("shadow %s failed on a batch of %d", ranker.model_version, len(batch))
                 for job in batch:
                     self._shed(job, "failed")
                 continue
-            for job, scores in zip(batch, np.split(ctr, np.cumsum(counts)[:-1]), strict=True):
-                self._deliver(job, ranker.model_version, scores)
-
-    def _deliver(self, job: ShadowJob, version: str, scores: np.ndarray) -> None:
-        self.scored += 1
-        self.metrics.shadow_scored.labels(model_version=version).inc()
-        k = len(job.served_order)
-        if k:
-            mine = set(ranked(scores, k).tolist())
-            overlap = len(mine.intersection(job.served_order.tolist())) / k
-            self.metrics.shadow_overlap.labels(model_version=version).observe(overlap)
-        if self.impressions is not None:
-            self.impressions.offer_shadow(
-                ShadowAnswered(
-                    job.impression_id, job.ts, job.user_id, version, job.candidates, scores, job.served_order
-                )
-            )
+            version = ranker.model_version
+            self.scored += len(batch)
+            self.metrics.shadow_scored.labels(model_version=version).inc(len(batch))
+            overlap = self.metrics.shadow_overlap.labels(model_version=version)
+            cuts = np.cumsum([len(job.candidates) for job in batch])[:-1]
+            for job, scores, share in zip(batch, np.split(ctr, cuts), overlaps, strict=True):
+                if share is not None:
+                    overlap.observe(share)
+                if self.impressions is not None:
+                    self.impressions.offer_shadow(
+                        ShadowAnswered(
+                            job.impression_id,
+                            job.ts,
+                            job.user_id,
+                            version,
+                            job.candidates,
+                            scores,
+                            job.served_order,
+                        )
+                    )
 
 
 class ShadowWorker:
@@ -239,15 +250,10 @@ class ShadowWorker:
             raise RuntimeError(f"the shadow worker: {value}")
         return value
 
-    def run(
-        self,
-        ranker: Ranker,
-        target_items: np.ndarray,
-        target_user: np.ndarray,
-        hist_items: np.ndarray,
-        hist_len: np.ndarray,
-    ) -> np.ndarray:
-        """`ranker.run` in the worker: the ctr of each candidate."""
+    def score(
+        self, ranker: Ranker, rows: list[tuple[list[str], tuple[str, ...]]], served: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[float | None]]:
+        """`score_rows` of `ranker`'s graph, in the worker: every candidate's ctr and each row's overlap."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the shadow worker is closed")
@@ -267,10 +273,19 @@ class ShadowWorker:
                     graph = (
                         ranker.bundle.int8_bytes if ranker.precision == "int8" else ranker.bundle.graph_bytes
                     )
-                    self._call(proc, ("load", key, graph, ranker.providers, OUTPUT_NAME))
+                    load = (
+                        "load",
+                        key,
+                        graph,
+                        ranker.providers,
+                        OUTPUT_NAME,
+                        ranker.vocab.ids,
+                        ranker.max_history,
+                    )
+                    self._call(proc, load)
                     self._loaded.add(key)
-                feeds = dict(zip(INPUT_NAMES, (target_items, target_user, hist_items, hist_len), strict=True))
-                return np.asarray(self._call(proc, ("run", key, feeds)))
+                ctr, overlaps = self._call(proc, ("score", key, rows, served))
+                return np.asarray(ctr), overlaps
             except (OSError, ValueError) as e:  # the pipe broke: the worker is gone; the next call starts one
                 self._kill()
                 raise RuntimeError(f"the shadow worker is gone: {e}") from e

@@ -3,9 +3,12 @@
 `service.shadow` starts it (`python -m service.shadow_worker`) and talks to it over its stdin and stdout:
 frames of a 4-byte big-endian length, then a pickle (the two ends are the same code, one service). Requests:
 
-- ("load", key, graph bytes, providers, output) -> ("ok", None): an ONNX Runtime session of that graph
-  (the very bytes the service verified and serves the version with), one thread, under `key`
-- ("run", key, feeds) -> ("ok", array): the graph's `output` for the four inputs
+- ("load", key, graph bytes, providers, output, vocabulary ids, T) -> ("ok", None): an ONNX Runtime
+  session of that graph (the very bytes the service verified and serves the version with), one thread,
+  and the version's vocabulary and history length, under `key`
+- ("score", key, rows, served orders) -> ("ok", (ctr, overlaps)): rows of (candidates, history newest
+  first) as the requests had them, encoded here (`score_rows`), scored in one graph call; each row's
+  top-k overlap with its served order
 - ("unload", key) -> ("ok", None)
 
 and ("error", "what went wrong") for any that failed. EOF on stdin: it exits.
@@ -14,7 +17,10 @@ Why a process: a thread at the idle class in the server's own process shares its
 busy, an idle-class thread that holds the GIL (taking it back after a graph call, handing a result over)
 waits for a core while the event loop waits for the GIL: a priority inversion that showed as served p99.
 A process of its own shares no lock with the server: SCHED_IDLE (Linux; elsewhere the lowest nice) makes
-the kernel run it only on a core nothing else wants, and the server's side only waits on a pipe.
+the kernel run it only on a core nothing else wants, and the server's side only waits on a pipe. The
+server's side hands over the job's strings as the request had them: the encoding (a vocabulary lookup per
+id) and the comparison with the served order are the worker's too, so that a shadow job costs the
+server's interpreter one pickle of its strings and nothing else per candidate.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ import pickle
 import struct
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+import numpy as np
+
+from contracts.vocab import Vocab
+from service.ranker import INPUT_NAMES, encode_rows, ranked, session_options
+
 HEADER = struct.Struct(">I")
+Row = tuple[Sequence[str], Sequence[str]]  # (candidates, history newest first)
 
 
 def read_frame(stream: IO[bytes]) -> Any | None:
@@ -59,6 +72,30 @@ def idle_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
+def topk_overlap(scores: np.ndarray, served_order: np.ndarray) -> float | None:
+    """The share of the served answer's items (its top k) that `scores` would have put in its own top k;
+    None for an answer that showed nothing."""
+    k = len(served_order)
+    if not k:
+        return None
+    return len(set(ranked(scores, k).tolist()).intersection(served_order.tolist())) / k
+
+
+def score_rows(
+    run: Callable[..., np.ndarray],
+    vocab: Vocab,
+    max_history: int,
+    rows: Sequence[Row],
+    served: Sequence[np.ndarray],
+) -> tuple[np.ndarray, list[float | None]]:
+    """A batch of shadow jobs in one graph call (`run`: the four inputs -> ctr): every candidate's ctr, in
+    the rows' order, and each row's `topk_overlap` with its served order."""
+    items, users, hist, lens, counts = encode_rows(vocab, max_history, rows)
+    ctr = np.asarray(run(items, users, hist, lens))
+    parts = np.split(ctr, np.cumsum(counts)[:-1])
+    return ctr, [topk_overlap(scores, order) for scores, order in zip(parts, served, strict=True)]
+
+
 def main() -> int:
     # The frames go to a private copy of stdout; fd 1 itself goes to stderr, so that nothing a library
     # prints can land in the middle of a frame.
@@ -66,12 +103,9 @@ def main() -> int:
     os.dup2(2, 1)
     inp = sys.stdin.buffer
     idle_priority()
-
     import onnxruntime as ort
 
-    from service.ranker import session_options
-
-    sessions: dict[str, tuple[Any, str]] = {}  # key -> (session, output name)
+    sessions: dict[str, tuple[Callable[..., np.ndarray], Vocab, int]] = {}  # key -> (run, vocabulary, T)
     while True:
         msg = read_frame(inp)
         if msg is None:
@@ -79,14 +113,15 @@ def main() -> int:
         try:
             op, key = msg[0], msg[1]
             if op == "load":
+                _, _, graph, providers, output, ids, max_history = msg
                 opts = session_options(intra_op_threads=1)
                 opts.inter_op_num_threads = 1
-                sessions[key] = (ort.InferenceSession(msg[2], sess_options=opts, providers=msg[3]), msg[4])
+                session = ort.InferenceSession(graph, sess_options=opts, providers=providers)
+                sessions[key] = (_runner(session, output), Vocab(ids), max_history)
                 reply: tuple[str, Any] = ("ok", None)
-            elif op == "run":
-                session, output = sessions[key]
-                (value,) = session.run([output], msg[2])
-                reply = ("ok", value)
+            elif op == "score":
+                run, vocab, max_history = sessions[key]
+                reply = ("ok", score_rows(run, vocab, max_history, msg[2], msg[3]))
             elif op == "unload":
                 sessions.pop(key, None)
                 reply = ("ok", None)
@@ -98,6 +133,16 @@ def main() -> int:
             write_frame(out, reply)
         except (BrokenPipeError, OSError):
             return 0
+
+
+def _runner(session: Any, output: str) -> Callable[..., np.ndarray]:
+    """The four inputs -> `output` of `session`."""
+
+    def run(*inputs: np.ndarray) -> np.ndarray:
+        (value,) = session.run([output], dict(zip(INPUT_NAMES, inputs, strict=True)))
+        return np.asarray(value)
+
+    return run
 
 
 if __name__ == "__main__":
