@@ -58,6 +58,7 @@ from service.ports import free_port
 DEFAULT_LOOP_DIR = ".din/loop"
 DEFAULT_AB_DIR = ".din/loop-ab"
 PREFIX = "din:"
+REQUEST_TIMEOUT_MS = 2000  # din serve's deadline here (its default: 250)
 EXPORT_WINDOW_S = 10.0  # the simulated users click within the step (its HTTP timeout is 10 s)
 READY_TIMEOUT_S = 180.0
 CONTROL, TREATMENT = "control", "treatment"  # the A/B arms: the live (stale) bundle, the retrained one
@@ -146,6 +147,10 @@ def serving(bundle: Path, redis_url: str, log_path: Path) -> Iterator[str]:
         "--port",
         str(port),
         "--log-impressions",
+        # the loop is what this measures, not shedding: a busy two-core box (CI: the tests beside it) may
+        # hold a request past the default 250 ms now and then, and a shed step is a lost impression
+        "--request-timeout-ms",
+        str(REQUEST_TIMEOUT_MS),
     ]
     url = f"http://127.0.0.1:{port}"
     try:

@@ -77,6 +77,10 @@ def turn(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return out, result, cfg
 
 
+def _outcomes(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
+
+
 def _manifest(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / "manifest.json").read_text())  # type: ignore[no-any-return]
 
@@ -90,6 +94,8 @@ def test_one_turn_changes_the_served_version_to_the_retrained_child(
     before, drifted, ab, after = result["phases"]
     assert ab["name"] == AB_PHASE
     assert [p["count"] for p in result["phases"]] == [200, 800, N_AB, 200]
+    failed = [o for o in _outcomes(out) if o.get("error")]
+    assert not failed, failed[:3]
     for p in result["phases"]:
         assert p["summary"]["errors"] == 0 and p["summary"]["requests"] == p["count"]
     assert before["model_version"] == drifted["model_version"] == parent
@@ -116,7 +122,7 @@ def test_the_log_holds_what_each_user_was_shown_and_labels_their_clicks(
 ) -> None:
     out, _, cfg = turn
     parent = _manifest(workdir / "bundle")["model_version"]
-    outcomes = [json.loads(line) for line in (out / "outcomes.jsonl").read_text().splitlines()]
+    outcomes = _outcomes(out)
     assert [o["step"] for o in outcomes] == list(range(1200 + N_AB))
     exported = [o for o in outcomes if o["step"] < 1000 + N_AB]  # the phases exported before the turn
     rows = pq.read_table(sorted((out / "log").glob("hour=*/part-*.parquet"))).to_pylist()
