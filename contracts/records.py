@@ -6,6 +6,11 @@ its place in the answer. Training on these sees the features as they were served
 history stands when the log is read. A `Feedback` is an event of /events that named the impression
 it answers (a click on one of its items). Plain data: no torch, no Redis, no HTTP.
 
+On the wire (the log's JSON) an impression's candidates are columns, `{"item_id": [...], "category":
+[...], "score": [...], "position": [...]}`, not an object per candidate: half the bytes, and a fraction
+of the writer's CPU (it runs in the server, beside the requests). `Impression.from_dict` also reads the
+object-per-candidate form that logs written before the columns hold.
+
 Impression ids are 32 lowercase hex digits: a 48-bit unix time in milliseconds, then 80 random bits
 (`IMPRESSION_ID_PATTERN`), so they sort by time and never need a round trip to be unique.
 """
@@ -46,14 +51,28 @@ class Impression:
     arm_forced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict (JSON-ready): what a log writer stores."""
-        return asdict(self)
+        """A plain dict (JSON-ready): what a log writer stores, its candidates as columns."""
+        data = asdict(self)
+        cands = self.candidates
+        data["candidates"] = {
+            "item_id": [c.item_id for c in cands],
+            "category": [c.category for c in cands],
+            "score": [c.score for c in cands],
+            "position": [c.position for c in cands],
+        }
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Impression:
-        """The inverse of `to_dict`."""
-        fields = {**data, "candidates": [Candidate(**c) for c in data["candidates"]]}
-        return cls(**fields)
+        """The inverse of `to_dict`; candidates as a list of objects (records written before the columns)
+        are read too. Columns of different lengths raise ValueError."""
+        cands = data["candidates"]
+        if isinstance(cands, dict):
+            columns = (cands["item_id"], cands["category"], cands["score"], cands["position"])
+            rows = [Candidate(*row) for row in zip(*columns, strict=True)]
+        else:
+            rows = [Candidate(**c) for c in cands]
+        return cls(**{**data, "candidates": rows})
 
 
 @dataclass(frozen=True, slots=True)

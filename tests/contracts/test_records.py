@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
+import pytest
 
 from contracts.records import Candidate, Feedback, Impression
 
@@ -26,7 +29,18 @@ def test_feedback_round_trips_through_json() -> None:
     assert Feedback.from_dict(orjson.loads(orjson.dumps(fb.to_dict()))) == fb
 
 
-def test_orjson_writes_a_record_as_its_dict() -> None:
-    """The log writer serialises records with orjson directly (no `to_dict` copy): the same JSON."""
-    imp = Impression("x", 1.5, "u", "v", [], [], [Candidate("i", None, 0.5, 0)], "redis_unavailable")
-    assert orjson.loads(orjson.dumps(imp)) == imp.to_dict()
+def test_an_impression_is_logged_with_its_candidates_as_columns_and_the_old_rows_still_read() -> None:
+    cands = [Candidate("i9", "c2", 0.25, 0), Candidate("i8", None, 0.125, None)]
+    imp = Impression("x", 1.5, "u", "v", ["h"], [None], cands, "redis_unavailable")
+    wire = orjson.loads(orjson.dumps(imp.to_dict()))
+    assert wire["candidates"] == {
+        "item_id": ["i9", "i8"],
+        "category": ["c2", None],
+        "score": [0.25, 0.125],
+        "position": [0, None],
+    }
+    # logged before the columns: one object per candidate
+    rows = {**wire, "candidates": [dataclasses.asdict(c) for c in cands]}
+    assert Impression.from_dict(rows) == imp
+    with pytest.raises(ValueError):  # columns of different lengths: not an impression
+        Impression.from_dict({**wire, "candidates": {**wire["candidates"], "score": [0.25]}})
