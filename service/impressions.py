@@ -353,12 +353,17 @@ class ImpressionLog:
         kept = keep.tolist()
         ids = list(a.candidates) if len(kept) == len(a.candidates) else [a.candidates[i] for i in kept]
         history = list(r.history)
-        scorer = r.scorer
-        if scorer is not None:
+        scorer, scored = r.scorer, r.scored
+        categories: list[str | None]
+        history_categories: list[str | None]
+        if scorer is None:
+            categories, history_categories = [None] * len(ids), [None] * len(history)
+        elif scored is not None and scored.items is not None and scored.history is not None:
+            categories = scorer.categories_at(scored.items[keep])  # by the indices the graph scored
+            history_categories = scorer.categories_at(scored.history)
+        else:
             categories = scorer.categories(ids)
             history_categories = scorer.categories(history)
-        else:
-            categories, history_categories = [None] * len(ids), [None] * len(history)
         return orjson.dumps(
             {
                 "impression_id": a.impression_id,

@@ -61,6 +61,7 @@ class RankResult:
     explanation: Explanation | None = None  # with explain, unless degraded
     history: tuple[str, ...] = ()  # the behaviours the model saw, newest first (cut to T): the snapshot
     scorer: Ranker | None = None  # the model that scored it (the impression log reads its categories)
+    scored: Scored | None = None  # the row as the graph saw it (its indices): the log's categories
 
 
 class Inference:
@@ -121,7 +122,7 @@ class Inference:
             else:
                 seen = tuple(hist[:T])
                 job.future.set_result(
-                    RankResult(s.scores, len(seen), why, ranker.model_version, None, seen, ranker)
+                    RankResult(s.scores, len(seen), why, ranker.model_version, None, seen, ranker, s)
                 )
         if explaining:  # every other request of the batch has its answer by now
             await self._explain(member, ranker, explaining)

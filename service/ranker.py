@@ -51,6 +51,10 @@ class Scored:
     """One row of a batch: its candidates' CTRs."""
 
     scores: np.ndarray  # float32 (n_candidates,), in the row's candidate order
+    # the row as the graph saw it: its candidates' and its history's vocabulary indices (the impression
+    # log reads the categories by these, with no second lookup of the ids)
+    items: np.ndarray | None = None  # int64 (n_candidates,)
+    history: np.ndarray | None = None  # int64 (history length, cut to T)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,10 +232,14 @@ class Ranker:
     def categories(self, ids: list[str]) -> list[str | None]:
         """Each item's category id; None for an item the model does not know, or every item when the
         bundle has no category table (item_categories.txt)."""
+        return self.categories_at(self.encode(ids))
+
+    def categories_at(self, indices: np.ndarray) -> list[str | None]:
+        """`categories` of ids already encoded (vocabulary indices)."""
         by_index = self._categories
         if by_index is None:
-            return [None] * len(ids)
-        return by_index[self.encode(ids)].tolist()
+            return [None] * len(indices)
+        return by_index[indices].tolist()
 
     @functools.cached_property
     def _categories(self) -> np.ndarray | None:
@@ -286,7 +294,13 @@ class Ranker:
         """
         target_items, target_user, hist_items, lens, counts = self.encode_rows(rows)
         ctr = self.run(target_items, target_user, hist_items, lens)
-        return [Scored(scores) for scores in np.split(ctr, np.cumsum(counts)[:-1])]
+        cuts = np.cumsum(counts)[:-1]
+        return [
+            Scored(scores, items, hist_items[u, :n])
+            for u, (scores, items, n) in enumerate(
+                zip(np.split(ctr, cuts), np.split(target_items, cuts), lens.tolist(), strict=True)
+            )
+        ]
 
     def explain_batch(self, rows: list[tuple[list[str], list[str]]]) -> list[Explained]:
         """Explain several users' items in one call of the explaining graph (explain.onnx).

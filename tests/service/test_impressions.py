@@ -453,13 +453,15 @@ def test_on_a_cluster_the_log_is_spread_over_streams_on_different_masters(
 
 def _answers(bundle: BundleInfo, n: int, *, scorer: bool = True, seed: int = 0) -> list[Answered]:
     """`n` answers as /rank hands them to the log: all the bundle's items as candidates, a history of
-    its items, scored by a real model (its categories) or by none."""
+    its items, scored by a real model (its categories: by the ids, or by the indices the batcher hands
+    over) or by none."""
     import random
 
     import numpy as np
 
     from service.inference import RankResult
     from service.live import load_ranker
+    from service.ranker import Scored
 
     ranker = load_ranker(make_settings(bundle.path, None))
     rng = random.Random(seed)
@@ -470,14 +472,17 @@ def _answers(bundle: BundleInfo, n: int, *, scorer: bool = True, seed: int = 0) 
         scores = np.array([rng.random() for _ in candidates], dtype=np.float32)
         order = np.argsort(-scores)[: 1 + k % len(candidates)]  # top_k: 1, 2, ... candidates
         degraded = "history_unreadable" if k % 7 == 3 else None
+        seen = () if degraded else history
         result = RankResult(
             scores,
             len(history),
             degraded,
             ranker.model_version,
             None,
-            () if degraded else history,
+            seen,
             ranker if scorer else None,
+            # every other one as the batcher hands it over: with the indices the graph scored
+            Scored(scores, ranker.encode(candidates), ranker.encode(list(seen))) if k % 2 else None,
         )
         out.append(Answered(new_impression_id(), time.time(), f"u{k}", candidates, order, result))
     return out
