@@ -92,13 +92,19 @@ def seed_full_histories(url: str, users: int, items: list[str], T: int, seed: in
 @contextlib.contextmanager
 def bench_data(bundle: Path, users: int, candidates: int) -> Iterator[tuple[str, Mix, int]]:
     """A private redis-server holding `users` full histories, and the request mix over them (every
-    request: a seeded user, `candidates` distinct known items). Yields (Redis URL, mix, T)."""
+    request: a seeded user, `candidates` distinct known items). Yields (Redis URL, mix, T).
+
+    The server keeps nothing on disk (no append-only file, no snapshots; as the Redis most of these
+    machines run): the benchmarks measure the service. With persistence on, the impression log's writes
+    (~2.7 MB/s at 200 answers a second) set off an AOF rewrite every 64 MB, a child process writing the
+    whole dataset that takes a core from everything on a small box for a second: a cost of Redis's
+    persistence, landing on whichever round it falls in (README, impression log)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     T = int(manifest["max_history"])
     items = Vocab.from_file(bundle / "items.txt").known()
     with (
         tempfile.TemporaryDirectory(prefix="din-bench-") as tmp,
-        EmbeddedRedis(Path(tmp) / "redis", port=0, unix_socket=False) as redis_server,
+        EmbeddedRedis(Path(tmp) / "redis", port=0, unix_socket=False, appendonly=False) as redis_server,
     ):
         ids = seed_full_histories(redis_server.url, users, items, T, seed=0)
         mix = Mix(
