@@ -12,7 +12,7 @@ batch with the served orders itself: this process pickles the strings and logs t
 per candidate. (A thread at the idle class in this process, the first design, raised the served p99 at
 half capacity by ~20-70%: when it took the GIL back after a graph call and a busy core made it wait, the
 event loop waited on it. What a process at the idle class still costs the served answers is the CPU's own
-sharing (caches, memory bandwidth, the scheduler's wake-ups), which depends on the machine: docs and
+sharing (caches, memory bandwidth, the vector units), which depends on the machine: README and
 bench/shadow.py.) If the worker cannot be started, or dies, the batch is shed ("failed") and the next one
 starts a new worker; where no process can be started at all, the same scoring runs in an idle-class thread of
 this process as before. Under load it simply does not run: jobs
