@@ -181,6 +181,18 @@ def make_settings(bundle_path: Path, redis_url: str | None, **kw: Any) -> Settin
     return Settings(_env_file=None, **{**base, **kw})  # type: ignore[call-arg]
 
 
+def _stacks() -> str:
+    """Every thread's stack (a server that would not stop: what it, or what it joins, waits on)."""
+    import sys
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(
+        f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+        for ident, frame in sys._current_frames().items()
+    )
+
+
 class LiveServer:
     """create_app(settings) under a real uvicorn server, in a thread of the test process."""
 
@@ -218,7 +230,7 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "server did not stop"
+        assert not self.thread.is_alive(), f"server did not stop; where every thread is:\n{_stacks()}"
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
