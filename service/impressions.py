@@ -358,7 +358,7 @@ class ImpressionLog:
         history_categories: list[str | None]
         if scorer is None:
             categories, history_categories = [None] * len(ids), [None] * len(history)
-        elif scored is not None and scored.items is not None and scored.history is not None:
+        elif scored is not None:
             categories = scorer.categories_at(scored.items[keep])  # by the indices the graph scored
             history_categories = scorer.categories_at(scored.history)
         else:

@@ -53,8 +53,8 @@ class Scored:
     scores: np.ndarray  # float32 (n_candidates,), in the row's candidate order
     # the row as the graph saw it: its candidates' and its history's vocabulary indices (the impression
     # log reads the categories by these, with no second lookup of the ids)
-    items: np.ndarray | None = None  # int64 (n_candidates,)
-    history: np.ndarray | None = None  # int64 (history length, cut to T)
+    items: np.ndarray  # int64 (n_candidates,)
+    history: np.ndarray  # int64 (history length, cut to T)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,18 @@ def encode_rows(
     target_items = vocab.lookup([item for c, _ in rows for item in c])
     target_user = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
     return target_items, target_user, hist_items, lens, counts
+
+
+def graph_inputs(
+    target_items: np.ndarray, target_user: np.ndarray, hist_items: np.ndarray, hist_len: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The graphs' four inputs by name (a Ranker's sessions and the shadow worker's)."""
+    return {
+        "target_items": target_items,
+        "target_user": target_user,
+        "hist_items": hist_items,
+        "hist_len": hist_len,
+    }
 
 
 def choose_providers(requested: list[str] | None) -> list[str]:
@@ -187,7 +199,7 @@ class Ranker:
         rng = np.random.default_rng(0)
         known = self.vocab.lookup(self.vocab.known()[:1000] or ["<unknown>"])
         T = max(1, self.max_history)
-        feeds = self._feeds(
+        feeds = graph_inputs(
             rng.choice(known, size=200).astype(np.int64),
             np.zeros(200, dtype=np.int64),
             rng.choice(known, size=(1, T)).astype(np.int64),
@@ -262,23 +274,14 @@ class Ranker:
             detail=[{"field": "explain", "message": f"this model has no {EXPLAIN_GRAPH}; re-export it"}],
         )
 
-    @staticmethod
-    def _feeds(
-        target_items: np.ndarray, target_user: np.ndarray, hist_items: np.ndarray, hist_len: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        return {
-            "target_items": target_items,
-            "target_user": target_user,
-            "hist_items": hist_items,
-            "hist_len": hist_len,
-        }
-
     def run(
         self, target_items: np.ndarray, target_user: np.ndarray, hist_items: np.ndarray, hist_len: np.ndarray
     ) -> np.ndarray:
         """Raw serving-graph call: (N,), (N,), (U, T), (U,) int64 -> ctr (N,) float32 (ONNX Runtime is
         asked for ctr alone)."""
-        (ctr,) = self.session.run([OUTPUT_NAME], self._feeds(target_items, target_user, hist_items, hist_len))
+        (ctr,) = self.session.run(
+            [OUTPUT_NAME], graph_inputs(target_items, target_user, hist_items, hist_len)
+        )
         return np.asarray(ctr)
 
     def encode_rows(
@@ -312,7 +315,7 @@ class Ranker:
         if self.explainer is None:
             raise self.cannot_explain()
         target_items, target_user, hist_items, lens, counts = self.encode_rows(rows)
-        feeds = self._feeds(target_items, target_user, hist_items, lens)
+        feeds = graph_inputs(target_items, target_user, hist_items, lens)
         ctr, attention, contribution = (
             np.asarray(a) for a in self.explainer.run(list(EXPLAIN_OUTPUTS), feeds)
         )

@@ -46,7 +46,7 @@ import numpy as np
 from service.impressions import ImpressionLog, ShadowAnswered
 from service.live import LiveModel
 from service.metrics import Metrics
-from service.ranker import OUTPUT_NAME, Ranker
+from service.ranker import Ranker
 from service.shadow_worker import idle_priority, read_frame, score_rows, write_frame
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class ShadowRunner:
         self._wake = asyncio.Event()
         self._worker = ShadowWorker()
         # the thread that talks to the worker (normal class: it only waits on the pipe, and takes the GIL
-        # for a few microseconds to hand the arrays over)
+        # for a few microseconds to pickle the jobs' strings and take the scores back)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="din-shadow")
         # where no worker process can start: the idle-class thread in this process (the fallback)
         self._threads: set[int] = set()  # the idle-class thread's native id (to raise it at stop)
@@ -210,7 +210,7 @@ class ShadowRunner:
 class ShadowWorker:
     """The idle-class scoring process (`service.shadow_worker`): started at the first call, again after it
     died; each ranker's graph loaded into it once (the bytes this process verified), unloaded once the
-    ranker is gone. `run` blocks (call it from a thread); one call at a time."""
+    ranker is gone. `score` blocks (call it from a thread); one call at a time."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
@@ -273,16 +273,9 @@ class ShadowWorker:
                     graph = (
                         ranker.bundle.int8_bytes if ranker.precision == "int8" else ranker.bundle.graph_bytes
                     )
-                    load = (
-                        "load",
-                        key,
-                        graph,
-                        ranker.providers,
-                        OUTPUT_NAME,
-                        ranker.vocab.ids,
-                        ranker.max_history,
+                    self._call(
+                        proc, ("load", key, graph, ranker.providers, ranker.vocab.ids, ranker.max_history)
                     )
-                    self._call(proc, load)
                     self._loaded.add(key)
                 ctr, overlaps = self._call(proc, ("score", key, rows, served))
                 return np.asarray(ctr), overlaps

@@ -3,7 +3,7 @@
 `service.shadow` starts it (`python -m service.shadow_worker`) and talks to it over its stdin and stdout:
 frames of a 4-byte big-endian length, then a pickle (the two ends are the same code, one service). Requests:
 
-- ("load", key, graph bytes, providers, output, vocabulary ids, T) -> ("ok", None): an ONNX Runtime
+- ("load", key, graph bytes, providers, vocabulary ids, T) -> ("ok", None): an ONNX Runtime
   session of that graph (the very bytes the service verified and serves the version with), one thread,
   and the version's vocabulary and history length, under `key`
 - ("score", key, rows, served orders) -> ("ok", (ctr, overlaps)): rows of (candidates, history newest
@@ -37,7 +37,7 @@ from typing import IO, Any
 import numpy as np
 
 from contracts.vocab import Vocab
-from service.ranker import INPUT_NAMES, encode_rows, ranked, session_options
+from service.ranker import OUTPUT_NAME, encode_rows, graph_inputs, ranked, session_options
 
 HEADER = struct.Struct(">I")
 Row = tuple[Sequence[str], Sequence[str]]  # (candidates, history newest first)
@@ -113,11 +113,11 @@ def main() -> int:
         try:
             op, key = msg[0], msg[1]
             if op == "load":
-                _, _, graph, providers, output, ids, max_history = msg
+                _, _, graph, providers, ids, max_history = msg
                 opts = session_options(intra_op_threads=1)
                 opts.inter_op_num_threads = 1
                 session = ort.InferenceSession(graph, sess_options=opts, providers=providers)
-                sessions[key] = (_runner(session, output), Vocab(ids), max_history)
+                sessions[key] = (_runner(session), Vocab(ids), max_history)
                 reply: tuple[str, Any] = ("ok", None)
             elif op == "score":
                 run, vocab, max_history = sessions[key]
@@ -135,12 +135,12 @@ def main() -> int:
             return 0
 
 
-def _runner(session: Any, output: str) -> Callable[..., np.ndarray]:
-    """The four inputs -> `output` of `session`."""
+def _runner(session: Any) -> Callable[..., np.ndarray]:
+    """The four inputs -> the serving graph's ctr, in `session`."""
 
     def run(*inputs: np.ndarray) -> np.ndarray:
-        (value,) = session.run([output], dict(zip(INPUT_NAMES, inputs, strict=True)))
-        return np.asarray(value)
+        (ctr,) = session.run([OUTPUT_NAME], graph_inputs(*inputs))
+        return np.asarray(ctr)
 
     return run
 
