@@ -56,6 +56,7 @@ import json
 import platform
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -87,6 +88,7 @@ from service.ports import free_port
 MAX_P99_COST = 0.10  # the issue's target: the served answers' p99, at half capacity, +10% at most
 MODES = ("off", "on")
 SCORED, SHED = "din_shadow_scored_total", "din_shadow_shed_total"
+GRAPH_SECONDS, CANDIDATES = "din_inference_latency_seconds_sum", "din_candidates_scored_total"
 SHADOW_MAX_AGE_S = 2.0  # DIN_SHADOW_MAX_AGE_MS's default (the benchmark's server runs with no DIN_ set)
 _SHED_REASON = re.compile(r'^din_shadow_shed_total\{[^}]*reason="([^"]*)"[^}]*\} (\S+)$', re.M)
 
@@ -176,9 +178,11 @@ def run_phase(
         service.set_mode(mode)
         warm_up(service.url, mix)
         before = service.settle(service.shadow_counts(), 0)  # the warm-up's shadow jobs done with
-        shed_before = shed_by_reason(service.metrics())
+        text_before = service.metrics()
+        shed_before = shed_by_reason(text_before)
         samples = asyncio.run(run_open(service.url, payloads, rate=rate))
-        during = service.shadow_counts()
+        text_during = service.metrics()
+        during = _metric(text_during, SCORED), _metric(text_during, SHED)
         row: dict[str, Any] = {"round": r + 1, "mode": mode, **open_summary(samples, seconds)}
         offered = sum(1 for *_, status in samples if status == "200") if mode == "on" else 0
         after = service.settle(before, offered)
@@ -192,6 +196,9 @@ def run_phase(
             "shadow_shed_by_reason": {
                 k: v - shed_before.get(k, 0.0) for k, v in shed_after.items() if v - shed_before.get(k, 0.0)
             },
+            # the served graph calls' own time per candidate during the load: what sharing the CPU with
+            # the shadow costs them, without the queueing that p99 adds on top
+            "graph_us_per_candidate": _graph_us(text_before, text_during),
         }
         rows[mode].append(row)
         statuses = row["errors_by_status"]
@@ -206,6 +213,13 @@ def run_phase(
     return rows
 
 
+def _graph_us(before: str, after: str) -> float | None:
+    """Microseconds of served ONNX Runtime call per candidate scored between two /metrics pages."""
+    seconds = _metric(after, GRAPH_SECONDS) - _metric(before, GRAPH_SECONDS)
+    candidates = _metric(after, CANDIDATES) - _metric(before, CANDIDATES)
+    return 1e6 * seconds / candidates if candidates else None
+
+
 def summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per mode: the medians of the rounds' figures, the errors by status and the shadow's counts."""
     out: dict[str, Any] = {}
@@ -218,8 +232,10 @@ def summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         shed = sum(x["shadow_shed"] for x in rs)
         jobs = sum(x["shadow_jobs"] for x in rs)
         during = sum(x["shadow_scored_during"] for x in rs)
+        graph = [x["graph_us_per_candidate"] for x in rs if x["graph_us_per_candidate"] is not None]
         out[mode] = {
             "median": medians(rs, OPEN_FIGURES),
+            "graph_us_per_candidate": statistics.median(graph) if graph else None,
             "errors": sum(errors.values()),
             "errors_by_status": errors,
             "shadow_jobs": jobs,
@@ -231,6 +247,10 @@ def summary(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "shadow_unscored_during_share": 1 - during / jobs if jobs else None,
         }
     return out
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
 
 
 def _mode_rows(s: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -256,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overload", type=float, default=2.0, help="the second phase's rate, x capacity")
     ap.add_argument("--overload-seconds", type=float, default=10.0, help="open-loop seconds per round, 2x")
     ap.add_argument("--timeout-ms", type=float, default=250.0, help="DIN_REQUEST_TIMEOUT_MS")
+    ap.add_argument(
+        "--shadow-yield",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="DIN_SHADOW_YIELD (the service's default: on): the shadow waits for the served graph calls",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shadow.json")
     args = ap.parse_args(argv)
     if args.rounds < 1:
@@ -275,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(order)}"
         )
         port = free_port()
-        cmd = din_serve(bundle, redis_url, "--request-timeout-ms", str(args.timeout_ms), "--port", str(port))
+        cmd = din_serve(
+            bundle,
+            redis_url,
+            "--request-timeout-ms",
+            str(args.timeout_ms),
+            "--port",
+            str(port),
+            "--shadow-yield" if args.shadow_yield else "--no-shadow-yield",
+        )
         with running("din-rank", cmd, port, Path(tmp)) as url:
             service = Service(url, bundle, shadow)
             service.set_mode("off")
@@ -357,10 +391,18 @@ def main(argv: list[str] | None = None) -> int:
             f"({floor['p99_cost_ms']:.2f} ms; off rounds' p99 from {floor['p99_ms_min']:.1f} to "
             f"{floor['p99_ms_max']:.1f} ms): this run {resolved} {MAX_P99_COST:.0%}"
         )
+    on = half["on"]
     print(
-        f"   shadow: {half['on']['shadow_jobs']} jobs, {half['on']['shadow_scored']:.0f} scored, "
-        f"{half['on']['shadow_shed']:.0f} shed"
+        f"   shadow (DIN_SHADOW_YIELD={str(args.shadow_yield).lower()}): {on['shadow_jobs']} jobs, "
+        f"{on['shadow_scored']:.0f} scored ({on['shadow_scored_during']:.0f} during the load: "
+        f"{_share(on['shadow_scored_during'], on['shadow_jobs'])}), {on['shadow_shed']:.0f} shed"
     )
+    g_off, g_on = half["off"]["graph_us_per_candidate"], half["on"]["graph_us_per_candidate"]
+    if g_off and g_on:
+        print(
+            f"   served graph calls' own time per candidate (medians): {g_off:.1f} -> {g_on:.1f} us "
+            f"({100 * (g_on / g_off - 1):+.1f}%: what computing beside the shadow costs them)"
+        )
 
     # (2) at 2x capacity: goodput as without a shadow, the shadow shed first
     off_good, on_good = over["off"]["median"]["throughput"], over["on"]["median"]["throughput"]
@@ -413,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "shadow_version": shadow_version,
         "order": order,
         "deadline_ms": args.timeout_ms,
+        "shadow_yield": args.shadow_yield,
         "capacity": {"connections": args.connections, **closed.to_json()},
         "half": half,
         "overload": over,

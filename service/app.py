@@ -212,7 +212,10 @@ def _start_shadows(state: AppState, stack: contextlib.AsyncExitStack) -> ShadowR
         queue_max=settings.shadow_queue_max,
         max_age_s=settings.shadow_max_age_ms / 1000,
         max_candidates=settings.batch_max_candidates,
+        yield_to_served=settings.shadow_yield,
     )
+    if shadows.served_work is not None and state.batcher is not None:
+        state.batcher.inference.on_scoring = shadows.served_work.set  # what the shadows give way to
     shadows.start()
     stack.push_async_callback(shadows.stop)
     return shadows

@@ -232,6 +232,13 @@ class Settings(BaseSettings):
     shadow_max_age_ms: float = Field(
         2000.0, gt=0, description="a shadow scoring not started this long after its answer is shed"
     )
+    shadow_yield: bool = Field(
+        True,
+        description="shadows take only the gaps between served graph calls: 32 candidates at a time, "
+        "started once none has run for 1 ms, and a slice a served call starts beside is stopped at once "
+        "and done again later (false: whenever a core is idle; far more of them scored near capacity, "
+        "the served graph calls slowed by the sharing: README)",
+    )
 
     # ---------------------------------------------------------------- logging
     log_json: bool = Field(False, description="log one JSON object per line")

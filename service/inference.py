@@ -76,6 +76,10 @@ class Inference:
             max_workers=workers, thread_name_prefix="din-infer", initializer=_yield_to_event_loop
         )
         self.batches = 0  # ONNX Runtime calls made (also in the metrics' histogram count)
+        # told the number of graph calls running (or waiting for a thread) after each change: what the
+        # shadows give way to (service.shadow_worker.ServedWork)
+        self.on_scoring: Callable[[int], None] | None = None
+        self._scoring = 0
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -142,9 +146,7 @@ class Inference:
         ]
         try:
             loop = asyncio.get_running_loop()
-            explained, seconds = await loop.run_in_executor(
-                self._executor, functools.partial(_timed, ranker.explain_batch, rows)
-            )
+            explained, seconds = await self._graph_call(loop, ranker.explain_batch, rows)
         except Exception as e:  # logged with its cause; the callers get InferenceFailed (or the DinError)
             self._fail([job for job, _, _ in work], e)
             return
@@ -220,9 +222,7 @@ class Inference:
         n_cand = sum(len(c) for c, _ in rows)
         try:
             loop = asyncio.get_running_loop()
-            scores, seconds = await loop.run_in_executor(
-                self._executor, functools.partial(_timed, ranker.score_batch, rows)
-            )
+            scores, seconds = await self._graph_call(loop, ranker.score_batch, rows)
         except Exception as e:
             # the detail is logged (with the request ids of the batch), never sent to clients
             raise InferenceFailed(f"inference failed for a batch of {len(rows)} requests") from e
@@ -234,6 +234,20 @@ class Inference:
         self.metrics.candidates_scored.inc(n_cand)
         self.batches += 1
         return scores
+
+    async def _graph_call(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[[Any], _R], rows: Any
+    ) -> tuple[_R, float]:
+        """`fn(rows)` in a worker thread, timed; counted in `on_scoring` while it runs."""
+        self._scoring += 1
+        if self.on_scoring is not None:
+            self.on_scoring(self._scoring)
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(_timed, fn, rows))
+        finally:
+            self._scoring -= 1
+            if self.on_scoring is not None:
+                self.on_scoring(self._scoring)
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
         err = e if isinstance(e, DinError) else InferenceFailed("the batch failed")

@@ -13,9 +13,12 @@ per candidate. (A thread at the idle class in this process, the first design, ra
 half capacity by ~20-70%: when it took the GIL back after a graph call and a busy core made it wait, the
 event loop waited on it. What a process at the idle class still costs the served answers is the CPU's own
 sharing (caches, memory bandwidth, the vector units), which depends on the machine: README and
-bench/shadow.py.) If the worker cannot be started, or dies, the batch is shed ("failed") and the next one
-starts a new worker; where no process can be started at all, the same scoring runs in an idle-class thread of
-this process as before. Under load it simply does not run: jobs
+bench/shadow.py; hence, by default (DIN_SHADOW_YIELD), the worker also waits for the served graph calls
+to stop and stops its own slice when one starts: `service.shadow_worker.ServedWork`, which this
+process's inference keeps, and `Preemption`.) If the worker cannot be started, or dies, the batch is
+shed ("failed") and the next one starts a new worker; where no process can be started at all, the same
+scoring runs in an idle-class thread of this process as before (waiting for the served calls between
+slices, not stopping one). Under load it simply does not run: jobs
 that wait past DIN_SHADOW_MAX_AGE_MS, or find the queue full (DIN_SHADOW_QUEUE_MAX), are shed and
 counted (din_shadow_shed_total): a shadow is the first thing dropped.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -47,7 +51,7 @@ from service.impressions import ImpressionLog, ShadowAnswered
 from service.live import LiveModel
 from service.metrics import Metrics
 from service.ranker import Ranker
-from service.shadow_worker import idle_priority, read_frame, score_rows, write_frame
+from service.shadow_worker import ServedWork, idle_priority, read_frame, ready_within, score_rows, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ class ShadowRunner:
         queue_max: int,
         max_age_s: float,
         max_candidates: int,
+        yield_to_served: bool = True,
     ) -> None:
         self.metrics = metrics
         self.impressions = impressions
@@ -81,7 +86,10 @@ class ShadowRunner:
         self.max_candidates = max_candidates
         self._queue: collections.deque[ShadowJob] = collections.deque()
         self._wake = asyncio.Event()
-        self._worker = ShadowWorker()
+        # the served graph calls running (the batcher's inference writes it): the shadows wait for none,
+        # a slice at a time (service.shadow_worker); None: they run whenever a core is idle
+        self.served_work = ServedWork.create() if yield_to_served else None
+        self._worker = ShadowWorker(self.served_work)
         # the thread that talks to the worker (normal class: it only waits on the pipe, and takes the GIL
         # for a few microseconds to pickle the jobs' strings and take the scores back)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="din-shadow")
@@ -113,6 +121,8 @@ class ShadowRunner:
         self._worker.close()  # a call waiting on it ends at once (EOF)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._in_process.shutdown(wait=False, cancel_futures=True)
+        if self.served_work is not None:
+            self.served_work.close()  # a fallback call still waiting on it sees no served work, and ends
 
     @property
     def depth(self) -> int:
@@ -163,22 +173,21 @@ class ShadowRunner:
             ranker = batch[0].member.current
             rows = [(job.candidates, job.history) for job in batch]
             served = [job.served_order for job in batch]
+            # what is left of each job's age: how long it may wait for the served work to stop
+            now = time.perf_counter()
+            budgets = [max(0.0, self.max_age_s - (now - job.queued_at)) for job in batch]
             try:
                 # the strings as the requests had them: the worker encodes, scores and compares them with
                 # the served orders, so that this process's interpreter does next to nothing per job
                 if self._worker.usable:
-                    ctr, overlaps = await loop.run_in_executor(
-                        self._executor, self._worker.score, ranker, rows, served
+                    scores, overlaps = await loop.run_in_executor(
+                        self._executor, self._worker.score, ranker, rows, served, budgets
                     )
                 else:
-                    ctr, overlaps = await loop.run_in_executor(
-                        self._in_process,
-                        score_rows,
-                        ranker.run,
-                        ranker.vocab,
-                        ranker.max_history,
-                        rows,
-                        served,
+                    score = functools.partial(score_rows, ranker.run, ranker.vocab, ranker.max_history)
+                    ready = ready_within(self.served_work, budgets)
+                    scores, overlaps = await loop.run_in_executor(
+                        self._in_process, functools.partial(score, rows, served, ready=ready)
                     )
             except Exception:
                 log.exception("shadow %s failed on a batch of %d", ranker.model_version, len(batch))
@@ -186,11 +195,13 @@ class ShadowRunner:
                     self._shed(job, "failed")
                 continue
             version = ranker.model_version
-            self.scored += len(batch)
-            self.metrics.shadow_scored.labels(model_version=version).inc(len(batch))
             overlap = self.metrics.shadow_overlap.labels(model_version=version)
-            cuts = np.cumsum([len(job.candidates) for job in batch])[:-1]
-            for job, scores, share in zip(batch, np.split(ctr, cuts), overlaps, strict=True):
+            for job, job_scores, share in zip(batch, scores, overlaps, strict=True):
+                if job_scores is None:  # the served work kept the CPU past its age
+                    self._shed(job, "too_old")
+                    continue
+                self.scored += 1
+                self.metrics.shadow_scored.labels(model_version=version).inc()
                 if share is not None:
                     overlap.observe(share)
                 if self.impressions is not None:
@@ -201,7 +212,7 @@ class ShadowRunner:
                             job.user_id,
                             version,
                             job.candidates,
-                            scores,
+                            job_scores,
                             job.served_order,
                         )
                     )
@@ -210,9 +221,11 @@ class ShadowRunner:
 class ShadowWorker:
     """The idle-class scoring process (`service.shadow_worker`): started at the first call, again after it
     died; each ranker's graph loaded into it once (the bytes this process verified), unloaded once the
-    ranker is gone. `score` blocks (call it from a thread); one call at a time."""
+    ranker is gone. `score` blocks (call it from a thread); one call at a time. With `served_work` the worker
+    is handed it (its file descriptor) and gives way to the served requests it counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, served_work: ServedWork | None = None) -> None:
+        self._served_work = served_work
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._keys: weakref.WeakKeyDictionary[Ranker, str] = weakref.WeakKeyDictionary()
@@ -223,13 +236,20 @@ class ShadowWorker:
         self.starts = 0
 
     def _start(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "service.shadow_worker"]
+        fds: tuple[int, ...] = ()
+        if self._served_work is not None:
+            count_fd, idle_fd = self._served_work.fds
+            fds = (count_fd,) if idle_fd < 0 else (count_fd, idle_fd)
+            argv += ["--served-fd", str(count_fd), "--served-idle-fd", str(idle_fd)]
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.shadow_worker"],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 cwd=Path(__file__).resolve().parent.parent,  # `-m` imports `service` from there
                 close_fds=True,
+                pass_fds=fds,
             )
         except OSError as e:
             self.usable = False
@@ -251,9 +271,15 @@ class ShadowWorker:
         return value
 
     def score(
-        self, ranker: Ranker, rows: list[tuple[list[str], tuple[str, ...]]], served: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[float | None]]:
-        """`score_rows` of `ranker`'s graph, in the worker: every candidate's ctr and each row's overlap."""
+        self,
+        ranker: Ranker,
+        rows: list[tuple[list[str], tuple[str, ...]]],
+        served: list[np.ndarray],
+        budgets: list[float] | None = None,
+    ) -> tuple[list[np.ndarray | None], list[float | None]]:
+        """`score_rows` of `ranker`'s graph, in the worker: each row's ctr and overlap. Giving way to the
+        served work, row i waits for it `budgets[i]` seconds at most (default 60), then is given up
+        (None)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the shadow worker is closed")
@@ -277,8 +303,9 @@ class ShadowWorker:
                         proc, ("load", key, graph, ranker.providers, ranker.vocab.ids, ranker.max_history)
                     )
                     self._loaded.add(key)
-                ctr, overlaps = self._call(proc, ("score", key, rows, served))
-                return np.asarray(ctr), overlaps
+                budgets = [60.0] * len(rows) if budgets is None else budgets
+                scores, overlaps = self._call(proc, ("score", key, rows, served, budgets))
+                return scores, overlaps
             except (OSError, ValueError) as e:  # the pipe broke: the worker is gone; the next call starts one
                 self._kill()
                 raise RuntimeError(f"the shadow worker is gone: {e}") from e

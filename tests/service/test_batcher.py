@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -98,6 +99,28 @@ def test_max_delay_holds_a_batch_open_for_late_arrivals(ranker: Ranker, redis_ur
             await b.submit("b", ["i3"], [])
             await first
             assert b.batches == 2
+
+    run(go)
+
+
+def test_inference_counts_its_graph_calls_while_they_run(ranker: Ranker, redis_url: str) -> None:
+    """What shadows give way to (service.shadow_worker.ServedWork): each change, 0 when all is done."""
+
+    async def go() -> None:
+        async with running(
+            ranker, redis_url, max_delay_s=0.05, max_candidates=300, workers=2, max_inflight=2
+        ) as b:
+            seen: list[int] = []
+            b.inference.on_scoring = seen.append
+            await b.submit("u", ["i2"], [])
+            assert seen == [1, 0]  # one graph call: started, done
+            seen.clear()
+            # four batches (one request each: 298 candidates, 300 a batch at most), two workers: one step
+            # up and one down per call, and 0 at the end
+            big = [f"i{k}" for k in range(2, 300)]
+            await asyncio.gather(*(b.submit("u", big, []) for _ in range(4)))
+            assert seen[0] == 1 and seen[-1] == 0 and len(seen) == 8
+            assert all(abs(x - y) == 1 for x, y in itertools.pairwise(seen))
 
     run(go)
 

@@ -318,6 +318,11 @@ def test_a_shadow_scores_on_idle_cpu_and_is_shed_first(
         worker = server.app.state.din.shadows._worker
         assert worker.usable and worker.starts == 1 and worker.pid is not None
         assert os.sched_getscheduler(worker.pid) == os.SCHED_IDLE
+        # giving way to the served requests (DIN_SHADOW_YIELD, the default): the batcher's queue counts them
+        # into the signal the worker reads, and with every answer sent it is back to none pending
+        din = server.app.state.din
+        assert din.shadows.served_work is not None and not din.shadows.served_work.busy()
+        assert din.batcher.inference.on_scoring == din.shadows.served_work.set
         # a worker that dies costs the batch it was scoring, never an answer: the next batch starts another
         os.kill(worker.pid, signal.SIGKILL)
         for k in range(20, 30):
@@ -361,6 +366,21 @@ def test_a_shadow_scores_on_idle_cpu_and_is_shed_first(
             assert time.monotonic() < deadline, text
             time.sleep(0.05)
         assert metric_value(text, "din_shadow_scored_total") == 0
+
+    # DIN_SHADOW_YIELD=false: no signal, the shadow scores whenever a core is idle, the same way
+    settings = make_settings(bundle.path, redis_url, shadow_yield=False)
+    with LiveServer(settings) as server, server.client() as c:
+        server.wait_ready()
+        assert server.app.state.din.shadows.served_work is None
+        assert server.app.state.din.batcher.inference.on_scoring is None
+        for k in range(5):
+            assert _rank(c, f"u{k}").status_code == 200
+        deadline = time.monotonic() + 10
+        while metric_value(text := c.get("/metrics").text, "din_shadow_scored_total") < 5:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
+        labels = {"model_version": "test-v3"}
+        assert metric_value(text, "din_shadow_topk_overlap_sum", labels) == 5
 
 
 def _shadow_records(redis_url: str) -> dict[str, dict[str, Any]]:
