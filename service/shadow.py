@@ -222,7 +222,7 @@ class ShadowWorker:
     """The idle-class scoring process (`service.shadow_worker`): started at the first call, again after it
     died; each ranker's graph loaded into it once (the bytes this process verified), unloaded once the
     ranker is gone. `score` blocks (call it from a thread); one call at a time. With `served_work` the worker
-    is handed it (its file descriptor) and gives way to the served requests it counts."""
+    is handed it (its file descriptors) and gives way to the served graph calls it counts."""
 
     def __init__(self, served_work: ServedWork | None = None) -> None:
         self._served_work = served_work
