@@ -356,12 +356,14 @@ class Preemption:
     def __init__(self, served_work: ServedWork) -> None:
         self._served = served_work
         self._opts: Any = None  # the running call's RunOptions (None between calls)
+        self._ended = threading.Event()  # the running call's: set when it has returned
         self._running = threading.Event()
         self.interrupted = 0
         threading.Thread(target=self._watch, name="din-shadow-preempt", daemon=True).start()
 
     @contextlib.contextmanager
     def watching(self, opts: Any) -> Iterator[None]:
+        ended = self._ended = threading.Event()
         self._opts = opts
         self._running.set()
         try:
@@ -369,6 +371,7 @@ class Preemption:
         finally:
             self._running.clear()
             self._opts = None
+            ended.set()
 
     def _watch(self) -> None:
         # At the normal class, unlike the rest of this process: when a served call starts beside a slice
@@ -378,13 +381,15 @@ class Preemption:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         while True:
             self._running.wait()
-            opts = self._opts
-            while opts is not None and self._opts is opts:
+            opts, ended = self._opts, self._ended
+            while opts is not None and not ended.is_set():
                 if self._served.busy():
                     opts.terminate = True
                     self.interrupted += 1
-                    while self._opts is opts:  # until that call has ended
-                        time.sleep(POLL_S)
+                    # blocked, not polling, until that call has returned: with the served calls on both
+                    # cores the idle-class slice may get no CPU to return for a while, and a watcher
+                    # polling at the normal class meanwhile would take it from them
+                    ended.wait()
                     break
                 time.sleep(POLL_S)
 
